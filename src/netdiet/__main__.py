@@ -1,0 +1,5 @@
+import sys
+
+from netdiet.cli import main
+
+sys.exit(main())

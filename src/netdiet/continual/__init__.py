@@ -1,0 +1,1 @@
+"""Continual learning under a byte budget: scenarios, strategies, the byte ledger and metrics."""

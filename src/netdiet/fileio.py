@@ -1,0 +1,98 @@
+"""Atomic file writing: a temp file in the same folder, fsync, then rename.
+
+A crash mid-write leaves the previous file intact, never half of a new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from netdiet.errors import NetdietError
+
+
+def _check_dir(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NetdietError(f"cannot create folder {parent}: {exc.strerror}; choose a writable output path") from None
+    if not os.access(parent, os.W_OK):
+        raise NetdietError(f"folder {parent} is not writable; choose a writable output path")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    _check_dir(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def dumps_json(doc: Any) -> str:
+    return json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, doc: Any) -> Path:
+    return atomic_write_text(path, dumps_json(doc))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise NetdietError(f"file {path} does not exist; check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NetdietError(f"{path} is not valid JSON ({exc}); give a JSON file written by netdiet") from None
+
+
+def save_state_dict(path: str | os.PathLike, state: dict, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors, atomically. Tensors are made contiguous and de-aliased first."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetdietError(f"weights file {path} does not exist; check the path")
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:  # safetensors raises its own error types
+        raise NetdietError(f"{path} is not a readable safetensors file ({exc}); give a file saved by netdiet") from None

@@ -1,0 +1,24 @@
+"""Model zoo registry and loader: one call for built-in names and for a user's code.
+
+    create_model("lenet5")                       # zoo name
+    create_model("mypkg.nets:build", width=64)   # package.module:callable
+    create_model("path/to/file.py:build")        # file.py:callable
+"""
+from netdiet.models.registry import (
+    ModelEntry,
+    ModelSpec,
+    create_model,
+    default_inputs,
+    get_entry,
+    list_models,
+    make_inputs,
+    parse_model_kw,
+    register_model,
+    resolve,
+)
+from netdiet.models import zoo as _zoo  # noqa: F401  (registers the zoo)
+
+__all__ = [
+    "ModelEntry", "ModelSpec", "create_model", "default_inputs", "get_entry", "list_models",
+    "make_inputs", "parse_model_kw", "register_model", "resolve",
+]

@@ -1,0 +1,1 @@
+"""Rendering: terminal tables, progress bars, HTML. Renders result objects; computes no figures."""
