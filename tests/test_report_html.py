@@ -1,0 +1,94 @@
+"""The HTML report opens in a real headless Chromium with no console errors, every image loaded,
+and headline numbers equal to the JSON they came from."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from netdiet.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _open_in_chromium(html_path: Path, screenshot: Path | None = None) -> dict:
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
+        page.goto(html_path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all("img", "els => els.map(e => ({w: e.naturalWidth, c: e.complete}))")
+        headlines = page.eval_on_selector_all(
+            ".headline", "els => els.map(e => ({src: e.dataset.source, path: e.dataset.path, value: e.dataset.value, text: e.textContent}))")
+        if screenshot:
+            page.screenshot(path=str(screenshot), full_page=False)
+        browser.close()
+    return {"errors": errors, "images": images, "headlines": headlines, "requests": requests}
+
+
+def _lookup(doc, path):
+    cur = doc
+    for part in path.split("."):
+        cur = cur[int(part)] if isinstance(cur, list) else cur[part]
+    return cur
+
+
+def _results(tmp_path: Path) -> list[Path]:
+    """Real results written by netdiet commands (whatever this build has), so the page shows true numbers."""
+    made = []
+    for name, argv in [("models.json", ["models"]),
+                       ("profile.json", ["profile", "lenet5", "--batch-sizes", "1,8,32"]),
+                       ("continual.json", ["continual", "--scenario", "split", "--data", "digits", "--setting", "class",
+                                           "--strategy", "replay", "--budget", "256KiB", "--epochs", "1"])]:
+        out = tmp_path / name
+        if main(argv + ["--json", str(out)]) == 0 and out.exists():
+            made.append(out)
+    return made
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium_with_true_numbers(tmp_path):
+    results = _results(tmp_path)
+    assert results, "no netdiet command produced a result"
+    html = tmp_path / "report.html"
+    assert main(["report", *map(str, results), "-o", str(html)]) == 0
+    shot = Path(os.environ["NETDIET_SCREENSHOT"]) if os.environ.get("NETDIET_SCREENSHOT") else tmp_path / "report.png"
+    seen = _open_in_chromium(html, shot)
+    assert seen["errors"] == []
+    assert seen["requests"] == []          # self-contained: nothing fetched from a network
+    assert seen["images"] and all(i["c"] and i["w"] > 0 for i in seen["images"])
+    assert seen["headlines"]
+    docs = {p.name: json.loads(p.read_text()) for p in results}
+    for h in seen["headlines"]:
+        assert json.loads(h["value"]) == _lookup(docs[h["src"]], h["path"]), h
+    assert shot.stat().st_size > 10_000
+
+
+def test_report_rejects_non_netdiet_json_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a netdiet result" in err[0]
+    newer = tmp_path / "y.json"
+    newer.write_text('{"schema": "netdiet.profile/99"}')
+    assert main(["report", str(newer), "-o", str(tmp_path / "r.html")]) == 2
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_renders_a_result_with_missing_optional_parts(tmp_path):
+    partial = tmp_path / "p.json"
+    partial.write_text(json.dumps({"schema": "netdiet.profile/1", "model": {"spec": "x"}, "totals": {"params": 10}}))
+    out = tmp_path / "r.html"
+    assert main(["report", str(partial), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert 'data-path="totals.params"' in text and "Operators" not in text
