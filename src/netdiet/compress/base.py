@@ -67,6 +67,9 @@ class CompressionState:
     encodings: dict[str, Encoding] = field(default_factory=dict)  # parameter name -> storage
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> bool keep-mask
     stages: list[dict] = field(default_factory=list)           # per-stage reports (technique, options, metrics)
+    # deployment artefacts the archive must carry, e.g. "onnx_int8": {"model": bytes, "fill": [...], ...}
+    # (written by quantize in dynamic/static mode; the archive stores them without duplicating weights)
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
