@@ -1,0 +1,280 @@
+"""Terminal rendering of a profile document (ProfileResult.to_dict()). Renders; computes nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from netdiet.units import format_bytes, format_count
+
+
+def _shape(shape: Any) -> str:
+    if shape is None:
+        return "-"
+    if isinstance(shape, list) and shape and isinstance(shape[0], list):
+        return ", ".join(_shape(s) for s in shape)
+    if isinstance(shape, list):
+        return "x".join(str(d) for d in shape)
+    return str(shape)
+
+
+def _table(title: str) -> Table:
+    # compact: the module table must stay readable in an 80-column terminal
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+
+
+def _pct(part: float | None, whole: float | None) -> str:
+    if not part or not whole:
+        return ""
+    return f"{100.0 * part / whole:.1f}%"
+
+
+def header(doc: dict) -> str:
+    m = doc["model"]
+    kw = ", ".join(f"{k}={v}" for k, v in (m.get("kwargs") or {}).items())
+    name = m.get("spec") or m.get("class")
+    inputs = "; ".join(f"{_shape(i['shape'])} {i['dtype']}" for i in doc["inputs"])
+    where = " [meta device: nothing allocated]" if doc.get("device") == "meta" else ""
+    return f"[bold]{escape(str(name))}[/bold]{escape(f'({kw})') if kw else ''} ({escape(m.get('class') or '')}) input {inputs}{where}"
+
+
+def module_table(doc: dict, depth: int | None = None) -> Table:
+    """The module tree as an indented table: params, forward MACs/FLOPs, backward FLOPs, saved activations."""
+    t = _table("modules (forward MACs/FLOPs; backward FLOPs; activations saved for backward)")
+    for col, just in (("module", "left"), ("type", "left"), ("params", "right"), ("MACs", "right"), ("FLOPs", "right"),
+                      ("%", "right"), ("bwd FLOPs", "right"), ("saved", "right"), ("output", "left")):
+        t.add_column(col, justify=just, no_wrap=(col not in ("output", "type")), overflow="fold")
+    total = doc["totals"]["flops"]
+    for row in doc["modules"]:
+        if depth is not None and row["depth"] > depth:
+            continue
+        indent = "  " * row["depth"]
+        name = row["name"] or "(model)"
+        short = name.rsplit(".", 1)[-1] if row["depth"] > 1 else name
+        t.add_row(escape(indent + short), escape(row["type"]), format_count(row["params"]), format_count(row["macs"]),
+                  format_count(row["flops"]), _pct(row["flops"], total), format_count(row["backward_flops"]),
+                  format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
+                  escape(_shape(row["output_shape"])))
+    return t
+
+
+def module_tree(doc: dict, depth: int | None = None) -> Tree:
+    """The same figures as module_table, as a rich tree (for narrow terminals and docs)."""
+    rows = [r for r in doc["modules"] if depth is None or r["depth"] <= depth]
+    root_label = doc["model"].get("spec") or doc["model"].get("class")
+    tree = Tree(f"[bold]{escape(str(root_label))}[/bold]")
+    nodes: dict[str, Tree] = {}
+    for r in rows:
+        label = (f"{escape(r['name'].rsplit('.', 1)[-1] or '(model)')} [dim]{escape(r['type'])}[/dim]  "
+                 f"params {format_count(r['params'])}  MACs {format_count(r['macs'])}  FLOPs {format_count(r['flops'])}")
+        parent_name = r["name"].rsplit(".", 1)[0] if "." in r["name"] else ("" if r["name"] else None)
+        parent = nodes.get(parent_name, tree) if parent_name is not None else tree
+        nodes[r["name"]] = parent.add(label)
+    return tree
+
+
+def operator_table(doc: dict) -> Table:
+    t = _table("operators (forward + backward)")
+    for col, just in (("op", "left"), ("calls", "right"), ("MACs", "right"), ("FLOPs", "right"), ("bwd calls", "right"),
+                      ("bwd MACs", "right"), ("bwd FLOPs", "right")):
+        t.add_column(col, justify=just)
+    rows = sorted(doc["operators"].items(), key=lambda kv: -(kv[1].get("flops", 0) + kv[1].get("backward_flops", 0)))
+    for op, r in rows:
+        t.add_row(escape(op), str(r.get("count", 0)), format_count(r.get("macs")), format_count(r.get("flops")),
+                  str(r.get("backward_count", "-")), format_count(r.get("backward_macs")), format_count(r.get("backward_flops")))
+    return t
+
+
+def uncounted_table(doc: dict) -> Table | None:
+    if not doc.get("uncounted"):
+        return None
+    t = _table("uncounted ops (no formula: NOT in the totals)")
+    t.add_column("op")
+    t.add_column("calls", justify="right")
+    for op, n in sorted(doc["uncounted"].items(), key=lambda kv: -kv[1]):
+        t.add_row(escape(op), str(n))
+    return t
+
+
+def memory_table(doc: dict) -> Table:
+    m = doc["memory"]
+    extras = [f"batch {m.get('batch_size')}", f"optimizer {m.get('optimizer')}"]
+    if m.get("dtype"):
+        extras.append(f"dtype {m['dtype']}")
+    if m.get("amp"):
+        extras.append("amp")
+    if m.get("checkpointing"):
+        extras.append("checkpointing")
+    t = _table(f"memory ({', '.join(str(e) for e in extras)})")
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    t.add_column("", justify="right")
+    t.add_column("share of peak", justify="right")
+    peak = m.get("peak_estimated")
+    for key in ("weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries"):
+        if m.get(key) is not None:
+            t.add_row(key.replace("_", " "), str(m[key]), format_bytes(m[key]), _pct(m[key], peak))
+    t.add_row("[bold]training peak (estimated)[/bold]", str(peak), format_bytes(peak), "")
+    if m.get("peak_measured") is not None:
+        err = m.get("estimate_error")
+        t.add_row("[bold]training peak (measured)[/bold]", str(m["peak_measured"]), format_bytes(m["peak_measured"]),
+                  f"estimate {err:+.1%}" if err is not None else "")
+    t.add_row("inference peak (estimated)", str(m.get("inference_peak")), format_bytes(m.get("inference_peak")), "")
+    if m.get("inference_peak_measured") is not None:
+        t.add_row("inference peak (measured)", str(m["inference_peak_measured"]), format_bytes(m["inference_peak_measured"]), "")
+    if m.get("recompute_flops"):
+        t.add_row("recompute FLOPs (checkpointing)", str(m["recompute_flops"]), format_count(m["recompute_flops"]), "")
+    return t
+
+
+def totals_table(doc: dict) -> Table:
+    tt = doc["totals"]
+    t = _table("totals")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("", justify="right")
+    rows = [("params", tt["params"], format_count(tt["params"])),
+            ("trainable params", tt["trainable_params"], format_count(tt["trainable_params"])),
+            ("param bytes", tt["param_bytes"], format_bytes(tt["param_bytes"])),
+            ("buffer bytes", tt["buffer_bytes"], format_bytes(tt["buffer_bytes"])),
+            ("forward MACs", tt["macs"], format_count(tt["macs"])),
+            ("forward FLOPs", tt["flops"], format_count(tt["flops"])),
+            ("backward FLOPs", tt.get("backward_flops"), format_count(tt.get("backward_flops"))),
+            (f"optimizer step FLOPs ({tt.get('optimizer')})", tt.get("optimizer_flops"), format_count(tt.get("optimizer_flops"))),
+            ("training step FLOPs", tt["train_flops"], format_count(tt["train_flops"]))]
+    for name, raw, human in rows:
+        t.add_row(escape(name), str(raw), human)
+    return t
+
+
+def latency_table(doc: dict) -> Table | None:
+    lat = doc.get("latency")
+    if not lat:
+        return None
+    t = _table(f"latency (threads {lat.get('threads', doc['environment'].get('threads'))}; noisy on a shared machine)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for key, value in _flatten(lat):
+        if key in ("threads",):
+            continue
+        if isinstance(value, float):
+            shown = f"{value * 1e3:.3f} ms" if ("seconds" in key or key.endswith("_s")) else f"{value:.4g}"
+        else:
+            shown = escape(str(value))
+        t.add_row(escape(key), shown)
+    return t
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        elif isinstance(v, list):
+            continue
+        else:
+            out.append((key, v))
+    return out
+
+
+def storage_table(doc: dict) -> Table | None:
+    st = doc.get("storage")
+    if not st:
+        return None
+    layers = st.get("layers") or st.get("parameters") or []
+    t = _table("weight storage: dense vs sparse")
+    t.add_column("parameter")
+    for col in ("numel", "sparsity", "dense", "CSR", "bitmask"):
+        t.add_column(col, justify="right")
+    for row in layers:
+        t.add_row(escape(str(row.get("name"))), format_count(row.get("numel")), f"{row.get('sparsity', 0):.1%}",
+                  format_bytes(row.get("dense_bytes")), format_bytes(row.get("csr_bytes")), format_bytes(row.get("bitmask_bytes")))
+    total = st.get("total") or st
+    if any(k in total for k in ("dense_bytes", "csr_bytes")):
+        sp = total.get("sparsity")
+        t.add_row("[bold]total[/bold]", format_count(total.get("numel")), f"{sp:.1%}" if sp is not None else "",
+                  format_bytes(total.get("dense_bytes")), format_bytes(total.get("csr_bytes")), format_bytes(total.get("bitmask_bytes")))
+    return t
+
+
+def scaling_table(doc: dict) -> Table | None:
+    sc = doc.get("scaling")
+    if not sc:
+        return None
+    measured = any(p.get("peak_measured") is not None for p in sc["points"])
+    t = _table("batch sweep")
+    cols = ["batch", "train peak (est.)"] + (["train peak (meas.)"] if measured else []) + ["inference peak (est.)", "FLOPs", "train FLOPs"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for p in sc["points"]:
+        row = [str(p["batch_size"]), format_bytes(p["peak_estimated"])]
+        if measured:
+            row.append(format_bytes(p.get("peak_measured")))
+        row += [format_bytes(p["inference_peak"]), format_count(p.get("flops")), format_count(p.get("train_flops"))]
+        t.add_row(*row)
+    return t
+
+
+def fit_lines(doc: dict) -> list[str]:
+    sc = doc.get("scaling")
+    lines = []
+    if sc:
+        fit = sc["fit"]
+        for key, label in (("memory_estimated", "training memory (est.)"), ("memory_measured", "training memory (meas.)"),
+                           ("inference_memory_estimated", "inference memory (est.)")):
+            f = fit.get(key)
+            if f:
+                lines.append(f"{label} = {format_bytes(f['fixed'])} + {format_bytes(f['per_sample'])} x batch   R^2 {_r2(f['r2'])}")
+        for key, label in (("flops", "forward FLOPs"), ("train_flops", "training-step FLOPs")):
+            f = fit.get(key)
+            if f:
+                lines.append(f"{label} = {format_count(f['per_sample'])} x batch + {format_count(f['fixed'])}   R^2 {_r2(f['r2'])}")
+    mb = doc.get("max_batch")
+    if mb:
+        if mb["fits"]:
+            cap = " (the search cap: the budget is not the limit)" if mb.get("capped") else ""
+            lines.append(f"largest batch within {format_bytes(mb['budget'])}: {mb['batch_size']} "
+                         f"(estimated training peak {format_bytes(mb['peak_estimated'])}){cap}")
+        else:
+            lines.append(f"no batch fits in {format_bytes(mb['budget'])}: batch 1 needs {format_bytes(mb['peak_estimated'])}")
+    pj = doc.get("projection")
+    if pj:
+        line = (f"{pj['dataset_size']} samples x {pj['epochs']} epochs = {format_count(pj['total_train_flops'])} training FLOPs "
+                f"({format_count(pj['train_flops_per_sample'])} per sample)")
+        if pj.get("projected_seconds") is not None:
+            line += f"; at the measured {pj['samples_per_second']:.1f} samples/s: {_duration(pj['projected_seconds'])}"
+        else:
+            line += "; add --measure for the projected time"
+        lines.append(line)
+    return lines
+
+
+def _r2(r2: float | None) -> str:
+    return "n/a (constant)" if r2 is None else f"{r2:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def profile_report(doc: dict, depth: int | None = None) -> Group:
+    """All tables of a profile document, in reading order."""
+    parts: list[Any] = [header(doc), module_table(doc, depth), operator_table(doc)]
+    unc = uncounted_table(doc)
+    if unc is not None:
+        parts.append(unc)
+    parts += [memory_table(doc), totals_table(doc)]
+    for extra in (storage_table(doc), latency_table(doc), scaling_table(doc)):
+        if extra is not None:
+            parts.append(extra)
+    parts += fit_lines(doc)
+    return Group(*parts)
