@@ -1,0 +1,449 @@
+"""Recipes: a YAML list of compression stages, validated with line numbers, run one after another.
+
+    name: deep-compression
+    baseline: {epochs: 10, lr: 0.001, optimizer: adam, batch_size: 64}   # used only when no weights are given
+    stages:
+      - technique: prune
+        options: {sparsity: 0.92, schedule: polynomial}
+        finetune: {epochs: 4, lr: 0.0005}
+        evaluate: true
+
+A recipe is given as a path to a YAML file or as the name of a built-in one (`compress/recipes/<name>.yaml`).
+Every validation error names the file and the YAML line it comes from (the document is composed with
+`yaml.compose` so each value keeps its position), as one line: `recipe.yaml line 7: ...`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from netdiet.errors import NetdietError
+from netdiet.train.loop import OPTIMIZERS, TrainConfig
+
+RECIPE_DIR = Path(__file__).with_name("recipes")
+_TOP_KEYS = ("name", "description", "baseline", "stages")
+_STAGE_KEYS = ("name", "technique", "options", "finetune", "evaluate")
+_TRAIN_KEYS = ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "momentum")
+DEFAULT_BASELINE = {"epochs": 10, "lr": 1e-3, "optimizer": "adam", "batch_size": 64}
+
+
+@dataclass
+class Stage:
+    name: str
+    technique: str
+    options: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None   # TrainConfig fields; None = no fine-tuning
+    evaluate: bool = True
+    line: int = 0                            # 1-based line of the stage in its YAML
+
+    def train_config(self, seed: int = 0, progress: bool = True) -> TrainConfig | None:
+        if not self.finetune or int(self.finetune.get("epochs", 0)) <= 0:
+            return None
+        return TrainConfig(seed=seed, progress=progress, description=f"{self.name} fine-tune", **self.finetune)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "technique": self.technique, "options": self.options,
+                "finetune": self.finetune, "evaluate": self.evaluate}
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[Stage]
+    baseline: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BASELINE))
+    description: str = ""
+    source: str = ""          # file path, or "builtin:<name>"
+
+    def baseline_config(self, seed: int = 0, progress: bool = True) -> TrainConfig:
+        return TrainConfig(seed=seed, progress=progress, description="baseline", **self.baseline)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "description": self.description,
+                "baseline": self.baseline, "stages": [s.to_dict() for s in self.stages]}
+
+
+# ------------------------------------------------------------------ finding and reading recipes
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path."""
+    text_name = str(name_or_path)
+    path = Path(text_name)
+    if path.suffix.lower() in (".yaml", ".yml") or path.exists() or "/" in text_name:
+        if not path.is_file():
+            raise NetdietError(f"recipe file {path} does not exist; give a YAML file or a built-in recipe: {', '.join(list_recipes())}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NetdietError(f"cannot read recipe {path} ({exc}); give a UTF-8 YAML file") from None
+        return parse_recipe(text, source=str(path))
+    builtin = RECIPE_DIR / f"{text_name}.yaml"
+    if not builtin.is_file():
+        close = difflib.get_close_matches(text_name, list_recipes(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise NetdietError(f"no built-in recipe '{text_name}' and no such file; {hint}built-in: {', '.join(list_recipes())}")
+    return parse_recipe(builtin.read_text(encoding="utf-8"), source=f"builtin:{text_name}")
+
+
+class _Doc:
+    """A composed YAML node and its Python value, so every check can name the line it is about."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, node: yaml.Node | None, message: str) -> NetdietError:
+        where = f"{self.source} line {node.start_mark.line + 1}" if node is not None else self.source
+        return NetdietError(f"{where}: {message}")
+
+    @staticmethod
+    def value(node: yaml.Node) -> Any:
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+
+    @staticmethod
+    def items(node: yaml.MappingNode) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        return [(str(k.value), k, v) for k, v in node.value]
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe's YAML text; any problem is one NetdietError naming `source` and the line."""
+    doc = _Doc(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source} line {mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise NetdietError(f"{where}: not valid YAML ({problem}); fix the syntax") from None
+    if root is None:
+        raise NetdietError(f"{source}: the recipe is empty; it needs `stages:` with at least one technique")
+    if not isinstance(root, yaml.MappingNode):
+        raise doc.error(root, "a recipe is a mapping with `name` and `stages`; see `netdiet recipes`")
+
+    name, description, baseline, stages_node = Path(source.split(":")[-1]).stem, "", dict(DEFAULT_BASELINE), None
+    for key, knode, vnode in doc.items(root):
+        if key not in _TOP_KEYS:
+            raise doc.error(knode, f"unknown key '{key}'; a recipe has {', '.join(_TOP_KEYS)}")
+        if key == "name":
+            name = str(doc.value(vnode))
+        elif key == "description":
+            description = str(doc.value(vnode))
+        elif key == "baseline":
+            baseline = {**DEFAULT_BASELINE, **_train_settings(doc, vnode, "baseline")}
+        elif key == "stages":
+            stages_node = vnode
+    if stages_node is None:
+        raise doc.error(root, "the recipe has no `stages:`; list at least one technique")
+    if not isinstance(stages_node, yaml.SequenceNode) or not stages_node.value:
+        raise doc.error(stages_node, "`stages` must be a non-empty list of {technique, options, finetune, evaluate}")
+
+    from netdiet.compress.base import list_techniques
+    known = list_techniques()
+    stages: list[Stage] = []
+    seen: dict[str, int] = {}
+    for snode in stages_node.value:
+        stage = _parse_stage(doc, snode, known)
+        base = stage.name
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            stage.name = f"{base}-{seen[base]}"
+        stages.append(stage)
+    return Recipe(name=name, stages=stages, baseline=baseline, description=description, source=source)
+
+
+def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
+    if not isinstance(snode, yaml.MappingNode):
+        raise doc.error(snode, "each stage is a mapping with `technique:` (and optional options, finetune, evaluate)")
+    fields = {key: (knode, vnode) for key, knode, vnode in doc.items(snode)}
+    for key, (knode, _) in fields.items():
+        if key not in _STAGE_KEYS:
+            raise doc.error(knode, f"unknown stage key '{key}'; a stage has {', '.join(_STAGE_KEYS)}")
+    if "technique" not in fields:
+        raise doc.error(snode, "stage has no `technique:`; choose one of " + ", ".join(known))
+    tnode = fields["technique"][1]
+    technique = doc.value(tnode)
+    if technique not in known:
+        close = difflib.get_close_matches(str(technique), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise doc.error(tnode, f"unknown technique '{technique}'{hint}; choose one of: {', '.join(known)}")
+
+    options: dict[str, Any] = {}
+    onode = fields.get("options", (None, None))[1]
+    if onode is not None and not (isinstance(onode, yaml.ScalarNode) and doc.value(onode) is None):
+        if not isinstance(onode, yaml.MappingNode):
+            raise doc.error(onode, f"options of '{technique}' must be a mapping of option: value")
+        for key, knode, vnode in doc.items(onode):
+            value = doc.value(vnode)
+            _check_common_option(doc, vnode, key, value)
+            options[key] = value
+    from netdiet.compress.base import create_technique
+    try:
+        create_technique(technique, **options)  # the technique's own validation, reported at this stage's line
+    except NetdietError as exc:
+        raise doc.error(onode if onode is not None else tnode, str(exc)) from None
+
+    finetune = None
+    if "finetune" in fields:
+        fnode = fields["finetune"][1]
+        if not (isinstance(fnode, yaml.ScalarNode) and doc.value(fnode) in (None, False)):
+            finetune = _train_settings(doc, fnode, "finetune")
+            finetune.setdefault("epochs", 1)
+    evaluate = True
+    if "evaluate" in fields:
+        evaluate = doc.value(fields["evaluate"][1])
+        if not isinstance(evaluate, bool):
+            raise doc.error(fields["evaluate"][1], f"evaluate must be true or false, got {evaluate!r}")
+    name = doc.value(fields["name"][1]) if "name" in fields else None
+    if name is None:
+        mode = options.get("mode")
+        name = f"{technique}-{mode}" if isinstance(mode, str) else technique
+    return Stage(name=str(name), technique=technique, options=options, finetune=finetune, evaluate=evaluate,
+                 line=snode.start_mark.line + 1)
+
+
+def _check_common_option(doc: _Doc, node: yaml.Node, key: str, value: Any) -> None:
+    """Ranges every technique shares, checked here so the message carries the exact line of the value."""
+    values = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, list) else [value]
+    if "sparsity" in key:
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise doc.error(node, f"{key} {v!r} is outside [0, 1); sparsity is the fraction of weights removed, e.g. 0.8")
+    if key == "bits" or key.endswith("_bits"):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8:
+                raise doc.error(node, f"{key} {v!r} is outside 1..8; give an integer bit width such as 4 or 8")
+
+
+def _train_settings(doc: _Doc, node: yaml.Node, what: str) -> dict[str, Any]:
+    if not isinstance(node, yaml.MappingNode):
+        raise doc.error(node, f"{what} must be a mapping such as {{epochs: 2, lr: 0.001, optimizer: adam, batch_size: 64}}")
+    out: dict[str, Any] = {}
+    for key, knode, vnode in doc.items(node):
+        value = doc.value(vnode)
+        if key not in _TRAIN_KEYS:
+            raise doc.error(knode, f"unknown {what} key '{key}'; use {', '.join(_TRAIN_KEYS)}")
+        if key in ("epochs", "batch_size"):
+            low = 0 if key == "epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise doc.error(vnode, f"{what} {key} {value!r} must be an integer >= {low}")
+        elif key == "optimizer":
+            if value not in OPTIMIZERS:
+                raise doc.error(vnode, f"{what} optimizer {value!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (key == "lr" and value == 0):
+                raise doc.error(vnode, f"{what} {key} {value!r} must be a {'positive' if key == 'lr' else 'non-negative'} number")
+            value = float(value)
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------ running a recipe
+LATENCY_BATCH = 64   # latency is the median time of one forward pass over this many test images
+
+
+@dataclass
+class StageResult:
+    name: str
+    technique: str
+    options: dict[str, Any]
+    accuracy: float | None
+    bytes_on_disk: int | None
+    ratio: float | None                 # dense fp32 safetensors bytes / this stage's archive bytes
+    macs: int | None
+    latency_ms: float | None
+    params: int
+    nonzero_params: int
+    report: dict[str, Any]
+    evaluated: bool = True
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "technique": self.technique, "options": self.options, "accuracy": self.accuracy,
+                "bytes_on_disk": self.bytes_on_disk, "ratio": self.ratio, "macs": self.macs,
+                "latency_ms": self.latency_ms, "params": self.params, "nonzero_params": self.nonzero_params,
+                "evaluated": self.evaluated, "seconds": self.seconds, "report": self.report}
+
+
+@dataclass
+class CompressResult:
+    model: dict[str, Any]                   # {spec, kwargs}
+    data: str
+    recipe: dict[str, Any]
+    baseline: dict[str, Any]
+    stages: list[StageResult]
+    pareto: list[str]
+    archive: dict[str, Any] | None
+    seed: int = 0
+    latency_batch: int = LATENCY_BATCH
+    compressed_model: Any = field(default=None, repr=False)   # the final nn.Module (not serialised)
+    state: Any = field(default=None, repr=False)              # its CompressionState (not serialised)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "netdiet.compress/1", "model": self.model, "data": self.data, "recipe": self.recipe,
+                "seed": self.seed, "latency_batch": self.latency_batch, "baseline": self.baseline,
+                "stages": [s.to_dict() for s in self.stages], "pareto": self.pareto, "archive": self.archive}
+
+
+def _archive_module():
+    try:
+        from netdiet.compress import archive
+    except ImportError:
+        return None
+    return archive if hasattr(archive, "encode") else None
+
+
+def dense_fp32_bytes(model) -> int:
+    """Bytes of the model's dense fp32 safetensors file: the denominator of every ratio."""
+    arch = _archive_module()
+    if arch is not None and hasattr(arch, "dense_fp32_bytes"):
+        return int(arch.dense_fp32_bytes(model))
+    from safetensors.torch import save
+    return len(save({k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}))
+
+
+def count_macs(model, example) -> int | None:
+    try:
+        from netdiet.analysis.counter import count_ops
+    except ImportError:
+        return None
+    return int(count_ops(model, example).macs)
+
+
+def median_latency_ms(model, example, *, warmup: int = 3, repeats: int = 15) -> float | None:
+    try:
+        from netdiet.analysis.latency import time_callable
+    except ImportError:
+        return None
+    import torch
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(example)
+
+    timing = time_callable(run, warmup=warmup, repeats=repeats)
+    if hasattr(model, "train"):
+        model.train(was_training)
+    for attr in ("median_ms", "median"):
+        value = timing.get(attr) if isinstance(timing, dict) else getattr(timing, attr, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def measure(model, state, data, *, latency: bool = True) -> dict[str, Any]:
+    """Accuracy on the test split, archive bytes, MACs (batch 1), latency (batch LATENCY_BATCH), params, nonzeros."""
+    import torch
+    from netdiet.train.loop import evaluate_accuracy
+    arch = _archive_module()
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    out: dict[str, Any] = {
+        "accuracy": evaluate_accuracy(model, data.x_test, data.y_test),
+        "bytes_on_disk": len(arch.encode(model, state)) if arch is not None else None,
+        "macs": None, "latency_ms": None,
+        "params": int(sum(p.numel() for p in params)),
+        "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params)),
+    }
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        out["macs"] = count_macs(model, data.x_test[:1])
+    finally:
+        model.train(was_training)
+    if latency:
+        out["latency_ms"] = median_latency_ms(model, data.x_test[:LATENCY_BATCH])
+    return out
+
+
+def pareto_front(points: list[tuple[str, float | None, int | None]]) -> list[str]:
+    """Names of the points no other point beats on both accuracy (higher) and bytes (lower)."""
+    valid = [(n, a, b) for n, a, b in points if a is not None and b is not None]
+    front = []
+    for name, acc, size in valid:
+        dominated = any((a2 >= acc and b2 <= size) and (a2 > acc or b2 < size) for n2, a2, b2 in valid if n2 != name)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bool = False, seed: int = 0,
+               out: str | Path | None = None, latency: bool = True, progress: bool = True,
+               log=None) -> CompressResult:
+    """Train the dense baseline unless `trained`, run every stage, measure after each, write the archive to `out`."""
+    import copy
+    import time
+
+    import torch
+
+    from netdiet.compress.base import CompressionState, StageContext, create_technique
+    from netdiet.train.loop import fit
+
+    say = log or (lambda _msg: None)
+    baseline_cfg = None
+    if not trained:
+        baseline_cfg = recipe.baseline_config(seed, progress)
+        say(f"training the dense baseline: {baseline_cfg.epochs} epochs, {baseline_cfg.optimizer}, lr {baseline_cfg.lr}")
+        fit(model, data.x_train, data.y_train, baseline_cfg)
+    model.eval()
+    dense_bytes = dense_fp32_bytes(model)
+    base_metrics = measure(model, CompressionState(spec=dict(spec)), data, latency=latency)
+    baseline = {**base_metrics, "bytes_on_disk": dense_bytes, "archive_bytes": base_metrics["bytes_on_disk"],
+                "trained_by_netdiet": not trained,
+                "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
+    say(f"baseline: accuracy {baseline['accuracy']:.4f}, dense fp32 safetensors {dense_bytes} bytes")
+
+    teacher = copy.deepcopy(model)
+    state = CompressionState(spec=dict(spec))
+    stages: list[StageResult] = []
+    for stage in recipe.stages:
+        t0 = time.perf_counter()
+        tech = create_technique(stage.technique, **stage.options)
+        ctx = StageContext(data=data, finetune=stage.train_config(seed, progress), example_inputs=data.x_train[:LATENCY_BATCH],
+                           teacher=teacher, seed=seed)
+        torch.manual_seed(seed)
+        model = tech.apply(model, state, ctx)
+        report = tech.report()
+        if stage.evaluate:
+            m = measure(model, state, data, latency=latency)
+        else:
+            params = list(model.parameters())
+            m = {"accuracy": None, "bytes_on_disk": None, "macs": None, "latency_ms": None,
+                 "params": int(sum(p.numel() for p in params)),
+                 "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params))}
+        ratio = dense_bytes / m["bytes_on_disk"] if m["bytes_on_disk"] else None
+        result = StageResult(name=stage.name, technique=stage.technique, options=tech.options, report=report,
+                             ratio=ratio, evaluated=stage.evaluate, seconds=time.perf_counter() - t0, **m)
+        stages.append(result)
+        state.stages.append({k: v for k, v in result.to_dict().items() if k != "report"})
+        acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
+        size = f"{m['bytes_on_disk']} bytes ({ratio:.1f}x)" if ratio else "-"
+        say(f"stage {stage.name}: accuracy {acc}, {size}")
+
+    points = [("baseline", baseline["accuracy"], dense_bytes)] + [(s.name, s.accuracy, s.bytes_on_disk) for s in stages]
+    archive_info = None
+    if out is not None:
+        arch = _archive_module()
+        if arch is None:
+            raise NetdietError("writing .ndz archives needs netdiet.compress.archive, which is not installed in this build; "
+                               "run without --out")
+        last = stages[-1]
+        header = {"recipe": recipe.to_dict(),
+                  "metrics": {"accuracy": last.accuracy, "baseline_accuracy": baseline["accuracy"],
+                              "dense_fp32_bytes": dense_bytes, "data": getattr(data, "name", None)}}
+        written = arch.write(out, model, state, header=header)
+        archive_info = {"path": str(out), "bytes": int(written)}
+    return CompressResult(model=dict(spec), data=getattr(data, "name", ""), recipe=recipe.to_dict(), baseline=baseline,
+                          stages=stages, pareto=pareto_front(points), archive=archive_info, seed=seed,
+                          compressed_model=model, state=state)

@@ -1,0 +1,61 @@
+"""Terminal tables for `netdiet compress`: one row per stage, the baseline first. Renders; computes nothing."""
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from netdiet.units import format_bytes, format_count
+
+
+def _acc(a: float | None) -> str:
+    return "-" if a is None else f"{100 * a:.2f} %"
+
+
+def _delta(a: float | None, base: float | None) -> str:
+    if a is None or base is None:
+        return "-"
+    d = 100 * (a - base)
+    return f"{d:+.2f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}x"
+
+
+def compress_table(doc: dict) -> Table:
+    """`doc` is CompressResult.to_dict() (schema netdiet.compress/1)."""
+    model = doc["model"]["spec"]
+    recipe = doc["recipe"].get("name", "")
+    t = Table(title=f"netdiet compress: {escape(model)} with recipe {escape(recipe)} on {escape(str(doc.get('data', '')))}",
+              caption=f"bytes = archive on disk; ratio = dense fp32 safetensors bytes / bytes; ms = median latency of one forward pass, batch "
+                      f"{doc.get('latency_batch', '-')} (noisy on a shared CPU); * = Pareto set (accuracy up, bytes down)")
+    for col, justify in (("stage", "left"), ("technique", "left"), ("accuracy", "right"), ("Δ pt", "right"),
+                         ("bytes", "right"), ("ratio", "right"), ("params", "right"), ("nonzero", "right"),
+                         ("MACs", "right"), ("ms", "right"), ("", "left")):
+        t.add_column(col, justify=justify, style="bold" if col == "stage" else None)
+    pareto = set(doc.get("pareto", []))
+    base = doc["baseline"]
+    t.add_row("baseline", "fp32", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
+              format_count(base["params"]), format_count(base["nonzero_params"]), format_count(base["macs"]),
+              _ms(base["latency_ms"]), "*" if "baseline" in pareto else "")
+    for s in doc["stages"]:
+        t.add_row(escape(s["name"]), escape(s["technique"]), _acc(s["accuracy"]), _delta(s["accuracy"], base["accuracy"]),
+                  format_bytes(s["bytes_on_disk"]), _ratio(s["ratio"]), format_count(s["params"]),
+                  format_count(s["nonzero_params"]), format_count(s["macs"]), _ms(s["latency_ms"]),
+                  "*" if s["name"] in pareto else "")
+    return t
+
+
+def recipes_table(rows: list[dict]) -> Table:
+    """rows: {name, description, stages: [technique names]}."""
+    t = Table(title="built-in compression recipes (netdiet compress MODEL --recipe NAME)")
+    t.add_column("name", style="bold")
+    t.add_column("stages")
+    t.add_column("description")
+    for r in rows:
+        t.add_row(escape(r["name"]), escape(" -> ".join(r["stages"])), escape(r.get("description", "")))
+    return t
