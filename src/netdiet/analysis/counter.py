@@ -1,0 +1,368 @@
+"""The dispatch-level counter: runs a model under a TorchDispatchMode and attributes every aten op's cost
+(from `ops.py`) to the module tree and to operators, forward and backward.
+
+How attribution works:
+- Forward: module forward pre/post hooks keep a stack of running modules; an op belongs to the innermost one.
+- Backward: each autograd node is claimed, during the forward, by the module whose code created it (a module's
+  post-hook walks back from its outputs and claims every unclaimed node; its pre-hook first claims, for the
+  enclosing module, the nodes that produced its inputs). During backward `torch._C._current_autograd_node()`
+  names the node being run, so its ops go to the module that created that node. Unlike hooks on module
+  inputs/outputs, this cannot leak a module into its siblings' backward (e.g. a module whose inputs need no grad).
+- Costs are recorded at the innermost module and summed into every ancestor by name, so each ModuleCost is
+  inclusive and the root "" holds the model's totals.
+- The loss reduction of a training count runs outside the model: it is the pseudo module "<loss>" (depth 0,
+  beside the root), so totals = root + "<loss>".
+- On the meta device PyTorch has no fused attention kernel and would decompose SDPA into the full (non-causal)
+  math path; the counter routes it to the CPU flash operator (it has meta support) so meta and CPU counts agree.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from netdiet.analysis.ops import OpCost, op_cost
+from netdiet.errors import NetdietError
+
+LOSS = "<loss>"
+
+# Per-element FLOPs of one optimizer step, derived from PyTorch's single-tensor update code with netdiet's
+# defaults (train/loop.make_optimizer: weight_decay 0 except AdamW 0.01) and the pointwise formulas of ops.py:
+#   sgd:      p -= lr·g                                  add_(alpha)            2
+#   momentum: b = μ·b + g; p -= lr·b                     mul_ 1, add_ 1, add_(alpha) 2     4
+#   adam:     m.lerp_(g, 1−β1) 3; v.mul_(β2) 1 .addcmul_(g, g, 1−β2) 3; denom = sqrt(v)/bc2 + eps 3;
+#             p.addcdiv_(m, denom, −step) 3                                   13
+#   adamw:    adam + decoupled decay p.mul_(1 − lr·wd) 1                      14
+# (momentum's very first step copies g into the buffer instead: 2; the table gives the steady state.)
+OPTIMIZER_FLOPS_PER_PARAM = {"none": 0, "sgd": 2, "momentum": 4, "adam": 13, "adamw": 14}
+
+
+def optimizer_step_flops(optimizer: str, n_params: int) -> int:
+    """FLOPs of one optimizer step over n_params parameter elements."""
+    key = str(optimizer).lower()
+    if key not in OPTIMIZER_FLOPS_PER_PARAM:
+        raise NetdietError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZER_FLOPS_PER_PARAM)}")
+    if n_params < 0:
+        raise NetdietError(f"parameter count {n_params} is negative")
+    return OPTIMIZER_FLOPS_PER_PARAM[key] * int(n_params)
+
+
+@dataclass
+class ModuleCost:
+    name: str
+    type: str
+    depth: int
+    params: int
+    param_bytes: int
+    macs: int
+    flops: int
+    backward_macs: int
+    backward_flops: int
+    output_shape: list | None
+
+
+@dataclass
+class OpCounts:
+    modules: list[ModuleCost]
+    operators: dict[str, dict]
+    uncounted: dict[str, int]
+    macs: int
+    flops: int
+    backward_macs: int
+    backward_flops: int
+    optimizer: str
+    optimizer_flops: int
+    train_flops: int
+    train: bool = False
+    bytes_read: int = 0
+    bytes_written: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def module(self, name: str) -> ModuleCost:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": "netdiet.opcounts/1",
+            "train": self.train,
+            "macs": self.macs, "flops": self.flops,
+            "backward_macs": self.backward_macs, "backward_flops": self.backward_flops,
+            "optimizer": self.optimizer, "optimizer_flops": self.optimizer_flops, "train_flops": self.train_flops,
+            "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+            "modules": [asdict(m) for m in self.modules],
+            "operators": {k: dict(v) for k, v in self.operators.items()},
+            "uncounted": dict(self.uncounted),
+            "notes": list(self.notes),
+        }
+
+
+_OP_KEYS = ("count", "macs", "flops", "backward_count", "backward_macs", "backward_flops", "bytes_read", "bytes_written")
+
+
+class _Tally:
+    """Self costs per module name, per operator, and the uncounted calls."""
+
+    def __init__(self) -> None:
+        self.self_cost: dict[str, list[int]] = {}       # name -> [macs, flops, bmacs, bflops]
+        self.operators: dict[str, dict[str, int]] = {}
+        self.uncounted: dict[str, int] = {}
+
+    def add(self, owner: str, op: str, cost: OpCost | None, backward: bool) -> None:
+        if cost is None:
+            self.uncounted[op] = self.uncounted.get(op, 0) + 1
+            return
+        row = self.operators.setdefault(op, {k: 0 for k in _OP_KEYS})
+        pre = "backward_" if backward else ""
+        row[pre + "count"] += 1
+        row[pre + "macs"] += cost.macs
+        row[pre + "flops"] += cost.flops
+        row["bytes_read"] += cost.bytes_read
+        row["bytes_written"] += cost.bytes_written
+        acc = self.self_cost.setdefault(owner, [0, 0, 0, 0])
+        i = 2 if backward else 0
+        acc[i] += cost.macs
+        acc[i + 1] += cost.flops
+
+
+class _CountMode(TorchDispatchMode):
+    def __init__(self, counter: "_Counter") -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.counter.record(func, args, kwargs, out)
+        return out
+
+
+class _MetaAttentionMode(TorchFunctionMode):
+    """On meta tensors, run F.scaled_dot_product_attention as the CPU flash op (see module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            rerouted = _flash_on_meta(*args, **kwargs)
+            if rerouted is not None:
+                return rerouted
+        return func(*args, **kwargs)
+
+
+def _flash_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dim() == 4 for t in tensors):
+        return None
+    if attn_mask is not None or dropout_p or enable_gqa or not query.dtype.is_floating_point:
+        return None
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal),
+                                                                      scale=scale)[0]
+
+
+class _Counter:
+    def __init__(self, model: nn.Module) -> None:
+        self.tally = _Tally()
+        self.names: dict[int, str] = {}
+        for name, mod in model.named_modules(remove_duplicate=True):
+            self.names.setdefault(id(mod), name)
+        self.ancestors: dict[str, tuple[str, ...]] = {}
+        self.stack: list[str] = []
+        self.outside = ""           # owner of ops outside any module: the root during forward, LOSS after
+        self.node_owner: dict[Any, str] = {}
+        self.output_shapes: dict[str, list | None] = {}
+        self.handles: list = []
+        for mod in model.modules():
+            self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.node_owner.clear()
+
+    # ---- attribution
+    def _ancestry(self, name: str) -> tuple[str, ...]:
+        chain = self.ancestors.get(name)
+        if chain is None:
+            if name == LOSS:
+                chain = (LOSS,)
+            else:
+                parts = name.split(".") if name else []
+                chain = tuple(".".join(parts[:i]) for i in range(len(parts), 0, -1)) + ("",)
+            self.ancestors[name] = chain
+        return chain
+
+    def _claim(self, tensors: list, owner: str) -> None:
+        todo = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or node in self.node_owner:
+                continue
+            self.node_owner[node] = owner
+            todo.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+    def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = self.names.get(id(mod))
+        if name is None:
+            return
+        if torch.is_grad_enabled():
+            leaves, _ = tree_flatten((args, kwargs))
+            self._claim(leaves, self.stack[-1] if self.stack else self.outside)
+        self.stack.append(name)
+
+    def _post(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        name = self.names.get(id(mod))
+        if name is None:
+            return
+        leaves, _ = tree_flatten(output)
+        if torch.is_grad_enabled():
+            self._claim(leaves, name)
+        if name not in self.output_shapes:
+            first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+            self.output_shapes[name] = [int(d) for d in first.shape] if first is not None else None
+        if self.stack and self.stack[-1] == name:
+            self.stack.pop()
+
+    def record(self, func, args, kwargs, out) -> None:
+        backward = torch._C._current_graph_task_id() != -1
+        if backward:
+            node = torch._C._current_autograd_node()
+            owner = self.node_owner.get(node, "") if node is not None else ""
+        else:
+            owner = self.stack[-1] if self.stack else self.outside
+        cost = op_cost(func, args, kwargs, out)
+        self.tally.add(owner, str(func.overloadpacket), cost, backward)
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs)
+    raise NetdietError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+
+
+def _loss_of(output: Any, loss: str) -> torch.Tensor:
+    leaves, _ = tree_flatten(output)
+    floats = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise NetdietError("the model returned no floating-point output that depends on its parameters; "
+                           "train=True needs one to back-propagate from")
+    parts = [t.float().mean() if loss == "mean" else t.float().sum() for t in floats]
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = False, optimizer: str = "adam",
+              loss: str = "auto") -> OpCounts:
+    """Count MACs/FLOPs of one forward (train=False, eval mode, no grad) or one training step (train=True:
+    train mode, forward, scalar loss, backward and the optimizer step by formula), per module and operator.
+
+    Works on real tensors and on the meta device. The model's mode, buffers (BatchNorm running stats),
+    gradients and the global RNG are left as they were.
+    """
+    if not isinstance(model, nn.Module):
+        raise NetdietError(f"count_ops needs a torch.nn.Module, got {type(model).__name__}")
+    if loss not in ("auto", "sum", "mean"):
+        raise NetdietError(f"unknown loss '{loss}'; choose auto (sum of outputs), sum or mean")
+    opt_key = str(optimizer).lower()
+    optimizer_step_flops(opt_key, 0)  # validates the name
+    args = _as_tuple(inputs)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)])
+    was_training = model.training
+    saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    counter = _Counter(model)
+    notes: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.train(train)
+            meta_mode = _MetaAttentionMode() if on_meta else None
+            if meta_mode is not None:
+                meta_mode.__enter__()
+            try:
+                with _CountMode(counter):
+                    if not train:
+                        with torch.no_grad():
+                            model(*args)
+                    else:
+                        with torch.enable_grad():
+                            output = model(*args)
+                            counter.outside = LOSS
+                            total = _loss_of(output, loss)
+                            used = [p for p in trainable if p.requires_grad]
+                            if used:
+                                torch.autograd.grad(total, used, allow_unused=True)
+                            del output, total
+            finally:
+                if meta_mode is not None:
+                    meta_mode.__exit__(None, None, None)
+    except NetdietError:
+        raise
+    except RuntimeError as exc:
+        raise NetdietError(f"running the model on the given inputs failed: {str(exc).splitlines()[0]}; "
+                           "check the input shape and dtype") from None
+    finally:
+        counter.close()
+        model.train(was_training)
+        if saved_buffers:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in saved_buffers:
+                        b.copy_(saved_buffers[n])
+
+    # inclusive costs: each self cost goes to its module and every ancestor by name
+    incl: dict[str, list[int]] = {}
+    for owner, acc in counter.tally.self_cost.items():
+        for name in counter._ancestry(owner):
+            row = incl.setdefault(name, [0, 0, 0, 0])
+            for i in range(4):
+                row[i] += acc[i]
+
+    modules: list[ModuleCost] = []
+    for name, mod in model.named_modules():
+        params = list(mod.parameters())
+        row = incl.get(name, [0, 0, 0, 0])
+        modules.append(ModuleCost(
+            name=name, type=type(mod).__name__, depth=0 if not name else name.count(".") + 1,
+            params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
+            macs=row[0], flops=row[1], backward_macs=row[2], backward_flops=row[3],
+            output_shape=counter.output_shapes.get(name)))
+    if train:
+        row = incl.get(LOSS, [0, 0, 0, 0])
+        modules.append(ModuleCost(LOSS, "loss", 0, 0, 0, row[0], row[1], row[2], row[3], []))
+
+    ops = counter.tally.operators
+    macs = sum(v["macs"] for v in ops.values())
+    flops = sum(v["flops"] for v in ops.values())
+    bmacs = sum(v["backward_macs"] for v in ops.values())
+    bflops = sum(v["backward_flops"] for v in ops.values())
+    n_trainable = sum(p.numel() for p in trainable)
+    opt_flops = optimizer_step_flops(opt_key, n_trainable) if train else 0
+    if counter.tally.uncounted:
+        notes.append(f"{sum(counter.tally.uncounted.values())} calls of {len(counter.tally.uncounted)} operators have "
+                     "no formula and are not in the totals: see 'uncounted'")
+    if not train:
+        notes.append("inference count: backward, optimizer and train_flops are 0; count with train=True for a step")
+    return OpCounts(
+        modules=modules,
+        operators=dict(sorted(ops.items(), key=lambda kv: -(kv[1]["flops"] + kv[1]["backward_flops"]))),
+        uncounted=dict(sorted(counter.tally.uncounted.items())),
+        macs=macs, flops=flops, backward_macs=bmacs, backward_flops=bflops,
+        optimizer=opt_key if train else "none", optimizer_flops=opt_flops,
+        train_flops=(flops + bflops + opt_flops) if train else 0, train=train,
+        bytes_read=sum(v["bytes_read"] for v in ops.values()),
+        bytes_written=sum(v["bytes_written"] for v in ops.values()),
+        notes=notes)
