@@ -1,0 +1,810 @@
+"""Training and inference memory: estimated on the meta device, measured on real tensors.
+
+The estimate runs the real training step (forward, loss, backward, optimizer step, zero_grad) of a copy of the
+model whose parameters live on the meta device, so shapes and dtypes are real but no memory is spent. A
+`TorchDispatchMode` sees every tensor an operator returns; each new storage is counted when it appears and
+uncounted when its Python storage object is finalised (which happens when the C++ storage dies, because
+PyTorch keeps the Python object alive as long as the storage lives). Views and in-place results share their
+base's storage and so are counted once. Saved-tensor hooks record which storages autograd keeps for
+backward and which module was running when it saved them.
+
+The step simulated is netdiet's trainer step (`train/loop.py`): zero_grad(set_to_none) -> forward -> loss ->
+backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
+Step 3 repeats step 2 to take a snapshot of what is alive at the peak (`peak_breakdown`).
+
+The measurement runs the same step on a real copy of the model and reads the allocator: on CPU the
+profiler's memory events (every allocation and free of the c10 CPU allocator, `profile_memory=True`), on
+CUDA the caching allocator's `max_memory_allocated`. The two share no bookkeeping, so comparing them is a
+real check.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from netdiet.errors import NetdietError
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+STEP_ORDER = "zero_grad(set_to_none) -> forward -> loss -> backward -> optimizer.step"
+
+
+# ------------------------------------------------------------------ result
+@dataclass
+class MemoryEstimate:
+    batch_size: int | None
+    optimizer: str
+    dtype: str
+    amp: bool
+    checkpointing: bool
+    weights: int
+    buffers: int
+    gradients: int
+    optimizer_state: int
+    activations: int          # bytes saved for backward at the end of forward (deduplicated by storage)
+    temporaries: int          # transient bytes alive at the peak beyond weights/buffers/inputs/grads/state/activations
+    peak_estimated: int       # steady-state training peak (step 2+), bytes
+    inference_peak: int       # forward under no_grad in eval mode, bytes
+    module_activations: dict[str, int]   # module name -> activation bytes saved for backward attributed to it
+    peak_measured: int | None = None     # filled by measure_memory
+    inputs: int = 0                      # the input batch (and nothing else) — part of every peak
+    peak_phase: str = ""                 # forward | backward | optimizer: where the steady-state peak happens
+    phase_peaks: dict[str, int] = field(default_factory=dict)      # steady-state step: peak per phase
+    peak_breakdown: dict[str, int] = field(default_factory=dict)   # what is alive at the peak (sums to the peak)
+    first_step_peak: int = 0            # step 1 (no optimizer state yet)
+    checkpointing_saved: int | None = None   # peak without checkpointing - peak with (only with checkpointing)
+    recompute_flops: int | None = None       # extra forward FLOPs the backward spends recomputing (checkpointing)
+    recompute_flops_method: str | None = None
+    checkpointed_blocks: list[str] = field(default_factory=list)
+    step_order: str = STEP_ORDER
+    method: str = "meta-device simulation (dispatch-mode storage tracking)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ input normalisation
+def normalise_optimizer(name: str | None) -> str:
+    name = (name or "none").lower()
+    if name not in OPTIMIZERS:
+        raise NetdietError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
+    return name
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None (keep the model's dtype), or fp32 / bf16 / fp16 (also their long names or a torch.dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in _DTYPE_NAMES:
+            raise NetdietError(f"dtype {dtype} is not a training dtype; choose fp32, bf16 or fp16")
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise NetdietError(f"unknown dtype '{dtype}'; choose fp32, bf16 or fp16")
+    return _DTYPES[key]
+
+
+def _dtype_name(model: nn.Module, dtype: torch.dtype | None) -> str:
+    if dtype is not None:
+        return _DTYPE_NAMES[dtype]
+    for p in model.parameters():
+        if p.is_floating_point():
+            return _DTYPE_NAMES.get(p.dtype, str(p.dtype).replace("torch.", ""))
+    return "fp32"
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs)
+    raise NetdietError("inputs must be a tensor or a tuple of tensors, e.g. torch.randn(8, 1, 28, 28)")
+
+
+def _batch_size(inputs: tuple[torch.Tensor, ...]) -> int | None:
+    return int(inputs[0].shape[0]) if inputs[0].dim() > 0 else None
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    target = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+    if torch.device(device).type == "meta":
+        return torch.empty(x.shape, dtype=target, device="meta")
+    return x.detach().to(device=device, dtype=target)
+
+
+def _check_optimizer_name(optimizer: str) -> str:
+    return normalise_optimizer(optimizer)
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+    if name == "none" or not params:
+        return None
+    from netdiet.train.loop import make_optimizer
+    return make_optimizer(name, params, lr=1e-3)
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """The loss used for a training step when none is given.
+
+    Logits (N, C) or (N, T, C): cross-entropy against class 0 (targets are made inside the step, so they
+    are counted). Anything else (detector maps, embeddings): the mean of squares, summed over outputs.
+    """
+    if isinstance(output, dict):
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)):
+        parts = [default_loss(o) for o in output if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        if not parts:
+            raise NetdietError("the model returned no floating-point tensor to build a loss from; pass loss_fn")
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        raise NetdietError("the model output is not a floating-point tensor; pass loss_fn")
+    if output.dim() in (2, 3):
+        logits = output.reshape(-1, output.shape[-1])
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=output.device)
+        return F.cross_entropy(logits, target)
+    return output.pow(2).mean()
+
+
+# ------------------------------------------------------------------ storage bookkeeping
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse / nested tensors have no single storage
+        return None
+    return s._cdata, s.nbytes()
+
+
+def _unique_storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] | None = None) -> tuple[int, set[int]]:
+    total, seen = 0, set(exclude or ())
+    keys: set[int] = set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        k = _storage_key(t)
+        if k is None or k[0] in seen:
+            continue
+        seen.add(k[0])
+        keys.add(k[0])
+        total += k[1]
+    return total, keys
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Live bytes of every storage an operator creates; freed when the storage dies.
+
+    Storage addresses are reused after a free, so each allocation also gets a serial number (`uid`) and
+    everything that classifies storages (saved for backward, gradient, optimizer state) uses uids.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[int, int]] = {}   # storage address -> (uid, nbytes)
+        self.current = 0
+        self.peak = 0
+        self._next_uid = 0
+        self.snapshot_at: int | None = None     # take a snapshot of live uids when current first reaches this
+        self.snapshot: dict[int, int] | None = None
+
+    def register(self, t: torch.Tensor) -> int | None:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        key = s._cdata
+        hit = self.live.get(key)
+        if hit is not None:
+            return hit[0]
+        n = s.nbytes()
+        uid = self._next_uid
+        self._next_uid += 1
+        self.live[key] = (uid, n)
+        self.current += n
+        weakref.finalize(s, self._free, key, uid)
+        if self.current > self.peak:
+            self.peak = self.current
+        if self.snapshot_at is not None and self.snapshot is None and self.current >= self.snapshot_at:
+            self.snapshot = dict(self.live.values())
+        return uid
+
+    def uids(self, tensors: Iterable[Any]) -> dict[int, int]:
+        """uid -> nbytes of the (tracked) storages of `tensors`, each storage once."""
+        out: dict[int, int] = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                try:
+                    hit = self.live.get(t.untyped_storage()._cdata)
+                except (RuntimeError, NotImplementedError):
+                    hit = None
+                if hit is not None:
+                    out[hit[0]] = hit[1]
+        return out
+
+    def _free(self, key: int, uid: int) -> None:
+        hit = self.live.get(key)
+        if hit is not None and hit[0] == uid:
+            del self.live[key]
+            self.current -= hit[1]
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.register(t)
+        return out
+
+
+class _ModuleStack:
+    """Which module is running: forward pre/post hooks on every submodule of the (copied) model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, mod in model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(mod.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, name: str):
+        def hook(_mod, _args):
+            self.stack.append(name)
+        return hook
+
+    def _exit(self, _mod, _args, _out):
+        if self.stack:
+            self.stack.pop()
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "(outside the model)"
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _SavedTensorLog:
+    """Saved-tensor hooks: the storages autograd keeps for backward, and the module that saved each first."""
+
+    def __init__(self, modules: _ModuleStack, tracker: _StorageTracker) -> None:
+        self.modules = modules
+        self.tracker = tracker
+        self.saved: dict[int, tuple[str, int]] = {}   # uid -> (module, nbytes)
+
+    def clear(self) -> None:
+        self.saved = {}
+
+    def pack(self, t: torch.Tensor):
+        uid = self.tracker.register(t)
+        if uid is not None and uid not in self.saved:
+            self.saved[uid] = (self.modules.current, self.tracker.live[t.untyped_storage()._cdata][1])
+        # A detached alias: same storage, no grad_fn, so no reference cycle through the graph.
+        return t.detach()
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def alive(self) -> dict[int, tuple[str, int]]:
+        live = {uid for uid, _ in self.tracker.live.values()}
+        return {uid: v for uid, v in self.saved.items() if uid in live}
+
+    def context(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+# ------------------------------------------------------------------ autocast on the meta device
+# torch.autocast does not act on meta tensors, so the estimate applies autocast's CPU casting policy itself,
+# above autograd (a TorchFunctionMode), exactly where autocast casts: matmul-like ops run in the low-precision
+# dtype (casts of parameters are cached for the region, as autocast caches them), losses in fp32.
+_LOWP_FUNCS = {
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "scaled_dot_product_attention", "prelu", "conv_tbc",
+    "__matmul__", "__rmatmul__", "einsum",
+}
+_FP32_FUNCS = {
+    "cross_entropy", "cross_entropy_loss", "nll_loss", "nll_loss2d", "mse_loss", "l1_loss", "smooth_l1_loss",
+    "huber_loss", "kl_div", "binary_cross_entropy", "binary_cross_entropy_with_logits", "soft_margin_loss",
+    "multi_margin_loss", "multilabel_margin_loss", "poisson_nll_loss", "hinge_embedding_loss",
+    "cosine_embedding_loss", "margin_ranking_loss", "triplet_margin_loss", "ctc_loss",
+}
+
+
+class _MetaPolicy(torch.overrides.TorchFunctionMode):
+    """What the real device would do that the meta device does not: autocast, and the CPU attention kernel.
+
+    On meta, scaled_dot_product_attention falls back to the math path (it materialises the T x T attention
+    matrix); on CPU PyTorch picks its flash kernel, which saves only the output and the log-sum-exp. We call
+    that kernel's op directly under the same conditions PyTorch checks (4-D inputs, no dropout, equal head
+    dims, a supported dtype).
+    """
+
+    def __init__(self, amp: bool, target: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.amp = amp
+        self.target = target
+        self.dtype = dtype
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _cast(self, x: Any, to: torch.dtype, cache: bool) -> Any:
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, to, cache) for v in x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == to or x.dtype == torch.float64:
+            return x
+        if cache and x.is_leaf and x.requires_grad:
+            hit = self.cache.get(id(x))
+            if hit is None:
+                hit = self.cache[id(x)] = x.to(to)
+            return hit
+        return x.to(to)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.amp and name in _LOWP_FUNCS:
+            args = self._cast(args, self.dtype, True)
+            kwargs = {k: self._cast(v, self.dtype, True) for k, v in kwargs.items()}
+        elif self.amp and name in _FP32_FUNCS:
+            args = self._cast(args, torch.float32, False)
+            kwargs = {k: self._cast(v, torch.float32, False) for k, v in kwargs.items()}
+        if name == "scaled_dot_product_attention" and self.target.type in ("cpu", "meta"):
+            routed = _cpu_flash_attention(*args, **kwargs)
+            if routed is not None:
+                return routed
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        self.cache.clear()
+        return super().__exit__(*exc)
+
+
+def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False):
+    ok = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0 and not enable_gqa
+          and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+          and query.dtype == key.dtype == value.dtype and query.shape[-1] == key.shape[-1] == value.shape[-1]
+          and query.shape[:2] == key.shape[:2] == value.shape[:2])
+    if not ok:
+        return None
+    kw = {"attn_mask": attn_mask} if attn_mask is not None else {}
+    if scale is not None:
+        kw["scale"] = scale
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal), **kw)[0]
+
+
+def _autocast(amp: bool, device: torch.device):
+    """Real autocast for measured runs (bf16 on CPU and CUDA)."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+def _run_checkpointed(fn: Callable, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+
+def apply_checkpointing(model: nn.Module) -> list[str]:
+    """Checkpoint the top-level sequential blocks of `model` in place; returns the checkpointed names.
+
+    The top-level Sequentials are the model itself and its direct children. A Sequential of composite
+    blocks (ResNet stages, transformer blocks) is checkpointed block by block; a Sequential of single layers
+    (an MLP) in ceil(sqrt(n)) segments, Chen et al.'s choice. Module names are unchanged.
+    """
+    candidates = [("", model)] if isinstance(model, nn.Sequential) else []
+    candidates += [(n, m) for n, m in model.named_children() if isinstance(m, nn.Sequential)]
+    done: list[str] = []
+    for prefix, seq in candidates:
+        children = list(seq.named_children())
+        if len(children) < 2:
+            continue
+        if all(len(list(c.children())) > 0 for _, c in children):
+            for name, child in children:
+                original = child.forward
+                child.forward = (lambda f: lambda *a, **k: _run_checkpointed(f, *a, **k))(original)
+                done.append(f"{prefix}.{name}" if prefix else name)
+        else:
+            n = len(children)
+            size = max(1, math.ceil(n / math.ceil(math.sqrt(n))))
+            groups = [children[i:i + size] for i in range(0, n, size)]
+
+            def seq_forward(x, _groups=groups):
+                for group in _groups:
+                    def run(inp, _g=group):
+                        for _, layer in _g:
+                            inp = layer(inp)
+                        return inp
+                    x = _run_checkpointed(run, x)
+                return x
+            seq.forward = seq_forward
+            for group in groups:
+                names = [f"{prefix}.{nm}" if prefix else nm for nm, _ in group]
+                done.append(names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}")
+    if not done:
+        raise NetdietError("--checkpointing found no top-level nn.Sequential with 2+ blocks in this model; "
+                           "it applies to models built from sequential blocks")
+    return done
+
+
+# ------------------------------------------------------------------ model copies
+def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A copy of `model` on the meta device, made without allocating its weights."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            dt = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dt, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if id(b) not in memo:
+            dt = dtype if (dtype is not None and b.is_floating_point()) else b.dtype
+            memo[id(b)] = torch.empty(b.shape, dtype=dt, device="meta")
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise NetdietError(f"cannot copy the model to estimate its memory ({type(exc).__name__}: {exc}); "
+                           "the model must be deep-copyable") from None
+
+
+def _real_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    try:
+        m = copy.deepcopy(model)
+    except Exception as exc:
+        raise NetdietError(f"cannot copy the model to measure it ({type(exc).__name__}: {exc}); "
+                           "the model must be deep-copyable") from None
+    if dtype is not None:
+        m = m.to(dtype)
+    return m
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------ the simulated step
+def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[str], None]):
+    """One trainer step; `marks(phase)` is called at each phase boundary. Returns nothing (all freed)."""
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    else:
+        for p in model.parameters():
+            p.grad = None
+    marks("forward")
+    with amp_ctx_factory():
+        out = model(*inputs)
+        loss = loss_fn(out)
+    marks("backward")
+    loss.backward()
+    marks("optimizer")
+    if opt is not None:
+        opt.step()
+    marks("end")
+    del out, loss
+
+
+def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", dtype: str | torch.dtype | None = None,
+                    amp: bool = False, checkpointing: bool = False,
+                    loss_fn: Callable[[Any], torch.Tensor] | None = None) -> MemoryEstimate:
+    """Training and inference memory of `model` on `inputs`, predicted without allocating any of it."""
+    opt_name = normalise_optimizer(optimizer)
+    dt = parse_dtype(dtype)
+    inputs = _as_tuple(inputs)
+    loss_fn = loss_fn or default_loss
+    result = _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn)
+    if checkpointing:
+        plain = _simulate(model, inputs, opt_name, dt, amp, False, loss_fn)
+        result.checkpointing_saved = plain.peak_estimated - result.peak_estimated
+        flops, method = _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn)
+        result.recompute_flops, result.recompute_flops_method = flops, method
+    return result
+
+
+def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> MemoryEstimate:
+    target = _model_device(model)
+    meta = _meta_copy(model, dt)
+    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+    blocks = apply_checkpointing(meta) if checkpointing else []
+    policy = lambda: _MetaPolicy(amp, target)  # noqa: E731
+
+    params = list(dict.fromkeys(meta.parameters()))
+    buffers = list(dict.fromkeys(meta.buffers()))
+    tr = _StorageTracker()
+    for group in (params, buffers, x):
+        for t in group:
+            tr.register(t)
+    weight_uids = tr.uids(params)
+    buffer_uids = {u: n for u, n in tr.uids(buffers).items() if u not in weight_uids}
+    input_uids = {u: n for u, n in tr.uids(x).items() if u not in weight_uids and u not in buffer_uids}
+    base_uids = set(weight_uids) | set(buffer_uids) | set(input_uids)
+    tr.reset_peak()
+
+    # Inference: eval mode, no autograd, one forward; the output stays alive until the end (it is the result).
+    meta.eval()
+    try:
+        with tr, torch.no_grad(), policy():
+            out = meta(*x)
+        inference_peak = tr.peak
+        del out
+    except NetdietError:
+        raise
+    except Exception as exc:
+        raise NetdietError(f"the model's forward failed on inputs {[tuple(t.shape) for t in inputs]} "
+                           f"({type(exc).__name__}: {exc}); give inputs the model accepts") from None
+    meta.train()
+    tr.reset_peak()
+
+    trainable = [p for p in params if p.requires_grad]
+    opt = _make_optimizer(opt_name, trainable)
+    modules = _ModuleStack(meta)
+    saved = _SavedTensorLog(modules, tr)
+    state: dict[str, Any] = {}
+
+    def marks(phase: str) -> None:
+        prev = state.get("phase")
+        if prev is not None:
+            state["peaks"][prev] = tr.peak
+        if phase == "backward":
+            state["saved"] = saved.alive()
+        if phase == "optimizer":
+            state["grads"] = tr.uids(p.grad for p in trainable if p.grad is not None)
+        state["phase"] = phase
+        tr.reset_peak()
+
+    per_step: list[dict[str, Any]] = []
+    try:
+        with tr:
+            for step in range(3):
+                saved.clear()
+                state.clear()
+                state["peaks"] = {}
+                if step == 2:
+                    tr.snapshot_at = max(per_step[1]["peaks"].values())
+                with saved.context():
+                    _train_step(meta, x, opt, policy, loss_fn, marks)
+                per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
+                                 "saved": state.get("saved", {}), "grads": state.get("grads", {})})
+    except NetdietError:
+        raise
+    except Exception as exc:
+        raise NetdietError(f"simulating a training step failed ({type(exc).__name__}: {exc}); "
+                           "check the inputs fit the model (or pass a loss_fn for this output)") from None
+    finally:
+        modules.remove()
+
+    steady = per_step[1]
+    peaks = steady["peaks"]
+    peak = max(peaks.values())
+    peak_phase = max(peaks, key=lambda k: peaks[k])
+    acts = {u: v for u, v in steady["saved"].items() if u not in base_uids}
+    activations = sum(n for _, n in acts.values())
+    module_acts: dict[str, int] = {}
+    for owner, n in acts.values():
+        module_acts[owner] = module_acts.get(owner, 0) + n
+
+    state_uids: dict[int, int] = {}
+    if opt is not None:
+        state_uids = {u: n for u, n in tr.uids(v for st in opt.state.values() for v in st.values()).items()
+                      if u not in base_uids}
+    state_bytes = sum(state_uids.values())
+    gradients = sum(steady["grads"].values())
+    weights, buffer_bytes, input_bytes = (sum(d.values()) for d in (weight_uids, buffer_uids, input_uids))
+
+    breakdown: dict[str, int] = {}
+    if tr.snapshot is not None:
+        third = per_step[2]
+        parts = {"weights": weight_uids, "buffers": buffer_uids, "inputs": input_uids, "optimizer_state": state_uids,
+                 "gradients": third["grads"], "activations": third["saved"]}
+        breakdown = {k: 0 for k in list(parts) + ["temporaries"]}
+        for uid, n in tr.snapshot.items():
+            part = next((name for name, uids in parts.items() if uid in uids), "temporaries")
+            breakdown[part] += n
+    if "temporaries" in breakdown:
+        temporaries = breakdown["temporaries"]
+    else:
+        temporaries = max(0, peak - weights - buffer_bytes - input_bytes - state_bytes - activations - gradients)
+
+    return MemoryEstimate(
+        batch_size=_batch_size(inputs), optimizer=opt_name, dtype=_dtype_name(model, dt), amp=bool(amp),
+        checkpointing=bool(checkpointing), weights=weights, buffers=buffer_bytes, gradients=gradients,
+        optimizer_state=state_bytes, activations=activations, temporaries=int(temporaries), peak_estimated=peak,
+        inference_peak=inference_peak, module_activations=dict(sorted(module_acts.items(), key=lambda kv: -kv[1])),
+        inputs=input_bytes, peak_phase=peak_phase, phase_peaks=peaks, peak_breakdown=breakdown,
+        first_step_peak=max(per_step[0]["peaks"].values()), checkpointed_blocks=blocks,
+    )
+
+
+def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | None, str | None]:
+    """FLOPs the backward spends recomputing checkpointed forwards: backward FLOPs with minus without."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def backward_flops(ckpt: bool) -> int:
+        meta = _meta_copy(model, dt)
+        if ckpt:
+            apply_checkpointing(meta)
+        x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+        with _MetaPolicy(amp, _model_device(model)):
+            loss = loss_fn(meta(*x))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss.backward()
+        return int(counter.get_total_flops())
+
+    try:
+        return (backward_flops(True) - backward_flops(False),
+                "torch.utils.flop_counter: matmul/conv/attention FLOPs (2 per MAC) of the recomputed forwards")
+    except Exception:  # the figure is an extra; the memory estimate stands without it
+        return None, None
+
+
+# ------------------------------------------------------------------ measurement
+def measure_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", steps: int = 3,
+                   dtype: str | torch.dtype | None = None, amp: bool = False, checkpointing: bool = False,
+                   loss_fn: Callable[[Any], torch.Tensor] | None = None) -> dict:
+    """Run `steps` real trainer steps on a copy of the model and report the steady-state peak (steps 2+).
+
+    Peaks are the model's own bytes (weights, buffers, the input batch) plus everything the allocator hands
+    out during the step. CPU: the profiler's allocator events; CUDA: torch.cuda.max_memory_allocated.
+    """
+    opt_name = normalise_optimizer(optimizer)
+    dt = parse_dtype(dtype)
+    inputs = _as_tuple(inputs)
+    loss_fn = loss_fn or default_loss
+    if steps < 2:
+        raise NetdietError(f"steps must be 2 or more (step 1 creates the optimizer state), got {steps}")
+    device = _model_device(model)
+    if device.type == "meta":
+        raise NetdietError("the model is on the meta device, so nothing can be measured; give a real model")
+    net = _real_copy(model, dt)
+    if checkpointing:
+        apply_checkpointing(net)
+    x = tuple(_cast_input(t, dt, device) for t in inputs)
+    params = list(dict.fromkeys(net.parameters()))
+    base, _ = _unique_storage_bytes(params + list(dict.fromkeys(net.buffers())) + list(x))
+    trainable = [p for p in params if p.requires_grad]
+    opt = _make_optimizer(opt_name, trainable)
+    amp_ctx = lambda: _autocast(amp, device)  # noqa: E731
+    try:
+        if device.type == "cuda":
+            return _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base)
+        return _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base)
+    except NetdietError:
+        raise
+    except Exception as exc:
+        raise NetdietError(f"running a real training step failed ({type(exc).__name__}: {exc}); "
+                           "check the inputs fit the model") from None
+
+
+def _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
+    torch.cuda.synchronize()
+    peaks = []
+    for step in range(steps):
+        torch.cuda.reset_peak_memory_stats()
+        _train_step(net, x, opt, amp_ctx, loss_fn, lambda _p: None)
+        torch.cuda.synchronize()
+        peaks.append(int(torch.cuda.max_memory_allocated()))
+    net.eval()
+    for p in net.parameters():
+        p.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), amp_ctx():
+        out = net(*x)
+    torch.cuda.synchronize()
+    inference = int(torch.cuda.max_memory_allocated())
+    del out
+    return {"peak_measured": max(peaks[1:]), "inference_peak_measured": inference, "step_peaks": peaks,
+            "method": "torch.cuda.max_memory_allocated (caching allocator; includes every CUDA tensor of the process)",
+            "device": "cuda"}
+
+
+def _allocator_events(prof) -> list[tuple[int, int]]:
+    events = []
+    for e in prof.profiler.kineto_results.events():
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU:
+            events.append((e.start_ns(), e.nbytes()))
+    events.sort(key=lambda ev: ev[0])
+    return events
+
+
+def _annotations(prof, prefix: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        if name.startswith(prefix):
+            out[name[len(prefix):]] = (e.start_ns(), e.start_ns() + e.duration_ns())
+    return out
+
+
+def _peak_in(events: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """(peak of the running allocation total inside [start, end], total at start)."""
+    running, at_start, peak = 0, None, None
+    for t, n in events:
+        if t > end:
+            break
+        if t >= start and at_start is None:
+            at_start = running
+            peak = running
+        running += n
+        if t >= start and running > peak:
+            peak = running
+    if at_start is None:
+        at_start = peak = running
+    return peak, at_start
+
+
+def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for step in range(steps):
+            with record_function(f"netdiet_step_{step}"):
+                _train_step(net, x, opt, amp_ctx, loss_fn, lambda _p: None)
+        net.eval()
+        for p in net.parameters():
+            p.grad = None
+        with record_function("netdiet_step_inference"):
+            with torch.no_grad(), amp_ctx():
+                out = net(*x)
+            del out
+    events = _allocator_events(prof)
+    spans = _annotations(prof, "netdiet_step_")
+    step_peaks = []
+    for step in range(steps):
+        start, end = spans[str(step)]
+        peak, _ = _peak_in(events, start, end)
+        step_peaks.append(base + peak)
+    start, end = spans["inference"]
+    inf_peak, at_start = _peak_in(events, start, end)
+    return {"peak_measured": max(step_peaks[1:]), "inference_peak_measured": base + inf_peak - at_start,
+            "step_peaks": step_peaks, "baseline": base,
+            "method": "torch.profiler CPU allocator events (profile_memory=True) over real steps, "
+                      "plus the weights, buffers and inputs allocated before them",
+            "device": "cpu"}
+
+
+# ------------------------------------------------------------------ the RAM guard
+def available_ram() -> int | None:
+    """Bytes of RAM available to new allocations (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_ram(estimate_bytes: int, override: bool = False, *, flag: str = "--force") -> None:
+    """Refuse up front a measured run whose estimated peak exceeds the RAM available now."""
+    if override:
+        return
+    avail = available_ram()
+    if avail is None or estimate_bytes <= avail:
+        return
+    from netdiet.units import format_bytes
+    raise NetdietError(f"measuring needs about {format_bytes(estimate_bytes)} but only {format_bytes(avail)} of RAM is "
+                       f"available; use a smaller batch, --dtype bf16 or --checkpointing, or pass {flag} to run anyway")
