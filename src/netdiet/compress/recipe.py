@@ -214,6 +214,7 @@ def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
 def _check_common_option(doc: _Doc, node: yaml.Node, key: str, value: Any) -> None:
     """Ranges every technique shares, checked here so the message carries the exact line of the value."""
     values = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, list) else [value]
+    values = [v for v in values if v is not None]  # None = "use the default" for optional options such as conv_bits
     if "sparsity" in key:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
