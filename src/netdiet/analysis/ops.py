@@ -694,7 +694,7 @@ _VIEWS = [aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.
           aten.chunk, aten.unbind, aten.as_strided, aten.detach, aten.alias, aten.unflatten, aten.flatten, aten.narrow,
           aten.diagonal, aten.lift_fresh, aten.view_as, aten.expand_as, aten.unfold, aten.numpy_T, aten.t_,
           aten.transpose_, aten.squeeze_, aten.unsqueeze_, aten.view_as_real, aten.view_as_complex, aten.movedim,
-          aten.resolve_conj, aten.resolve_neg, aten._local_scalar_dense, aten.sym_size, aten.sym_stride,
+          aten.resolve_conj, aten.resolve_neg, aten.unsafe_split, aten.unsafe_chunk, aten.unsafe_split_with_sizes, aten._local_scalar_dense, aten.sym_size, aten.sym_stride,
           aten.sym_numel, aten.is_same_size, aten.set_]
 
 

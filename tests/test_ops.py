@@ -1,0 +1,163 @@
+"""The op-cost registry: formulas against hand counts, independent of the module walker."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from netdiet.analysis import ops
+from netdiet.analysis.ops import OpCost, causal_pairs, conv_macs, formula_table, op_cost, register_formula
+
+aten = torch.ops.aten
+
+
+class _Sum(TorchDispatchMode):
+    """Sums op_cost over every dispatched op; records ops without a formula."""
+
+    def __init__(self, min_numel: int = 0):
+        super().__init__()
+        self.cost = OpCost()
+        self.missing: list[str] = []
+        self.min_numel = min_numel
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and first.numel() < self.min_numel:
+            return out
+        c = op_cost(func, args, kwargs or {}, out)
+        if c is None:
+            self.missing.append(str(func))
+        else:
+            self.cost = self.cost + c
+        return out
+
+
+def cost_of(fn, *a, **kw) -> OpCost:
+    with torch.no_grad(), _Sum() as s:
+        fn(*a, **kw)
+    assert not s.missing, s.missing
+    return s.cost
+
+
+def test_mm_is_mkn_macs_and_twice_the_flops():
+    c = cost_of(torch.mm, torch.randn(3, 4), torch.randn(4, 5))
+    assert (c.macs, c.flops) == (60, 120)
+    assert c.bytes_read == (12 + 20) * 4 and c.bytes_written == 15 * 4
+
+
+def test_addmm_adds_one_flop_per_output_for_the_bias():
+    c = cost_of(F.linear, torch.randn(4, 5), torch.randn(3, 5), torch.randn(3))
+    assert (c.macs, c.flops) == (60, 2 * 60 + 12)
+
+
+def test_matmul_and_einsum_reach_bmm_and_are_counted():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    assert cost_of(torch.matmul, a, b).macs == 2 * 3 * 4 * 5
+    assert cost_of(torch.einsum, "bij,bjk->bik", a, b).macs == 2 * 3 * 4 * 5
+    assert cost_of(torch.matmul, a, torch.randn(4, 5)).macs == 2 * 3 * 4 * 5
+
+
+def test_conv_macs_use_the_output_size_from_stride_padding_dilation_and_groups():
+    x, w = torch.randn(1, 4, 9, 9), torch.randn(6, 2, 3, 3)
+    c = cost_of(F.conv2d, x, w, torch.randn(6), stride=2, padding=1, dilation=2, groups=2)
+    # out side = floor((9 + 2 - 2*2 - 1)/2) + 1 = 4; macs = N·Cout·(Cin/g)·k²·Hout·Wout
+    assert c.macs == 1 * 6 * 2 * 9 * 4 * 4 == 1728
+    assert c.flops == 2 * 1728 + 6 * 16
+
+
+def test_transposed_conv_counts_each_input_element_times_kernel_times_out_channels_per_group():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 3, 3, 3)  # (Cin, Cout/groups, k, k), groups=2 -> Cout 6
+    c = cost_of(F.conv_transpose2d, x, w, torch.randn(6), stride=2, padding=1, output_padding=1, groups=2)
+    assert c.macs == 4 * 25 * 3 * 9 == 2700
+    assert c.flops == 2 * 2700 + 6 * 10 * 10
+
+
+def test_conv_macs_helper_counts_groups_once():
+    # depthwise 8 channels, 3x3, 6x6 output: 8·1·9·36 per image
+    assert conv_macs((2, 8, 6, 6), (8, 1, 3, 3), (2, 8, 6, 6), False) == 2 * 8 * 9 * 36
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (4, 4), (3, 5), (5, 3), (7, 2)])
+def test_causal_pairs_match_the_count_of_ones_in_torchs_causal_mask(lq, lk):
+    assert causal_pairs(lq, lk) == int(torch.ones(lq, lk).tril().sum())
+
+
+def test_sdpa_counts_full_and_causal_pairs():
+    q = torch.randn(2, 3, 8, 4)
+    full = cost_of(F.scaled_dot_product_attention, q, q, q)
+    causal = cost_of(F.scaled_dot_product_attention, q, q, q, is_causal=True)
+    assert full.macs == 6 * 64 * (4 + 4) and full.flops == 2 * full.macs + 6 * 6 * 64
+    assert causal.macs == 6 * 36 * 8 and causal.flops == 2 * causal.macs + 6 * 6 * 36
+
+
+def test_pointwise_activation_constants():
+    x = torch.randn(10)
+    assert cost_of(torch.relu, x).flops == 10
+    assert cost_of(torch.sigmoid, x).flops == 40
+    assert cost_of(F.gelu, x).flops == 50
+    assert cost_of(F.gelu, x, approximate="tanh").flops == 90
+    assert cost_of(F.silu, x).flops == 50
+    assert cost_of(torch.tanh, x).flops == 10
+    assert cost_of(torch.add, x, x, alpha=2).flops == 20
+    assert cost_of(torch.add, x, x).flops == 10
+
+
+def test_softmax_layer_norm_and_pooling_formulas():
+    x = torch.randn(4, 6)
+    assert cost_of(torch.softmax, x, -1).flops == 5 * 24
+    assert cost_of(F.layer_norm, x, (6,), torch.ones(6), torch.zeros(6)).flops == 7 * 24
+    assert cost_of(F.layer_norm, x, (6,)).flops == 5 * 24
+    img = torch.randn(1, 2, 8, 8)
+    assert cost_of(F.max_pool2d, img, 2).flops == 2 * 16 * 3          # 3 compares per 2x2 window
+    assert cost_of(F.avg_pool2d, img, 2).flops == 2 * 16 * 4
+    assert cost_of(F.adaptive_avg_pool2d, img, 1).flops == 2 * 64      # 63 adds + 1 divide per channel
+    # adaptive 8 -> 3 windows: [0,3) [2,6) [5,8): 3 + 4 + 3 = 10 per dim
+    assert cost_of(F.adaptive_avg_pool2d, img, 3).flops == 2 * 10 * 10
+
+
+def test_sum_and_mean_reduce_with_n_minus_one_adds():
+    x = torch.randn(5, 4)
+    assert cost_of(torch.sum, x).flops == 19
+    assert cost_of(torch.sum, x, 0).flops == 16
+    assert cost_of(torch.mean, x).flops == 20
+
+
+def test_embedding_lookup_is_zero_flops_but_moves_bytes():
+    c = cost_of(F.embedding, torch.tensor([[1, 2, 3]]), torch.randn(10, 4))
+    assert c.flops == 0 and c.macs == 0 and c.bytes_written == 12 * 4
+
+
+def test_views_move_no_bytes():
+    c = cost_of(lambda t: t.view(4, 3).t(), torch.randn(12))
+    assert c == OpCost()
+
+
+def test_formula_table_rows_have_op_macs_flops_note_and_cover_the_core_ops():
+    rows = formula_table()
+    assert all(set(r) >= {"op", "macs", "flops", "note"} for r in rows)
+    text = " ".join(r["op"] for r in rows)
+    for op in ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward",
+               "aten._scaled_dot_product_flash_attention_for_cpu", "aten._native_multi_head_attention",
+               "aten.mkldnn_rnn_layer", "aten._softmax", "aten.native_layer_norm", "aten.native_batch_norm",
+               "aten.max_pool2d_with_indices", "aten.embedding", "aten.gelu", "aten.add"):
+        assert op in text, op
+
+
+def test_unknown_op_has_no_formula():
+    assert op_cost(aten.cumprod.default, (torch.randn(3), 0), {}, torch.randn(3)) is None
+
+
+def test_a_flops_unit_formula_returning_macs_is_rejected():
+    # registering against a private op name keeps the real registry untouched
+    op = aten.logaddexp
+
+    @register_formula([op], unit="flops")
+    def _bad(call):
+        return OpCost(macs=1, flops=1)
+
+    try:
+        with pytest.raises(AssertionError):
+            op_cost(aten.logaddexp.default, (torch.randn(2), torch.randn(2)), {}, torch.randn(2))
+    finally:
+        ops._BY_PACKET.pop(op, None)
+        ops._FORMULAS.pop()
