@@ -383,7 +383,7 @@ def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch
             b, n_codes = _best_relidx_bits(positions)
             choice = min(choice, ("relidx", n_codes * b + nnz * value_bits, (b, n_codes)), key=lambda c: c[1])
     method = choice[0]
-    if method == "all" and kind != "dense" and nnz < numel:
+    if method == "all" and kind != "dense" and nnz < numel and not torch.equal(_value_of(enc, tuple(t.shape)).reshape(-1), flat):
         # codes at pruned positions need not decode to 0 (1-bit grids, clusters without a zero centroid)
         method = "bitmask"
     if method == "all":

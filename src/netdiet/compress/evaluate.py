@@ -1,0 +1,193 @@
+"""Evaluate a (compressed) model: accuracy, bytes on disk, ratio to the dense fp32 file, MACs, latency.
+
+An archive is evaluated as it is stored: the model is rebuilt from the file (so the figures are those of the
+bytes on disk), and when the file carries an int8 ONNX model (quantize mode dynamic/static) that model is run on
+ONNX Runtime and its accuracy is the headline one, next to the PyTorch model rebuilt from the same codes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netdiet.errors import NetdietError
+
+SCHEMA = "netdiet.evaluate/1"
+_STORE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64, "int64": 64, "int32": 32, "int16": 16,
+               "int8": 8, "uint8": 8, "bool": 8}
+
+
+@dataclass
+class EvaluateResult:
+    accuracy: float | None                   # of the runtime that deploys the file (ORT int8 when stored, else PyTorch)
+    bytes_on_disk: int                       # the archive's size (a plain model: its dense fp32 safetensors size)
+    dense_fp32_bytes: int                    # the uncompressed model as dense fp32 safetensors
+    ratio: float                             # dense_fp32_bytes / bytes_on_disk
+    macs: int | None                         # per sample, dense count of the rebuilt architecture
+    latency_ms: dict[str, float | None] = field(default_factory=lambda: {"pytorch": None, "onnxruntime": None})
+    source: str = "model"
+    model: dict | None = None
+    dataset: str | None = None
+    samples: int = 0
+    runtime: str = "pytorch"
+    accuracy_pytorch: float | None = None
+    accuracy_onnxruntime: float | None = None
+    params: int = 0
+    nonzero_params: int = 0
+    latency_batch: int = 0
+    latency_detail: dict[str, dict] = field(default_factory=dict)
+    threads: int = 0
+    tensors: list[dict] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "source": self.source, "model": self.model, "dataset": self.dataset,
+            "samples": self.samples, "runtime": self.runtime,
+            "accuracy": self.accuracy, "accuracy_pytorch": self.accuracy_pytorch,
+            "accuracy_onnxruntime": self.accuracy_onnxruntime,
+            "bytes_on_disk": self.bytes_on_disk, "dense_fp32_bytes": self.dense_fp32_bytes, "ratio": self.ratio,
+            "params": self.params, "nonzero_params": self.nonzero_params, "sparsity": self.sparsity,
+            "macs": self.macs, "latency_ms": dict(self.latency_ms), "latency_batch": self.latency_batch,
+            "latency_detail": self.latency_detail, "threads": self.threads,
+            "tensors": self.tensors, "stages": self.stages, "warnings": self.warnings,
+        }
+
+
+def _time(fn, warmup: int, repeats: int) -> dict:
+    """Median/p95 milliseconds via netdiet.analysis.latency.time_callable when available."""
+    try:
+        from netdiet.analysis.latency import time_callable
+    except ImportError:
+        time_callable = None
+    if time_callable is not None:
+        raw = time_callable(fn, warmup=warmup, repeats=repeats)
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+        median = next((v for k, v in raw.items() if "median" in k), None)
+        p95 = next((v for k, v in raw.items() if "p95" in k), None)
+        return {"median": median, "p95": p95, "repeats": repeats, "timer": "analysis.latency.time_callable"}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median": times[len(times) // 2], "p95": times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))],
+            "repeats": repeats, "timer": "perf_counter"}
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> int | None:
+    try:
+        from netdiet.analysis.counter import count_ops
+    except ImportError:
+        return None
+    return int(count_ops(model, x).macs)
+
+
+def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_size: int = 256, latency: bool = True,
+             onnx: bool | None = None, model_spec: str | None = None, latency_batch: int = 64,
+             warmup: int = 5, repeats: int = 30) -> EvaluateResult:
+    """Evaluate a model or a .ndz archive on `data` (a Dataset or a dataset name; its test split).
+
+    onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
+    model to ONNX Runtime for comparison; False = PyTorch only.
+    """
+    from netdiet.compress import archive
+    from netdiet.compress.quantize import export_onnx, ort_predict, ort_session
+    from netdiet.train.loop import evaluate_accuracy
+
+    if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
+        raise NetdietError("batch_size, latency_batch and repeats must be positive (warmup >= 0)")
+    if isinstance(data, str):
+        from netdiet.data import get_dataset
+        data = get_dataset(data)
+    if data is not None and not hasattr(data, "x_test"):
+        raise NetdietError(f"data must be a dataset name or a netdiet Dataset, got {type(data).__name__}")
+
+    result = EvaluateResult(accuracy=None, bytes_on_disk=0, dense_fp32_bytes=0, ratio=1.0, macs=None)
+    onnx_bytes = None
+    if isinstance(model_or_archive_path, nn.Module):
+        model = model_or_archive_path
+        result.dense_fp32_bytes = result.bytes_on_disk = archive.dense_fp32_bytes(model)
+        result.warnings.append("a plain model is stored as dense fp32 safetensors; evaluate its .ndz for compressed bytes")
+    elif isinstance(model_or_archive_path, (str, Path)):
+        loaded = archive.read(model_or_archive_path, model_spec=model_spec)
+        model, header = loaded.model, loaded.header
+        result.source = str(model_or_archive_path)
+        result.model = header.get("model")
+        result.bytes_on_disk = loaded.nbytes
+        dense = header.get("dense_fp32_bytes")
+        result.dense_fp32_bytes = dense if isinstance(dense, int) and dense > 0 else archive.dense_fp32_bytes(model)
+        result.stages = header.get("stages") or []
+        result.warnings += [str(w) for w in header.get("warnings") or []]
+        result.tensors = _tensor_rows(header)
+        art = loaded.state.artifacts.get("onnx_int8")
+        if art is not None and onnx is not False:
+            onnx_bytes = art["model"]
+    else:
+        raise NetdietError(f"evaluate needs a model or a .ndz path, got {type(model_or_archive_path).__name__}")
+    result.ratio = result.dense_fp32_bytes / result.bytes_on_disk if result.bytes_on_disk else 0.0
+    model.eval()
+    result.params = sum(p.numel() for p in model.parameters())
+    result.nonzero_params = int(sum(int((p != 0).sum()) for p in model.parameters()))
+    result.threads = torch.get_num_threads()
+
+    session = None
+    if onnx_bytes is not None:
+        session = ort_session(onnx_bytes)
+        result.runtime = "onnxruntime-int8"
+    if data is None:
+        return result
+    x, y = data.x_test, data.y_test
+    result.dataset, result.samples = getattr(data, "name", None), len(y)
+    result.accuracy_pytorch = evaluate_accuracy(model, x, y, batch_size)
+    if session is None and onnx:
+        session = ort_session(export_onnx(model, x[:1]).SerializeToString())
+        result.runtime = "pytorch"
+    if session is not None:
+        result.accuracy_onnxruntime = (ort_predict(session, x, batch_size).argmax(1) == y).float().mean().item()
+    result.accuracy = result.accuracy_onnxruntime if result.runtime == "onnxruntime-int8" else result.accuracy_pytorch
+    result.macs = _macs(model, x[:1])
+
+    if latency:
+        xb = x[:latency_batch]
+        if len(xb) < latency_batch:  # repeat samples so the batch has the asked size
+            xb = xb.repeat((latency_batch + len(xb) - 1) // len(xb), *([1] * (xb.dim() - 1)))[:latency_batch]
+        result.latency_batch = latency_batch
+
+        def torch_fn() -> None:
+            with torch.inference_mode():
+                model(xb)
+        result.latency_detail["pytorch"] = _time(torch_fn, warmup, repeats)
+        result.latency_ms["pytorch"] = result.latency_detail["pytorch"]["median"]
+        if session is not None:
+            name, xn = session.get_inputs()[0].name, xb.float().numpy()
+            result.latency_detail["onnxruntime"] = _time(lambda: session.run(None, {name: xn}), warmup, repeats)
+            result.latency_ms["onnxruntime"] = result.latency_detail["onnxruntime"]["median"]
+    return result
+
+
+def _tensor_rows(header: dict) -> list[dict]:
+    rows = []
+    for e in header.get("tensors") or []:
+        streams = [e.get(k) for k in ("values", "scale", "zero_point", "codebook")] + [(e.get("pos") or {}).get("stream")]
+        streams = [s for s in streams if isinstance(s, dict)]
+        numel = 1
+        for d in e.get("shape") or []:
+            numel *= int(d)
+        rows.append({"name": e.get("name"), "encoding": e.get("kind") if e.get("kind") != "dense" else f"dense-{e.get('store')}",
+                     "bits": e.get("bits") or _STORE_BITS.get(str(e.get("store")), 32), "numel": numel, "nonzero": e.get("nnz"),
+                     "positions": (e.get("pos") or {}).get("method"), "bytes": sum(int(s.get("len", 0)) for s in streams),
+                     "codecs": sorted({str(s.get("codec")) for s in streams})})
+    return rows

@@ -1,0 +1,62 @@
+"""Terminal tables for `netdiet evaluate`: they render an EvaluateResult document, they compute nothing."""
+from __future__ import annotations
+
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+
+from netdiet.units import format_bytes, format_count
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} ms"
+
+
+def evaluate_table(doc: dict) -> Table:
+    model = (doc.get("model") or {}).get("spec") or "model"
+    t = Table(title=f"netdiet evaluate: {escape(str(doc.get('source')))} ({escape(str(model))})", show_header=True)
+    t.add_column("figure", style="bold")
+    t.add_column("value", justify="right")
+    t.add_column("note")
+    runtime = doc.get("runtime")
+    t.add_row("accuracy", _pct(doc.get("accuracy")), f"{runtime}, {doc.get('dataset')} test split ({doc.get('samples')} samples)")
+    if doc.get("accuracy_onnxruntime") is not None or runtime != "pytorch":
+        t.add_row("accuracy (PyTorch)", _pct(doc.get("accuracy_pytorch")), "the rebuilt PyTorch model, same weights")
+        t.add_row("accuracy (ONNX Runtime)", _pct(doc.get("accuracy_onnxruntime")), "")
+    t.add_row("bytes on disk", f"{doc['bytes_on_disk']:,} B", format_bytes(doc["bytes_on_disk"]))
+    t.add_row("dense fp32 safetensors", f"{doc['dense_fp32_bytes']:,} B", format_bytes(doc["dense_fp32_bytes"]))
+    t.add_row("ratio", f"{doc['ratio']:.1f}x", "dense fp32 bytes / bytes on disk")
+    t.add_row("parameters", format_count(doc.get("params")),
+              f"{format_count(doc.get('nonzero_params'))} nonzero ({100 * doc.get('sparsity', 0):.1f} % sparse)")
+    t.add_row("MACs / sample", format_count(doc.get("macs")), "dense count of the stored architecture")
+    lat = doc.get("latency_ms") or {}
+    batch, threads = doc.get("latency_batch"), doc.get("threads")
+    for key, label in (("pytorch", "latency PyTorch"), ("onnxruntime", "latency ONNX Runtime")):
+        if lat.get(key) is not None:
+            p95 = (doc.get("latency_detail") or {}).get(key, {}).get("p95")
+            t.add_row(label, _ms(lat[key]), f"median, batch {batch}, {threads} thread(s); p95 {_ms(p95)}")
+    return t
+
+
+def tensors_table(doc: dict) -> Table:
+    t = Table(title="storage per tensor")
+    for col, just in (("tensor", "left"), ("encoding", "left"), ("bits", "right"), ("elements", "right"),
+                      ("nonzero", "right"), ("positions", "left"), ("bytes", "right"), ("codecs", "left")):
+        t.add_column(col, justify=just)
+    for r in doc.get("tensors") or []:
+        t.add_row(escape(str(r["name"])), str(r["encoding"]), str(r["bits"]), f"{r['numel']:,}", f"{r['nonzero']:,}",
+                  str(r["positions"]), f"{r['bytes']:,}", ", ".join(r["codecs"]))
+    return t
+
+
+def evaluate_report(doc: dict, *, tensors: bool = False) -> Group:
+    parts = [evaluate_table(doc)]
+    if tensors and doc.get("tensors"):
+        parts.append(tensors_table(doc))
+    for w in doc.get("warnings") or []:
+        parts.append(f"[yellow]note:[/yellow] {escape(str(w))}")
+    return Group(*parts)
