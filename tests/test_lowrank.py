@@ -10,7 +10,7 @@ from netdiet.models import create_model
 from netdiet.train import TrainConfig, evaluate_accuracy, fit
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # two threads fight with the other jobs on a shared 2-core machine; one is faster and deterministic
     before = torch.get_num_threads()
