@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["list_models", "create_model", "get_dataset", "load_model"]
+__all__ = ["continual", "list_models", "create_model", "get_dataset", "load_model", "report", "demo_summary", "profile", "largest_batch_within",
+           "compress", "list_recipes", "load_recipe", "evaluate", "train", "sweep"]
 
 
 # ==================================================================== models and data
@@ -50,11 +51,196 @@ def load_model(spec: str, weights: str | None = None, **kwargs: Any):
 
 
 # ==================================================================== profile
+def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, batch_size: int | None = None,
+            optimizer: str = "adam", depth: int | None = None, measure: bool = False, force: bool = False,
+            dtype: Any = None, amp: bool = False, checkpointing: bool = False, batch_sizes: Any = None,
+            max_batch_for: Any = None, dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
+            warmup: int = 2, repeats: int = 10, progress: bool = True):
+    """Every cost figure of `model` (an nn.Module or a spec such as "resnet", "pkg.mod:fn", "file.py:fn").
+
+    `inputs` is a tensor, a tuple of tensors, a shape such as (1, 3, 32, 32) or a list of shapes; zoo specs
+    supply their own default. Returns a ProfileResult; `.to_dict()` is the netdiet.profile/1 document.
+    """
+    from netdiet.analysis.profile import profile as _profile
+    return _profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
+                    measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
+                    batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
+                    seed=seed, warmup=warmup, repeats=repeats, progress=progress)
+
+
+def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any, dtype: Any, budget_bytes: Any, *,
+                         optimizer: str = "adam", amp: bool = False, checkpointing: bool = False,
+                         input_dtype: Any = None):
+    """(batch, memory estimate): the largest batch whose estimated training peak fits in the budget (0 if none)."""
+    from netdiet.analysis.scaling import largest_batch_within as _largest
+    return _largest(model_factory_or_model, input_shape_at_batch1, dtype, budget_bytes, optimizer=optimizer, amp=amp,
+                    checkpointing=checkpointing, input_dtype=input_dtype)
+
 
 # ==================================================================== compress / evaluate
+def list_recipes() -> list[str]:
+    """Names of the built-in compression recipes (`deep-compression`, `int8`, `structured-50`, `seed-incremental`)."""
+    from netdiet.compress.recipe import list_recipes as _list
+    return _list()
+
+
+def load_recipe(recipe: str):
+    """A validated `Recipe` from a built-in name or a YAML path (errors name the YAML line)."""
+    from netdiet.compress.recipe import load_recipe as _load
+    return _load(recipe)
+
+
+def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | None = None, out: str | None = None,
+             weights: str | None = None, model_kwargs: dict[str, Any] | None = None, seed: int = 0,
+             baseline_epochs: int | None = None, finetune_epochs: int | None = None, latency: bool = True,
+             progress: bool = True, log=None):
+    """Run a compression recipe on a model; returns a `CompressResult` (`.to_dict()` is schema netdiet.compress/1).
+
+    Without `weights` the dense baseline is trained first (the recipe's `baseline` settings). `baseline_epochs`
+    and `finetune_epochs` override the recipe's epochs (for quick runs). `out` writes the final .ndz archive.
+    """
+    import dataclasses
+
+    import torch
+    from netdiet.compress.recipe import run_recipe
+    from netdiet.errors import NetdietError
+    kwargs = dict(model_kwargs or {})
+    rec = load_recipe(recipe)
+    for value, what in ((baseline_epochs, "baseline_epochs"), (finetune_epochs, "finetune_epochs")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise NetdietError(f"{what} {value!r} must be an integer >= 0")
+    if baseline_epochs is not None:
+        rec.baseline = {**rec.baseline, "epochs": baseline_epochs}
+    if finetune_epochs is not None:
+        rec.stages = [dataclasses.replace(s, finetune={**s.finetune, "epochs": finetune_epochs} if s.finetune else None)
+                      for s in rec.stages]
+    dataset = get_dataset(data, data_dir=data_dir, seed=seed)
+    torch.manual_seed(seed)
+    net = load_model(model, weights, **kwargs)
+    return run_recipe(net, rec, dataset, spec={"spec": model, "kwargs": kwargs}, trained=weights is not None, seed=seed,
+                      out=out, latency=latency, progress=progress, log=log)
+
+
+def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, latency: bool = True,
+             onnx: bool | None = None, model_spec: str | None = None, data_dir: str | None = None,
+             latency_batch: int = 64, warmup: int = 5, repeats: int = 30):
+    """Accuracy, bytes on disk, ratio to the dense fp32 safetensors file, MACs and latency (PyTorch, and ONNX
+    Runtime when the archive carries an int8 ONNX model) of a model or a .ndz archive; an `EvaluateResult`
+    (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split)."""
+    from netdiet.compress.evaluate import evaluate as _evaluate
+    if isinstance(data, str):
+        data = get_dataset(data, data_dir=data_dir)
+    return _evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
+                     model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats)
+
 
 # ==================================================================== train / sweep
+def train(spec: str, *, model_kw: dict[str, Any] | None = None, data: str = "mnist5k", data_dir: str | None = None,
+          out: str | None = None, config: Any = None, nproc: int = 1, memory_budget: str | int | None = None,
+          val_fraction: float = 0.1, log: Any = None, **config_fields: Any):
+    """Train a zoo model or user callable on a dataset; returns a `netdiet.train.run.TrainRun` (to_dict: netdiet.train/1).
+
+    Options are `TrainConfig` fields (epochs, batch_size, lr, optimizer, precision, checkpointing, workers,
+    grad_accum, schedule, l1, l2, patience, resume, ...), given as `config=TrainConfig(...)` or as keywords.
+    """
+    from netdiet.train.loop import TrainConfig
+    from netdiet.train.run import train as _train
+    cfg = config or TrainConfig(**config_fields)
+    return _train(spec, model_kw=model_kw, data=data, data_dir=data_dir, out=out, config=cfg, nproc=nproc,
+                  memory_budget=memory_budget, val_fraction=val_fraction, log=log)
+
+
+def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: dict[str, Any] | None = None,
+          data: str = "mnist5k", data_dir: str | None = None, k: int = 3, config: Any = None, log: Any = None,
+          **config_fields: Any):
+    """k-fold cross-validation over one model knob; returns a `netdiet.train.sweep.SweepResult` (netdiet.sweep/1).
+
+    `knob` is a name with `values`, or one string 'widths=[[64],[256]]'.
+    """
+    from netdiet.train.loop import TrainConfig
+    from netdiet.train.sweep import parse_knob, sweep as _sweep
+    if values is None:
+        knob, values = parse_knob(knob)
+    cfg = config or TrainConfig(**config_fields)
+    return _sweep(spec, knob, list(values), model_kw=model_kw, data=data, data_dir=data_dir, k=k, config=cfg, log=log)
+
 
 # ==================================================================== continual
+def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
+              model: str = "mlp", model_kw: dict | None = None, budget: str | int | None = None, seed: int = 0,
+              epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
+              exemplar_bits: int = 32, exemplar_downsample: int = 1, exemplars: int | None = None,
+              shrink: str | None = None, data_dir: str | None = None, tasks: int | None = None,
+              classes_per_task: int | None = None, order_seed: int | None = None, progress: bool = True, **options: Any):
+    """Continual learning under a hard byte budget: returns a ContinualResult (accuracy matrix, BWT, forgetting,
+    bytes and training FLOPs per task for each strategy). `strategy="all"` runs every applicable strategy.
+    Further ContinualConfig fields (ewc_lambda, lwf_temperature, exemplar_schedule, ...) go in **options."""
+    from dataclasses import fields
+    from netdiet.continual.runner import continual as _run
+    from netdiet.continual.strategies import ContinualConfig
+    from netdiet.errors import NetdietError
+    from netdiet.units import parse_size
+    known = {f.name for f in fields(ContinualConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise NetdietError(f"continual has no option(s) {', '.join(sorted(unknown))}; its options are: {', '.join(sorted(known))}")
+    cfg = ContinualConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, progress=progress,
+                          budget=None if budget is None else parse_size(budget), exemplar_bits=exemplar_bits,
+                          exemplar_downsample=exemplar_downsample, exemplars=exemplars, shrink=shrink, **options)
+    return _run(scenario, data, setting, strategy, model=model, model_kw=model_kw, data_dir=data_dir, tasks=tasks,
+                classes_per_task=classes_per_task, order_seed=order_seed, config=cfg)
+
 
 # ==================================================================== report / demo
+def report(results: list[str], out: str = "report.html", *, title: str = "netdiet report") -> dict:
+    """Render JSON results (any mix of netdiet commands) into one self-contained HTML file."""
+    from netdiet.report.html import write_report
+    return write_report(list(results), out, title=title)
+
+
+def demo_summary(result_paths: list[str]) -> dict:
+    """The demo's headline figures, each taken from (or derived in one step from) a result file it names."""
+    import json
+    from pathlib import Path
+    docs = {}
+    for p in result_paths:
+        try:
+            docs[Path(p).name] = json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            continue
+    heads: list[dict] = []
+
+    def add(label: str, value, unit: str, source: str) -> None:
+        if value is not None:
+            heads.append({"label": label, "value": value, "unit": unit, "source": source})
+
+    names = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
+    for net, pretty in names.items():
+        prof = docs.get(f"profile-{net}.json", {})
+        add(f"{pretty} MACs / image", (prof.get("totals") or {}).get("macs"), "count", f"profile-{net}.json")
+        for recipe in ("deep-compression", "int8"):
+            src = f"compress-{net}-{recipe}.json"
+            comp = docs.get(src)
+            if not comp or not comp.get("stages"):
+                continue
+            last = comp["stages"][-1]
+            add(f"{pretty} {recipe}: smaller than dense fp32", last.get("ratio"), "ratio", src)
+            base_acc = (comp.get("baseline") or {}).get("accuracy")
+            if base_acc is not None and last.get("accuracy") is not None:
+                add(f"{pretty} {recipe}: accuracy {100 * base_acc:.2f} % -> {100 * last['accuracy']:.2f} %",
+                    round(100 * (last["accuracy"] - base_acc), 2), "pt", src)
+            ev = docs.get(f"evaluate-{net}-{recipe}.json") or {}
+            lat = ev.get("latency_ms") or {}
+            if isinstance(lat, dict) and lat.get("pytorch") and lat.get("onnxruntime"):
+                add(f"{pretty} {recipe}: ONNX Runtime latency vs PyTorch", round(lat["pytorch"] / lat["onnxruntime"], 2), "ratio",
+                    f"evaluate-{net}-{recipe}.json")
+    cont = docs.get("continual.json")
+    if cont:
+        for st in cont.get("strategies") or []:
+            add(f"continual {st.get('name')}: average accuracy after {len(st.get('accuracy_matrix') or [])} tasks",
+                st.get("average_accuracy"), "pct", "continual.json")
+            bpt = st.get("bytes_per_task") or []
+            if bpt:
+                add(f"continual {st.get('name')}: most bytes kept (budget {cont.get('budget')})", max(bpt), "bytes", "continual.json")
+    return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs)}
+

@@ -72,14 +72,394 @@ def _run_models(args: argparse.Namespace) -> int:
 # (the data command is added in the analysis section below)
 
 # ==================================================================== profile
+@command
+def _profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="what a model costs: params, bytes, FLOPs/MACs per module and operator, memory, time, scaling")
+    add_model_options(p)
+    p.add_argument("--input", action="append", default=[], metavar="SHAPE",
+                   help="input shape, batch first (repeatable for several inputs), e.g. 1,3,32,32; zoo models have a default")
+    p.add_argument("--batch-size", type=int, default=None, help="replace dim 0 of every input")
+    p.add_argument("--depth", type=int, default=None, help="module tree depth to show (default: all)")
+    p.add_argument("--optimizer", default="adam", help="sgd|momentum|adam|adamw|none (default adam)")
+    p.add_argument("--measure", action="store_true", help="also run real steps: measured memory peak and latency")
+    p.add_argument("--force", action="store_true", help="measure even when the estimate exceeds the available RAM")
+    p.add_argument("--dtype", default=None, help="training precision fp32|bf16|fp16 (default: the model's own)")
+    p.add_argument("--amp", action="store_true", help="autocast mixed precision (fp32 master weights)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, recompute FLOPs)")
+    p.add_argument("--batch-sizes", default=None, metavar="B1,B2,...", help="sweep these batch sizes and fit memory and FLOPs")
+    p.add_argument("--max-batch-for", default=None, metavar="SIZE", help="largest batch whose training peak fits, e.g. 4GiB")
+    p.add_argument("--dataset-size", type=int, default=None, help="samples per epoch, for total training FLOPs and time")
+    p.add_argument("--epochs", type=int, default=None, help="epochs, with --dataset-size")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs before timing (with --measure)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs (with --measure)")
+    add_json_option(p)
+    add_seed_option(p)
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.report.profile_tables import profile_report
+    from netdiet.units import parse_int_list, parse_size, parse_shape
+    budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
+    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
+    inputs = [parse_shape(s) for s in args.input] or None
+    result = api.profile(args.model, inputs, model_kw=parse_model_kw(args.model_kw), batch_size=args.batch_size,
+                         optimizer=args.optimizer, depth=args.depth, measure=args.measure, force=args.force,
+                         dtype=args.dtype, amp=args.amp, checkpointing=args.checkpointing, batch_sizes=batch_sizes,
+                         max_batch_for=budget, dataset_size=args.dataset_size, epochs=args.epochs, seed=args.seed,
+                         warmup=args.warmup, repeats=args.repeats)
+    doc = result.to_dict()
+    console.print(profile_report(doc, args.depth))
+    write_json(args, doc)
+    return 0
+
 
 # ==================================================================== compress / evaluate
+@command
+def _compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="run a compression recipe (prune, cluster, quantize, low-rank, distill...) and "
+                                        "report accuracy, bytes, MACs and latency per stage")
+    add_model_options(p)
+    p.add_argument("--recipe", required=True, metavar="R.yaml|NAME",
+                   help="a recipe YAML file or a built-in recipe name (`netdiet recipes` lists them)")
+    add_data_options(p)
+    p.add_argument("--weights", default=None, metavar="FILE.safetensors",
+                   help="trained dense weights; without them the dense baseline is trained first")
+    p.add_argument("--out", default=None, metavar="MODEL.ndz", help="write the compressed model archive here")
+    p.add_argument("--baseline-epochs", type=int, default=None, metavar="N", help="override the recipe's baseline epochs")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                   help="override every stage's fine-tune epochs (0 = no fine-tuning)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement of each stage")
+    add_json_option(p)
+    add_seed_option(p)
+    p.set_defaults(func=_run_compress)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.report.compress_tables import compress_table
+    result = api.compress(args.model, args.recipe, data=args.data, data_dir=args.data_dir, out=args.out,
+                          weights=args.weights, model_kwargs=parse_model_kw(args.model_kw), seed=args.seed,
+                          baseline_epochs=args.baseline_epochs, finetune_epochs=args.finetune_epochs,
+                          latency=not args.no_latency, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    doc = result.to_dict()
+    console.print(compress_table(doc))
+    if doc["archive"]:
+        console.print(f"wrote {doc['archive']['path']} ({doc['archive']['bytes']} bytes)")
+    write_json(args, doc)
+    return 0
+
+
+@command
+def _recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list the built-in compression recipes")
+    add_json_option(p)
+    p.set_defaults(func=_run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.report.compress_tables import recipes_table
+    rows = []
+    for name in api.list_recipes():
+        r = api.load_recipe(name).to_dict()
+        rows.append({"name": name, "description": r["description"], "stages": [s["technique"] for s in r["stages"]],
+                     "recipe": r})
+    console.print(recipes_table(rows))
+    write_json(args, {"schema": "netdiet.recipes/1", "recipes": rows})
+    return 0
+
+
+@command
+def _evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, bytes on disk, ratio vs dense fp32, MACs and latency of a .ndz archive")
+    p.add_argument("archive", metavar="MODEL.ndz", help="an archive written by `netdiet compress --out`")
+    add_data_options(p)
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="allow rebuilding an archive made from user code (pkg.module:callable or file.py:callable)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for accuracy (default 256)")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size for latency (default 64)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per runtime (default 30, after 5 warm-up runs)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--onnx", action="store_true", help="also time an fp32 ONNX Runtime export when the archive has no int8 ONNX model")
+    p.add_argument("--tensors", action="store_true", help="also print the storage of every tensor")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: torch's)")
+    add_json_option(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.report.evaluate_tables import evaluate_report
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NetdietError(f"--threads {args.threads} must be at least 1")
+        import torch
+        torch.set_num_threads(args.threads)
+    result = api.evaluate(args.archive, args.data, data_dir=args.data_dir, batch_size=args.batch_size,
+                          latency=not args.no_latency, onnx=True if args.onnx else None, model_spec=args.model,
+                          latency_batch=args.latency_batch, repeats=args.repeats)
+    doc = result.to_dict()
+    console.print(evaluate_report(doc, tensors=args.tensors))
+    write_json(args, doc)
+    return 0
+
 
 # ==================================================================== train / sweep
+def _add_train_options(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch per micro-step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam", "adamw"], help="default adam")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled/optimizer weight decay (default 0)")
+    p.add_argument("--l1", type=float, default=0.0, help="L1 penalty l1*sum|w| on weights (default 0)")
+    p.add_argument("--l2", type=float, default=0.0, help="L2 penalty l2/2*sum w^2 on weights (default 0)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine", "step", "linear"], help="LR schedule")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    p.add_argument("--step-epochs", type=int, default=0, help="step schedule: multiply LR by --gamma every N epochs")
+    p.add_argument("--gamma", type=float, default=0.1, help="step schedule factor (default 0.1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, bf16 autocast (CPU/CUDA) or fp16 autocast with gradient scaling (CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="default cpu")
+
+
+def _train_config(args: argparse.Namespace, **extra):
+    from netdiet.train.loop import TrainConfig
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, seed=args.seed, l1=args.l1, l2=args.l2, schedule=args.schedule,
+                       warmup_steps=args.warmup_steps, step_epochs=args.step_epochs, gamma=args.gamma,
+                       grad_accum=args.grad_accum, precision=args.precision, device=args.device, **extra)
+
+
+@command
+def _train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model: per-epoch loss/accuracy/time/memory, checkpoints, resume, DDP, budgets")
+    add_model_options(p)
+    add_data_options(p)
+    _add_train_options(p, epochs=5)
+    p.add_argument("--out", metavar="DIR", help="folder for model.safetensors, model.json, train.json and checkpoints")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the training split (default 0.1)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the sequential blocks")
+    p.add_argument("--segments", type=int, default=0, help="checkpointed segments (default about sqrt(blocks))")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: index in the loop)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead (default 2)")
+    p.add_argument("--pin-memory", action="store_true", help="pin batches in page-locked memory (CUDA only)")
+    p.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without improvement (0 = off)")
+    p.add_argument("--monitor", default="val_acc", choices=["val_acc", "val_loss", "train_acc", "loss"])
+    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
+    p.add_argument("--no-restore-best", action="store_true", help="keep the last weights instead of the best")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="write the resumable checkpoint every N epochs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP over gloo on CPU; default 1)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="fit training into SIZE (e.g. 512MiB): batch, then checkpointing, then bf16")
+    p.add_argument("--projection-steps", type=int, default=5, help="steps measured for the run-time projection (0 = off)")
+    add_seed_option(p)
+    add_json_option(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.report.train_tables import train_history_table, train_summary_lines
+    cfg = _train_config(args, checkpointing=args.checkpointing, checkpoint_segments=args.segments, workers=args.workers,
+                        prefetch=args.prefetch, pin_memory=args.pin_memory, patience=args.patience, monitor=args.monitor,
+                        min_delta=args.min_delta, restore_best=not args.no_restore_best,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, projection_steps=args.projection_steps)
+    run = api.train(args.model, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
+                    config=cfg, nproc=args.nproc, memory_budget=args.memory_budget, val_fraction=args.val_fraction,
+                    log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    doc = run.to_dict()
+    console.print(train_history_table(doc))
+    for line in train_summary_lines(doc):
+        console.print(line)
+    write_json(args, doc)
+    return 0
+
+
+@command
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="k-fold cross-validation over a model knob: train/validation error vs params and FLOPs")
+    add_model_options(p)
+    add_data_options(p)
+    p.add_argument("--knob", required=True, metavar="NAME=[...]",
+                   help="factory argument and its values, e.g. widths=[[64],[256],[1024,256]] or depth=[1,2,4]")
+    p.add_argument("--folds", type=int, default=3, help="k of k-fold cross-validation (default 3)")
+    _add_train_options(p, epochs=3)
+    add_seed_option(p)
+    add_json_option(p)
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.report.train_tables import sweep_table
+    res = api.sweep(args.model, args.knob, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir,
+                    k=args.folds, config=_train_config(args), log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    doc = res.to_dict()
+    console.print(sweep_table(doc))
+    console.print(f"chosen: {doc['knob']}={doc['chosen']} ({doc['rule']})")
+    write_json(args, doc)
+    return 0
+
 
 # ==================================================================== continual
+@command
+def _continual(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("continual", help="learn task after task under a hard byte budget; accuracy matrix, forgetting, bytes kept")
+    p.add_argument("--scenario", default="split", help="split | permuted | incremental-data (default split)")
+    p.add_argument("--setting", default="class", help="task | domain | class -incremental (default class)")
+    p.add_argument("--strategy", default="replay",
+                   help="naive | joint | ewc | lwf | replay | replay-reservoir | packnet | shrink | all (default replay)")
+    p.add_argument("--budget", default=None, help="hard cap on the bytes a strategy keeps, e.g. 256KiB (default: none)")
+    p.add_argument("--exemplar-bits", type=int, default=32, help="bits per stored exemplar pixel: 32, 16, 8, 4, 2, 1 (default 32)")
+    p.add_argument("--exemplar-downsample", type=int, default=1, help="store exemplars down-sampled by this factor (default 1)")
+    p.add_argument("--exemplars", type=int, default=None, help="at most this many exemplars (default: what the budget allows, else 200)")
+    p.add_argument("--shrink", default=None, help="after every task: int8 | prune=0.5 | prune=0.5+int8 (compress techniques)")
+    p.add_argument("--model", default="mlp", help="zoo name or package.module:callable (default mlp with widths [64,64])")
+    p.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE", help="argument for the model factory (repeatable)")
+    p.add_argument("--tasks", type=int, default=None, help="number of tasks (split: from classes; permuted 5; incremental-data 4)")
+    p.add_argument("--classes-per-task", type=int, default=None, help="split: classes per task (default 2)")
+    p.add_argument("--order-seed", type=int, default=None, help="split: shuffle the class order with this seed (default 0,1,2,...)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per task (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", help="sgd | momentum | adam | adamw (default adam)")
+    p.add_argument("--ewc-lambda", type=float, default=5000.0)
+    p.add_argument("--matrix", action="store_true", help="also print each strategy's accuracy matrix and ledger")
+    add_data_options(p)
+    add_seed_option(p)
+    add_json_option(p)
+    p.set_defaults(func=_run_continual)
+
+
+def _run_continual(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.report.continual_tables import matrix_table, summary_table
+    result = api.continual(args.scenario, args.data, args.setting, args.strategy, model=args.model,
+                           model_kw=parse_model_kw(args.model_kw) or None, budget=args.budget, seed=args.seed,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                           exemplar_bits=args.exemplar_bits, exemplar_downsample=args.exemplar_downsample,
+                           exemplars=args.exemplars, shrink=args.shrink, data_dir=args.data_dir, tasks=args.tasks,
+                           classes_per_task=args.classes_per_task, order_seed=args.order_seed, ewc_lambda=args.ewc_lambda)
+    doc = result.to_dict()
+    if args.matrix or args.strategy != "all":
+        for s in doc["strategies"]:
+            if s["status"] == "ok":
+                console.print(matrix_table(s))
+    console.print(summary_table(doc))
+    if doc.get("flops_note"):
+        console.print(f"[dim]{doc['flops_note']}[/dim]")
+    write_json(args, doc)
+    return 0
+
 
 # ==================================================================== report / demo
+@command
+def _report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="render netdiet JSON results into one self-contained HTML page")
+    p.add_argument("results", nargs="+", metavar="RESULT.json", help="JSON files written by netdiet commands with --json")
+    p.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--title", default="netdiet report")
+    add_json_option(p)
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from netdiet import api
+    info = api.report(args.results, args.out, title=args.title)
+    console.print(f"wrote [bold]{info['out']}[/bold] ({info['bytes']:,} bytes) from {len(info['sources'])} result(s)")
+    write_json(args, info)
+    return 0
+
+
+
+@command
+def _demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole story on mnist5k: train, profile, compress, evaluate, continual, report")
+    p.add_argument("--out", default="netdiet-demo", help="folder for every JSON, archive and report.html (default netdiet-demo)")
+    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    add_seed_option(p)
+    p.set_defaults(func=_run_demo)
+
+
+def demo_steps(out: str, seed: int = 0) -> list[tuple[str, list[str], list[str]]]:
+    """(title, argv, files the step must leave behind) — the same commands a user would type."""
+    from pathlib import Path
+    d = Path(out)
+    s = ["--seed", str(seed)]
+    steps: list[tuple[str, list[str], list[str]]] = []
+    for net, epochs in (("lenet300", 12), ("lenet5", 8)):
+        steps.append((f"train {net}", ["train", net, "--data", "mnist5k", "--epochs", str(epochs), "--batch-size", "64",
+                                      "--lr", "0.001", "--optimizer", "adam", "--out", str(d / net),
+                                      "--json", str(d / f"train-{net}.json"), *s],
+                      [str(d / f"train-{net}.json"), str(d / net / "model.safetensors")]))
+    for net in ("lenet300", "lenet5"):
+        steps.append((f"profile {net}", ["profile", net, "--batch-sizes", "1,32,128", "--measure",
+                                        "--json", str(d / f"profile-{net}.json"), *s], [str(d / f"profile-{net}.json")]))
+    for net, recipe in (("lenet300", "deep-compression"), ("lenet5", "deep-compression"), ("lenet300", "int8")):
+        tag = f"{net}-{recipe}"
+        steps.append((f"compress {net} ({recipe})", ["compress", net, "--weights", str(d / net / "model.safetensors"),
+                                                     "--recipe", recipe, "--data", "mnist5k", "--out", str(d / f"{tag}.ndz"),
+                                                     "--json", str(d / f"compress-{tag}.json"), *s],
+                      [str(d / f"compress-{tag}.json"), str(d / f"{tag}.ndz")]))
+        steps.append((f"evaluate {tag}.ndz", ["evaluate", str(d / f"{tag}.ndz"), "--data", "mnist5k",
+                                              "--json", str(d / f"evaluate-{tag}.json")], [str(d / f"evaluate-{tag}.json")]))
+    steps.append(("continual replay under 256 KiB", ["continual", "--scenario", "split", "--data", "mnist5k", "--setting", "class",
+                                                    "--strategy", "replay", "--budget", "256KiB", "--exemplar-bits", "4",
+                                                    "--json", str(d / "continual.json"), *s], [str(d / "continual.json")]))
+    return steps
+
+
+def _step_done(files: list[str]) -> bool:
+    """A step is reused only when everything it writes exists and its JSON is a netdiet result."""
+    import json
+    from pathlib import Path
+    for f in files:
+        path = Path(f)
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        if path.suffix == ".json":
+            try:
+                if not str(json.loads(path.read_text()).get("schema", "")).startswith("netdiet."):
+                    return False
+            except (ValueError, AttributeError):
+                return False
+    return True
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+    from netdiet import api
+    from netdiet.report.terminal import demo_summary_table
+    out = Path(args.out)
+    steps = demo_steps(str(out), args.seed)
+    t0 = time.perf_counter()
+    for i, (title, argv, files) in enumerate(steps, 1):
+        if not args.fresh and _step_done(files):
+            console.print(f"[dim]step {i}/{len(steps)} {title}: done before, reused[/dim]")
+            continue
+        console.rule(f"step {i}/{len(steps)}: netdiet {' '.join(argv[:2])}")
+        code = main(argv)
+        if code != 0:
+            err_console.print(f"netdiet: demo step '{title}' failed (exit {code}); fix it and rerun `netdiet demo` (finished steps are reused)")
+            return code
+    results = [f for _, _, files in steps for f in files if f.endswith(".json")]
+    summary = api.demo_summary([str(f) for f in results])
+    from netdiet.fileio import atomic_write_json
+    atomic_write_json(out / "demo.json", summary)
+    info = api.report([str(out / "demo.json"), *results], str(out / "report.html"), title="netdiet demo: LeNets on MNIST-5k")
+    console.print(demo_summary_table(summary))
+    console.print(f"wrote [bold]{info['out']}[/bold] and {len(results) + 1} JSON results in {out}/ "
+                  f"({time.perf_counter() - t0:.0f} s)")
+    return 0
 
 
 # ==================================================================== entry point

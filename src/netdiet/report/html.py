@@ -72,6 +72,8 @@ def fmt(value: Any, unit: str = "") -> str:
         return f"{100 * value:.2f} %"
     if unit == "ratio":
         return f"{value:.1f}×"
+    if unit == "pt":
+        return f"{value:+.2f} pt"
     if unit == "ms":
         return f"{value:.3f} ms"
     if isinstance(value, float):

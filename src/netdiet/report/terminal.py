@@ -17,3 +17,17 @@ def models_table(rows: list[dict]) -> Table:
         shape = "x".join(str(d) for d in r["input"]) + ("" if r["input_dtype"] == "float32" else f" ({r['input_dtype']})")
         t.add_row(r["name"], format_count(r["params"]), shape, escape(r["description"]))
     return t
+
+
+def demo_summary_table(summary: dict) -> Table:
+    from netdiet.units import format_bytes
+    t = Table(title="netdiet demo: headline figures")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_column("from", style="dim")
+    for h in summary.get("headlines", []):
+        v, unit = h["value"], h.get("unit")
+        text = (f"{v:.1f}x" if unit == "ratio" else f"{100 * v:.2f} %" if unit == "pct" else format_bytes(v) if unit == "bytes"
+                else f"{v:+.2f} pt" if unit == "pt" else format_count(v))
+        t.add_row(escape(h["label"]), text, h.get("source", ""))
+    return t
