@@ -13,6 +13,7 @@ Fine-tuning trains the centroids: the gradients of all weights sharing a centroi
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,13 +42,14 @@ def init_centroids(values: torch.Tensor, k: int, method: str, generator: torch.G
         return torch.linspace(float(lo), float(hi), k, dtype=values.dtype)
     # kmeans++: the first centroid uniformly, each next one with probability proportional to D(x)^2
     centroids = values[torch.randint(len(values), (1,), generator=generator)]
+    d2 = (values - centroids[0]).pow(2)
     for _ in range(1, k):
-        d2 = (values[:, None] - centroids[None, :]).pow(2).min(1).values
         if float(d2.sum()) == 0.0:  # fewer distinct values than centroids
             centroids = torch.cat([centroids, centroids[-1:]])
             continue
         pick = torch.multinomial(d2, 1, generator=generator)
         centroids = torch.cat([centroids, values[pick]])
+        d2 = torch.minimum(d2, (values - values[pick]).pow(2))
     return centroids
 
 
@@ -80,9 +82,6 @@ def cluster_weight(weight: torch.Tensor, keep: torch.Tensor, bits: int, method: 
     pinned = bool((~keep).any())
     free = k - 1 if pinned else k
     survivors = weight.detach().flatten()[keep.flatten()]
-    if free < 1:
-        raise NetdietError(f"cluster: {bits} bit(s) leave no centroid for surviving weights next to the pinned zero; "
-                           "use bits >= 2 on pruned layers")
     centroids, idx = kmeans_1d(survivors, free, method, iterations, seed) if survivors.numel() else (torch.zeros(free), None)
     codebook = torch.cat([torch.zeros(1), centroids]) if pinned else centroids
     indices = torch.zeros(weight.numel(), dtype=torch.long)
@@ -219,6 +218,7 @@ class WeightClustering(Technique):
             if ctx.data is None:
                 raise NetdietError("cluster: fine-tuning needs data; pass a dataset or set fine-tune epochs to 0")
             from netdiet.compress.prune import MaskHold
+            cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (cluster)")
             trainer = CentroidTraining(layers, cfg)
             # masks of weights not clustered here (e.g. biases pruned earlier) are held too
             others = {n: m for n, m in state.masks.items() if n not in layers}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -314,6 +315,7 @@ class MagnitudePruning(Technique):
     def _fit(model: nn.Module, ctx: StageContext, cfg: TrainConfig, callbacks: list[Callback]):
         if ctx.data is None:
             raise NetdietError("prune: fine-tuning needs data; pass a dataset or set fine-tune epochs to 0")
+        cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (prune)")
         return fit(model, ctx.data.x_train, ctx.data.y_train, cfg, callbacks=callbacks)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

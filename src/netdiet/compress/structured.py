@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ _TAYLOR_BATCH_SIZE = 128
 
 # ------------------------------------------------------------------ counting
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """MACs of one forward pass: netdiet's counter when it is present, Torch-Pruning's otherwise."""
+    """MACs of one forward pass: netdiet's counter when it is present, else Conv/Linear MACs counted by hooks."""
     try:
         from netdiet.analysis.counter import count_ops
     except ImportError:
@@ -40,13 +41,32 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     try:
-        if count_ops is not None:
-            return int(count_ops(model, example_inputs).macs)
-        import torch_pruning as tp
-        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-        return int(macs)
+        with torch.no_grad():
+            if count_ops is not None:
+                return int(count_ops(model, example_inputs).macs)
+            return _module_macs(model, example_inputs)
     finally:
         model.train(was_training)
+
+
+def _module_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    # a MAC per weight use: conv = output elements x (in/groups) x kernel; linear = output elements x in_features
+    total = [0]
+
+    def hook(mod: nn.Module, inp, out) -> None:
+        if isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+        else:
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    try:
+        model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
 
 
 def count_params(model: nn.Module) -> int:
@@ -183,13 +203,14 @@ def _prune_copy_macs(model: nn.Module, example_inputs: torch.Tensor, options: di
 
 
 def ratio_for_macs(model: nn.Module, example_inputs: torch.Tensor, options: dict, target: int, ctx: StageContext,
-                   iterations: int = 10) -> float:
-    """The smallest pruning ratio whose pruned copy has MACs <= target (bisection; MACs fall as the ratio grows)."""
+                   tolerance: float = 0.01) -> float:
+    """The smallest pruning ratio (within `tolerance`) whose pruned copy has MACs <= target (bisection: MACs fall
+    as the ratio grows)."""
     lo, hi = 0.0, float(options["max_ratio"])
     if _prune_copy_macs(model, example_inputs, options, hi, ctx) > target:
         raise NetdietError(f"structured: target_macs {target:,} is below what pruning up to max_ratio {hi} reaches; "
                            "raise target_macs or max_ratio")
-    for _ in range(iterations):
+    while hi - lo > tolerance:
         mid = (lo + hi) / 2
         if _prune_copy_macs(model, example_inputs, options, mid, ctx) <= target:
             hi = mid
@@ -275,7 +296,7 @@ class StructuredPruning(Technique):
             model.zero_grad(set_to_none=True)
             entry = {"step": i + 1, "macs": count_macs(model, inputs), "params": count_params(model)}
             if cfg is not None:
-                step_cfg = TrainConfig(**{**cfg.to_dict(), "description": f"{cfg.description} (structured {i + 1}/{steps})"})
+                step_cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (structured {i + 1}/{steps})")
                 result = fit(model, ctx.data.x_train, ctx.data.y_train, step_cfg)
                 entry["finetune"] = result.to_dict()
             history.append(entry)
