@@ -98,13 +98,13 @@ def task_accuracy(model: nn.Module, scenario: Scenario, after: int, task: int) -
 
 
 def run_strategy(name: str, scenario: Scenario, model_fn: Callable[[], nn.Module], cfg: ContinualConfig,
-                 on_task: Callable[[int], None] | None = None) -> StrategyResult:
+                 on_task: Callable[[int], None] | None = None, meter: FlopMeter | None = None) -> StrategyResult:
     """Train `name` through every task. Raises NetdietError if it cannot fit the budget."""
     torch.manual_seed(cfg.seed)
     model = model_fn()
     strategy: Strategy = create_strategy(name, scenario, cfg)
     strategy.check_start(model)
-    meter = FlopMeter(model, scenario.sample_shape, cfg.optimizer)
+    meter = meter or FlopMeter(model, scenario.sample_shape, cfg.optimizer)
     res = StrategyResult(name)
     t0 = time.perf_counter()
     T = len(scenario.tasks)
@@ -128,7 +128,6 @@ def run_strategy(name: str, scenario: Scenario, model_fn: Callable[[], nn.Module
     res.average_accuracy, res.bwt, res.forgetting = summary["average_accuracy"], summary["bwt"], summary["forgetting"]
     res.forgetting_per_task, res.fwt = summary["forgetting_per_task"], summary["fwt"]
     res.seconds = time.perf_counter() - t0
-    run_strategy.flops_note = meter.note
     return res
 
 
@@ -138,13 +137,15 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
     stopped (with the reason) and the others still run; a single strategy raises instead."""
     names = applicable(scenario.setting) if strategy == "all" else [strategy]
     if strategy != "all":
-        create_strategy(strategy, scenario, cfg)     # unknown / not applicable: fail before any training
+        create_strategy(strategy, scenario, cfg).check_start(model_fn())   # bad input fails before any training
     results = []
     from netdiet.report.progress import progress_bar
     bar = progress_bar(len(names) * len(scenario.tasks), f"continual {strategy}") if strategy == "all" else None
+    meter = FlopMeter(model_fn(), scenario.sample_shape, cfg.optimizer)   # same architecture for every strategy
     for n in names:
         try:
-            results.append(run_strategy(n, scenario, model_fn, cfg, on_task=(lambda _i: bar.advance()) if bar else None))
+            results.append(run_strategy(n, scenario, model_fn, cfg, on_task=(lambda _i: bar.advance()) if bar else None,
+                                        meter=meter))
         except NetdietError as exc:
             if strategy != "all" or "smaller than the model itself" in str(exc):
                 if bar:
@@ -154,4 +155,58 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
     if bar:
         bar.close()
     return ContinualResult(scenario.to_dict(), scenario.setting, cfg.budget, model_info or {}, cfg.to_dict(), results,
-                           getattr(run_strategy, "flops_note", ""))
+                           meter.note)
+
+
+DEFAULT_MODEL = "mlp"
+DEFAULT_MODEL_KW = {"widths": [64, 64]}
+
+
+def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tuple[Callable[[], nn.Module], dict]:
+    """A factory for fresh models whose output matches the scenario (num_classes is passed unless given)."""
+    from netdiet.models import create_model
+    kw = dict(DEFAULT_MODEL_KW if spec == DEFAULT_MODEL and not model_kw else (model_kw or {}))
+    kw.setdefault("num_classes", scenario.num_outputs)
+    if spec == "mlp":
+        kw.setdefault("in_features", int(torch.tensor(scenario.sample_shape).prod()))
+
+    def make() -> nn.Module:
+        return create_model(spec, **kw)
+
+    probe = make()
+    with torch.no_grad():
+        was = probe.training
+        probe.eval()
+        out = probe(scenario.tasks[0].x_train[:1])
+        probe.train(was)
+    if out.dim() != 2 or out.shape[1] != scenario.num_outputs:
+        raise NetdietError(f"model '{spec}' gives outputs of shape {tuple(out.shape)}; the {scenario.name}/{scenario.setting} "
+                           f"scenario needs (batch, {scenario.num_outputs}); pass --model-kw num_classes={scenario.num_outputs}")
+    return make, {"spec": spec, "kwargs": kw, "params": sum(p.numel() for p in probe.parameters())}
+
+
+def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
+              model: str = DEFAULT_MODEL, model_kw: dict | None = None, data_dir: str | None = None,
+              tasks: int | None = None, classes_per_task: int | None = None, order_seed: int | None = None,
+              config: ContinualConfig | None = None) -> ContinualResult:
+    """Build the scenario from a registered dataset and run one strategy (or `all`)."""
+    from netdiet.continual.scenarios import check_setting, make_scenario
+    from netdiet.continual.strategies import STRATEGIES
+    from netdiet.data import get_dataset
+    cfg = config or ContinualConfig()
+    check_setting(scenario, setting)
+    if strategy != "all" and strategy not in STRATEGIES:
+        raise NetdietError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)} or all")
+    if strategy != "all" and setting not in STRATEGIES[strategy].settings:
+        raise NetdietError(f"strategy '{strategy}' does not apply to {setting}-incremental learning; "
+                           f"it needs --setting {' or '.join(STRATEGIES[strategy].settings)}")
+    for name, value, low in (("epochs", cfg.epochs, 1), ("batch size", cfg.batch_size, 1), ("downsample", cfg.exemplar_downsample, 1)):
+        if value < low:
+            raise NetdietError(f"{name} must be at least {low}, got {value}")
+    if cfg.budget is not None and cfg.budget <= 0:
+        raise NetdietError(f"budget must be a positive size such as 256KiB, got {cfg.budget}")
+    ds = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
+    sc = make_scenario(scenario, ds, setting, num_tasks=tasks, classes_per_task=classes_per_task,
+                       order_seed=order_seed, seed=cfg.seed)
+    model_fn, info = build_model_fn(model, model_kw, sc)
+    return run_continual(sc, strategy, model_fn, cfg, info)
