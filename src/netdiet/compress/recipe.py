@@ -257,14 +257,17 @@ class StageResult:
     name: str
     technique: str
     options: dict[str, Any]
-    accuracy: float | None
-    bytes_on_disk: int | None
-    ratio: float | None                 # dense fp32 safetensors bytes / this stage's archive bytes
-    macs: int | None
-    latency_ms: float | None
+    accuracy: float | None              # of the runtime that deploys the archive (ORT int8 when stored, else PyTorch)
+    bytes_on_disk: int | None           # the stage's .ndz archive
+    ratio: float | None                 # dense fp32 safetensors bytes / bytes_on_disk
+    macs: int | None                    # per sample
+    latency_ms: dict[str, float | None] | None   # {pytorch, onnxruntime}: median of one batch of LATENCY_BATCH
     params: int
     nonzero_params: int
     report: dict[str, Any]
+    runtime: str = "pytorch"
+    accuracy_pytorch: float | None = None
+    accuracy_onnxruntime: float | None = None
     evaluated: bool = True
     seconds: float = 0.0
 
@@ -272,7 +275,9 @@ class StageResult:
         return {"name": self.name, "technique": self.technique, "options": self.options, "accuracy": self.accuracy,
                 "bytes_on_disk": self.bytes_on_disk, "ratio": self.ratio, "macs": self.macs,
                 "latency_ms": self.latency_ms, "params": self.params, "nonzero_params": self.nonzero_params,
-                "evaluated": self.evaluated, "seconds": self.seconds, "report": self.report}
+                "runtime": self.runtime, "accuracy_pytorch": self.accuracy_pytorch,
+                "accuracy_onnxruntime": self.accuracy_onnxruntime, "evaluated": self.evaluated,
+                "seconds": self.seconds, "report": self.report}
 
 
 @dataclass
@@ -295,77 +300,29 @@ class CompressResult:
                 "stages": [s.to_dict() for s in self.stages], "pareto": self.pareto, "archive": self.archive}
 
 
-def _archive_module():
-    try:
-        from netdiet.compress import archive
-    except ImportError:
+def measure(model, state, data, *, latency: bool = True, header: dict | None = None) -> dict[str, Any]:
+    """Write the stage's archive and evaluate *that file* with `netdiet.compress.evaluate` (one producer per figure:
+    accuracy of the runtime that deploys it, bytes on disk, MACs, latency); `archive_bytes` is the encoded file."""
+    import tempfile
+
+    from netdiet.compress import archive
+    from netdiet.compress.evaluate import evaluate
+    with tempfile.TemporaryDirectory(prefix="netdiet-stage-") as tmp:
+        path = Path(tmp) / "stage.ndz"
+        archive.write(path, model, state, header=header)
+        spec = (state.spec or {}).get("spec")
+        result = evaluate(path, data, latency=latency, latency_batch=LATENCY_BATCH, model_spec=spec)
+    return {"accuracy": result.accuracy, "bytes_on_disk": int(result.bytes_on_disk), "macs": result.macs,
+            "latency_ms": dict(result.latency_ms), "params": int(result.params),
+            "nonzero_params": int(result.nonzero_params), "runtime": result.runtime,
+            "accuracy_pytorch": result.accuracy_pytorch, "accuracy_onnxruntime": result.accuracy_onnxruntime}
+
+
+def deployed_latency(latency_ms: dict | None) -> float | None:
+    """The latency of the runtime that deploys the file: ONNX Runtime when measured, else PyTorch."""
+    if not latency_ms:
         return None
-    return archive if hasattr(archive, "encode") else None
-
-
-def dense_fp32_bytes(model) -> int:
-    """Bytes of the model's dense fp32 safetensors file: the denominator of every ratio."""
-    arch = _archive_module()
-    if arch is not None and hasattr(arch, "dense_fp32_bytes"):
-        return int(arch.dense_fp32_bytes(model))
-    from safetensors.torch import save
-    return len(save({k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}))
-
-
-def count_macs(model, example) -> int | None:
-    try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        return None
-    return int(count_ops(model, example).macs)
-
-
-def median_latency_ms(model, example, *, warmup: int = 3, repeats: int = 15) -> float | None:
-    try:
-        from netdiet.analysis.latency import time_callable
-    except ImportError:
-        return None
-    import torch
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(example)
-
-    timing = time_callable(run, warmup=warmup, repeats=repeats)
-    if hasattr(model, "train"):
-        model.train(was_training)
-    for attr in ("median_ms", "median"):
-        value = timing.get(attr) if isinstance(timing, dict) else getattr(timing, attr, None)
-        if value is not None:
-            return float(value)
-    return None
-
-
-def measure(model, state, data, *, latency: bool = True) -> dict[str, Any]:
-    """Accuracy on the test split, archive bytes, MACs (batch 1), latency (batch LATENCY_BATCH), params, nonzeros."""
-    import torch
-    from netdiet.train.loop import evaluate_accuracy
-    arch = _archive_module()
-    params = list(model.parameters()) if hasattr(model, "parameters") else []
-    out: dict[str, Any] = {
-        "accuracy": evaluate_accuracy(model, data.x_test, data.y_test),
-        "bytes_on_disk": len(arch.encode(model, state)) if arch is not None else None,
-        "macs": None, "latency_ms": None,
-        "params": int(sum(p.numel() for p in params)),
-        "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params)),
-    }
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        out["macs"] = count_macs(model, data.x_test[:1])
-    finally:
-        model.train(was_training)
-    if latency:
-        out["latency_ms"] = median_latency_ms(model, data.x_test[:LATENCY_BATCH])
-    return out
+    return latency_ms.get("onnxruntime") if latency_ms.get("onnxruntime") is not None else latency_ms.get("pytorch")
 
 
 def pareto_front(points: list[tuple[str, float | None, int | None]]) -> list[str]:
@@ -382,13 +339,15 @@ def pareto_front(points: list[tuple[str, float | None, int | None]]) -> list[str
 def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bool = False, seed: int = 0,
                out: str | Path | None = None, latency: bool = True, progress: bool = True,
                log=None) -> CompressResult:
-    """Train the dense baseline unless `trained`, run every stage, measure after each, write the archive to `out`."""
+    """Train the dense baseline unless `trained`, run every stage, evaluate each stage's archive, write the last to `out`."""
     import copy
     import time
 
     import torch
 
+    from netdiet.compress import archive
     from netdiet.compress.base import CompressionState, StageContext, create_technique
+    from netdiet.compress.evaluate import evaluate
     from netdiet.train.loop import fit
 
     say = log or (lambda _msg: None)
@@ -398,26 +357,28 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
         say(f"training the dense baseline: {baseline_cfg.epochs} epochs, {baseline_cfg.optimizer}, lr {baseline_cfg.lr}")
         fit(model, data.x_train, data.y_train, baseline_cfg)
     model.eval()
-    dense_bytes = dense_fp32_bytes(model)
-    base_metrics = measure(model, CompressionState(spec=dict(spec)), data, latency=latency)
-    baseline = {**base_metrics, "bytes_on_disk": dense_bytes, "archive_bytes": base_metrics["bytes_on_disk"],
-                "trained_by_netdiet": not trained,
-                "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
+    base = evaluate(model, data, latency=latency, latency_batch=LATENCY_BATCH)
+    dense_bytes = int(base.dense_fp32_bytes)
+    baseline = {"accuracy": base.accuracy, "bytes_on_disk": dense_bytes, "macs": base.macs,
+                "latency_ms": dict(base.latency_ms), "params": int(base.params), "nonzero_params": int(base.nonzero_params),
+                "trained_by_netdiet": not trained, "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
     say(f"baseline: accuracy {baseline['accuracy']:.4f}, dense fp32 safetensors {dense_bytes} bytes")
 
     teacher = copy.deepcopy(model)
     state = CompressionState(spec=dict(spec))
     stages: list[StageResult] = []
+    header = {"recipe": recipe.to_dict(), "baseline": {"accuracy": baseline["accuracy"], "dense_fp32_bytes": dense_bytes}}
     for stage in recipe.stages:
         t0 = time.perf_counter()
         tech = create_technique(stage.technique, **stage.options)
-        ctx = StageContext(data=data, finetune=stage.train_config(seed, progress), example_inputs=data.x_train[:LATENCY_BATCH],
-                           teacher=teacher, seed=seed)
+        ctx = StageContext(data=data, finetune=stage.train_config(seed, progress),
+                           example_inputs=data.x_train[:LATENCY_BATCH], teacher=teacher, seed=seed)
         torch.manual_seed(seed)
         model = tech.apply(model, state, ctx)
         report = tech.report()
+        seconds = time.perf_counter() - t0
         if stage.evaluate:
-            m = measure(model, state, data, latency=latency)
+            m = measure(model, state, data, latency=latency, header=header)
         else:
             params = list(model.parameters())
             m = {"accuracy": None, "bytes_on_disk": None, "macs": None, "latency_ms": None,
@@ -425,7 +386,7 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
                  "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params))}
         ratio = dense_bytes / m["bytes_on_disk"] if m["bytes_on_disk"] else None
         result = StageResult(name=stage.name, technique=stage.technique, options=tech.options, report=report,
-                             ratio=ratio, evaluated=stage.evaluate, seconds=time.perf_counter() - t0, **m)
+                             ratio=ratio, evaluated=stage.evaluate, seconds=seconds, **m)
         stages.append(result)
         state.stages.append({k: v for k, v in result.to_dict().items() if k != "report"})
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
@@ -435,15 +396,10 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
     points = [("baseline", baseline["accuracy"], dense_bytes)] + [(s.name, s.accuracy, s.bytes_on_disk) for s in stages]
     archive_info = None
     if out is not None:
-        arch = _archive_module()
-        if arch is None:
-            raise NetdietError("writing .ndz archives needs netdiet.compress.archive, which is not installed in this build; "
-                               "run without --out")
         last = stages[-1]
-        header = {"recipe": recipe.to_dict(),
-                  "metrics": {"accuracy": last.accuracy, "baseline_accuracy": baseline["accuracy"],
-                              "dense_fp32_bytes": dense_bytes, "data": getattr(data, "name", None)}}
-        written = arch.write(out, model, state, header=header)
+        written = archive.write(out, model, state, header={
+            **header, "metrics": {"accuracy": last.accuracy, "baseline_accuracy": baseline["accuracy"],
+                                  "data": getattr(data, "name", None)}})
         archive_info = {"path": str(out), "bytes": int(written)}
     return CompressResult(model=dict(spec), data=getattr(data, "name", ""), recipe=recipe.to_dict(), baseline=baseline,
                           stages=stages, pareto=pareto_front(points), archive=archive_info, seed=seed,

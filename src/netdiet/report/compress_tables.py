@@ -8,7 +8,7 @@ from netdiet.units import format_bytes, format_count
 
 
 def _acc(a: float | None) -> str:
-    return "-" if a is None else f"{100 * a:.2f} %"
+    return "-" if a is None else f"{100 * a:.2f}"
 
 
 def _delta(a: float | None, base: float | None) -> str:
@@ -18,7 +18,12 @@ def _delta(a: float | None, base: float | None) -> str:
     return f"{d:+.2f}"
 
 
-def _ms(v: float | None) -> str:
+def _ms(v: dict | float | None) -> str:
+    """A {pytorch, onnxruntime} latency dict shows the runtime that deploys the file (ORT when it was measured)."""
+    if isinstance(v, dict):
+        if v.get("onnxruntime") is not None:
+            return f"{v['onnxruntime']:.3f} ort"
+        v = v.get("pytorch")
     return "-" if v is None else f"{v:.3f}"
 
 
@@ -33,17 +38,17 @@ def compress_table(doc: dict) -> Table:
     t = Table(title=f"netdiet compress: {escape(model)} with recipe {escape(recipe)} on {escape(str(doc.get('data', '')))}",
               caption=f"bytes = archive on disk; ratio = dense fp32 safetensors bytes / bytes; ms = median latency of one forward pass, batch "
                       f"{doc.get('latency_batch', '-')} (noisy on a shared CPU); * = Pareto set (accuracy up, bytes down)")
-    for col, justify in (("stage", "left"), ("technique", "left"), ("accuracy", "right"), ("Δ pt", "right"),
+    for col, justify in (("stage", "left"), ("acc %", "right"), ("Δ pt", "right"),
                          ("bytes", "right"), ("ratio", "right"), ("params", "right"), ("nonzero", "right"),
                          ("MACs", "right"), ("ms", "right"), ("", "left")):
         t.add_column(col, justify=justify, style="bold" if col == "stage" else None)
     pareto = set(doc.get("pareto", []))
     base = doc["baseline"]
-    t.add_row("baseline", "fp32", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
+    t.add_row("baseline", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
               format_count(base["params"]), format_count(base["nonzero_params"]), format_count(base["macs"]),
               _ms(base["latency_ms"]), "*" if "baseline" in pareto else "")
     for s in doc["stages"]:
-        t.add_row(escape(s["name"]), escape(s["technique"]), _acc(s["accuracy"]), _delta(s["accuracy"], base["accuracy"]),
+        t.add_row(escape(s["name"]), _acc(s["accuracy"]), _delta(s["accuracy"], base["accuracy"]),
                   format_bytes(s["bytes_on_disk"]), _ratio(s["ratio"]), format_count(s["params"]),
                   format_count(s["nonzero_params"]), format_count(s["macs"]), _ms(s["latency_ms"]),
                   "*" if s["name"] in pareto else "")
