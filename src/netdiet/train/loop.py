@@ -1,10 +1,14 @@
 """The training loop, readable top to bottom.
 
 Techniques that need to act inside the loop (pruning masks, cluster-gradient gathering, distillation
-losses, regularisers, early stopping) do it through a `Callback`, never by copying the loop.
+losses, regularisers, early stopping) do it through a `Callback`, never by copying the loop. Features
+(precision, recompute, data loading, schedules, checkpoints, DDP) are small functions in the sibling modules;
+`fit` only calls them.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -21,7 +25,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 64             # global batch per micro-step (split across processes under DDP)
     lr: float = 1e-3
     optimizer: str = "adam"          # sgd | momentum | adam | adamw
     weight_decay: float = 0.0
@@ -29,6 +33,29 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     description: str = "train"
+    # --- added for `netdiet train`; defaults keep the original behaviour
+    grad_accum: int = 1              # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    schedule: str = "constant"       # constant | cosine | step | linear  (see schedule.lr_at)
+    warmup_steps: int = 0
+    step_epochs: int = 0             # step schedule: multiply the LR by gamma every step_epochs epochs
+    gamma: float = 0.1
+    l1: float = 0.0                  # penalty l1 * sum|w| on weights with 2+ dims
+    l2: float = 0.0                  # penalty l2/2 * sum w^2 (coupled to the loss, unlike weight_decay)
+    precision: str = "fp32"          # fp32 | bf16 (CPU/CUDA autocast) | fp16 (CUDA autocast + GradScaler)
+    checkpointing: bool = False      # activation recompute on the model's sequential blocks
+    checkpoint_segments: int = 0     # 0 = about sqrt(number of blocks)
+    workers: int = 0                 # 0 = index tensors in the loop; >0 = DataLoader worker processes
+    prefetch: int = 2                # batches each worker prepares ahead
+    pin_memory: bool = False         # only takes effect with CUDA
+    patience: int = 0                # early stopping after `patience` epochs without improvement (0 = off)
+    monitor: str = "val_acc"         # val_acc | val_loss | train_acc | loss
+    min_delta: float = 0.0
+    restore_best: bool = True
+    checkpoint_dir: str | None = None  # write a resumable checkpoint here every `checkpoint_every` epochs
+    checkpoint_every: int = 1
+    resume: bool = False             # continue from the checkpoint in checkpoint_dir
+    device: str = "cpu"              # cpu | cuda | auto
+    projection_steps: int = 0        # >0: after this many steps, project the full run's time from the throughput
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,9 +66,17 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)   # one dict per epoch
     steps: int = 0
     seconds: float = 0.0
+    world_size: int = 1
+    resumed_from_epoch: int | None = None
+    projection: dict | None = None
+    early_stopping: dict | None = None
+    recompute: dict | None = None
+    memory_method: str = "rss_delta"
 
     def to_dict(self) -> dict:
-        return {"history": self.history, "steps": self.steps, "seconds": self.seconds}
+        return {"history": self.history, "steps": self.steps, "seconds": self.seconds, "world_size": self.world_size,
+                "resumed_from_epoch": self.resumed_from_epoch, "projection": self.projection,
+                "early_stopping": self.early_stopping, "recompute": self.recompute, "memory_method": self.memory_method}
 
 
 class Callback:
@@ -71,12 +106,18 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
     raise NetdietError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits for all of x, in eval mode (the model's mode is restored afterwards)."""
     was_training = model.training
     model.eval()
-    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    device = _device_of(model)
+    outs = [model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(outs)
 
@@ -91,59 +132,205 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
         callbacks: list[Callback] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-        optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
-    """Train `model` in place on in-memory tensors; returns the per-epoch history."""
+        optimizer: torch.optim.Optimizer | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        fingerprint: dict | None = None, train_flops_per_sample: int | None = None,
+        log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train `model` in place on in-memory tensors; returns the per-epoch history.
+
+    transform: per-batch preprocessing of x (runs in DataLoader workers when cfg.workers > 0).
+    fingerprint: extra run facts (model spec, data) a resumed checkpoint must match.
+    train_flops_per_sample: counted FLOPs of one training sample, for the projection.
+    """
+    from netdiet.train.callbacks import EarlyStopping, penalised_weights, weight_penalty
+    from netdiet.train.data import batch_iterator, epoch_batches
+    from netdiet.train.distributed import all_reduce_sum, dist_info, wrap_ddp
+    from netdiet.train.measure import PeakRSS, projection
+    from netdiet.train.precision import autocast, check_precision, grad_scaler, resolve_device
+    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.train.schedule import check_schedule, lr_at
+
     cfg = config or TrainConfig()
-    callbacks = callbacks or []
-    if len(x_train) == 0:
-        raise NetdietError("no training samples; check the dataset or the task split")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    callbacks = list(callbacks or [])
+    rank, world = dist_info()
+    device = resolve_device(cfg.device)
+    _check_config(cfg, len(x_train), world)
+    check_precision(cfg.precision, device)
+    check_schedule(cfg.schedule)
     torch.manual_seed(cfg.seed)
+    model.to(device)
+    result = TrainResult(world_size=world)
+    if cfg.checkpointing:
+        result.recompute = enable_checkpointing(model, cfg.checkpoint_segments)
+    net = wrap_ddp(model, device) if world > 1 else model
     opt = optimizer or make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    scaler = grad_scaler(cfg.precision, device)
+    early = EarlyStopping(cfg.patience, cfg.monitor, cfg.min_delta, cfg.restore_best) if cfg.patience else None
+    if early:
+        callbacks.append(early)
+    penalised = penalised_weights(model) if (cfg.l1 or cfg.l2) else []
+    start_epoch, step = 0, 0
+    fingerprint = {**_fingerprint(cfg, world), **(fingerprint or {})}
+    if cfg.resume:
+        start_epoch, step = _resume(cfg, model, opt, scaler, early, fingerprint, result)
     for cb in callbacks:
         cb.on_train_begin(model, opt)
 
-    result, step, t_start = TrainResult(), 0, time.perf_counter()
-    n = len(x_train)
-    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    progress = _progress(cfg.progress, cfg.epochs * steps_per_epoch, cfg.description)
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, loss_sum, correct = time.perf_counter(), 0.0, 0
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            x, y = x_train[idx], y_train[idx]
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            for cb in callbacks:
-                extra = cb.extra_loss(model, x, y, logits)
-                if extra is not None:
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for cb in callbacks:
-                cb.before_step(model, step)
-            opt.step()
-            step += 1
-            for cb in callbacks:
-                cb.after_step(model, step)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+    n, per_rank = len(x_train), cfg.batch_size // world
+    batches_per_epoch = math.ceil(math.ceil(n / world) / per_rank)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    progress = _progress(cfg.progress and rank == 0, (cfg.epochs - start_epoch) * batches_per_epoch, cfg.description)
+    rss, t_start, first_step, t_first = PeakRSS(), time.perf_counter(), step, None
+    opt.zero_grad(set_to_none=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        rss.reset()
+        batches = epoch_batches(n, per_rank, epoch, cfg.seed, rank=rank, world=world)
+        data = batch_iterator(x_train, y_train, batches, workers=cfg.workers, prefetch=cfg.prefetch,
+                              pin_memory=cfg.pin_memory, transform=transform)
+        sums = torch.zeros(3, dtype=torch.float64)          # loss * samples, correct, samples
+        t0, waited = time.perf_counter(), 0.0
+        for i in range(len(batches)):
+            t_wait = time.perf_counter()
+            x, y = next(data)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            waited += time.perf_counter() - t_wait
+            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
+            with net.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext():
+                with autocast(cfg.precision, device):
+                    logits = net(x)
+                    loss = loss_fn(logits, y)
+                total = loss
+                for cb in callbacks:
+                    extra = cb.extra_loss(model, x, y, logits)
+                    if extra is not None:
+                        total = total + extra
+                penalty = weight_penalty(penalised, cfg.l1, cfg.l2)
+                if penalty is not None:
+                    total = total + penalty
+                total = total / cfg.grad_accum
+                (scaler.scale(total) if scaler else total).backward()
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            if last_micro:
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr_at(step, base_lr=base, schedule=cfg.schedule, total_steps=total_steps,
+                                    warmup_steps=cfg.warmup_steps, steps_per_epoch=steps_per_epoch,
+                                    step_epochs=cfg.step_epochs, gamma=cfg.gamma)
+                if scaler:
+                    scaler.unscale_(opt)
+                for cb in callbacks:
+                    cb.before_step(model, step)
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                for cb in callbacks:
+                    cb.after_step(model, step)
+                if step == first_step + 1:
+                    t_first = time.perf_counter()        # the first step (warm-up) is left out of the projection
+                if cfg.projection_steps and step == first_step + 1 + cfg.projection_steps and epoch == start_epoch:
+                    result.projection = projection(cfg.projection_steps * cfg.batch_size * cfg.grad_accum,
+                                                   time.perf_counter() - t_first, n * (cfg.epochs - start_epoch),
+                                                   train_flops_per_sample)
+                    if log:
+                        log(_projection_line(result.projection))
             progress.advance()
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n, "seconds": seconds,
-                   "samples_per_s": n / seconds if seconds > 0 else None}
-        if x_val is not None and y_val is not None:
-            metrics["val_acc"] = evaluate_accuracy(model, x_val, y_val)
+        metrics = _epoch_metrics(epoch, all_reduce_sum(sums), seconds, waited, rss, opt, step,
+                                 model, x_val, y_val, loss_fn)
         result.history.append(metrics)
-        if any(cb.on_epoch_end(model, epoch, metrics) for cb in callbacks):
+        stop = any([cb.on_epoch_end(model, epoch, metrics) for cb in callbacks])
+        metrics["stopped_early"] = bool(stop)
+        if cfg.checkpoint_dir and rank == 0 and (stop or epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
+            _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch + 1, step, result.history, fingerprint)
+        if stop:
             break
     progress.close()
     for cb in callbacks:
         cb.on_train_end(model)
     result.steps, result.seconds = step, time.perf_counter() - t_start
+    result.early_stopping = early.summary() if early else None
+    result.memory_method = rss.method if rss.available else "unavailable"
     return result
+
+
+# ---------------------------------------------------------------- the loop's small helpers
+def _check_config(cfg: TrainConfig, n: int, world: int) -> None:
+    if n == 0:
+        raise NetdietError("no training samples; check the dataset or the task split")
+    for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise NetdietError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise NetdietError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.l1 < 0 or cfg.l2 < 0:
+        raise NetdietError("L1/L2 penalties must be >= 0")
+    if cfg.batch_size % world:
+        raise NetdietError(f"batch size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise NetdietError("--resume needs the folder of the run to continue (--out DIR)")
+
+
+def _fingerprint(cfg: TrainConfig, world: int) -> dict:
+    """Settings a resumed run must share with the run that wrote the checkpoint (epochs may grow)."""
+    keys = ("batch_size", "grad_accum", "optimizer", "seed", "precision", "schedule", "l1", "l2", "weight_decay")
+    return {**{k: getattr(cfg, k) for k in keys}, "world_size": world}
+
+
+def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float, rss,
+                   opt: torch.optim.Optimizer, step: int, model: nn.Module, x_val, y_val, loss_fn) -> dict:
+    loss_sum, correct, count = sums.tolist()
+    metrics = {"epoch": epoch + 1, "loss": loss_sum / count, "train_acc": correct / count, "seconds": seconds,
+               "samples_per_s": count / seconds if seconds > 0 else None, "data_wait_fraction": waited / seconds if seconds > 0 else None,
+               "peak_rss": rss.peak(), "peak_rss_delta": rss.peak_delta(), "lr": opt.param_groups[0]["lr"], "steps": step}
+    if x_val is not None and y_val is not None and len(y_val):
+        logits = predict(model, x_val)
+        metrics["val_acc"] = (logits.argmax(1) == y_val).float().mean().item()
+        metrics["val_loss"] = float(loss_fn(logits, y_val))
+    return metrics
+
+
+def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint) -> None:
+    from netdiet.train.checkpoint import Checkpoint, capture_rng, save_checkpoint
+    callbacks = {"early_stopping": early.state_dict()} if early else {}
+    save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model.state_dict(), opt.state_dict(),
+                                       capture_rng(), callbacks, scaler.state_dict() if scaler else None))
+
+
+def _resume(cfg, model, opt, scaler, early, fingerprint, result) -> tuple[int, int]:
+    from netdiet.train.checkpoint import check_compatible, has_checkpoint, load_checkpoint, restore_rng
+    if not has_checkpoint(cfg.checkpoint_dir):
+        raise NetdietError(f"no checkpoint to resume in {cfg.checkpoint_dir}; run without --resume to start fresh")
+    ck = load_checkpoint(cfg.checkpoint_dir)
+    check_compatible(ck, model, fingerprint, cfg.checkpoint_dir)
+    model.load_state_dict(ck.model)
+    try:
+        opt.load_state_dict(ck.optimizer)
+    except (ValueError, KeyError) as exc:
+        raise NetdietError(f"optimizer state in {cfg.checkpoint_dir} does not fit: {exc}; resume with the same --optimizer") from None
+    restore_rng(ck.rng)
+    if scaler and ck.scaler:
+        scaler.load_state_dict(ck.scaler)
+    if early and "early_stopping" in ck.callbacks:
+        early.load_state_dict(*ck.callbacks["early_stopping"])
+    result.history = list(ck.history)
+    result.resumed_from_epoch = ck.epoch
+    finished = bool(ck.history and ck.history[-1].get("stopped_early"))
+    return (cfg.epochs if finished else ck.epoch), ck.step
+
+
+def _projection_line(p: dict) -> str:
+    from netdiet.units import format_count
+    line = (f"projection: {p['total_samples']:,} samples at {p['samples_per_s']:.0f} samples/s "
+            f"(measured over {p['measured_samples']:,}) -> about {p['projected_seconds']:.1f} s")
+    if p.get("total_train_flops"):
+        line += f"; {format_count(p['total_train_flops'])}FLOP counted, {format_count(p['achieved_flops_per_s'])}FLOP/s achieved"
+    return line
 
 
 class _progress:

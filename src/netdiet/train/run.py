@@ -1,0 +1,258 @@
+"""`netdiet train` end to end: model + data -> (memory budget) -> fit -> files.
+
+Output folder:
+    model.safetensors   the trained weights (best weights when early stopping restored them)
+    model.json          {"spec", "kwargs"}: how to rebuild the model (`netdiet compress/evaluate --weights`)
+    train.json          the netdiet.train/1 document (also what `--json` writes)
+    checkpoint/         the resumable per-epoch checkpoint (see checkpoint.py)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from netdiet.errors import NetdietError
+from netdiet.train.loop import TrainConfig, evaluate_accuracy, fit
+
+SCHEMA = "netdiet.train/1"
+
+
+@dataclass
+class TrainRun:
+    """Everything `netdiet train` reports; `to_dict()` is the netdiet.train/1 document."""
+
+    model: dict
+    data: dict
+    config: dict
+    history: list[dict]
+    steps: int
+    seconds: float
+    test_acc: float | None
+    params: int
+    world_size: int = 1
+    out: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    resumed_from_epoch: int | None = None
+    projection: dict | None = None
+    early_stopping: dict | None = None
+    recompute: dict | None = None
+    budget: dict | None = None
+    train_flops_per_sample: int | None = None
+    flops_method: str | None = None
+    memory_method: str = "rss_delta"
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        peaks = [h.get("peak_rss_delta") for h in self.history if h.get("peak_rss_delta") is not None]
+        return max(peaks) if peaks else None
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "model": self.model, "data": self.data, "config": self.config, "params": self.params,
+                "world_size": self.world_size, "history": self.history, "steps": self.steps, "seconds": self.seconds,
+                "test_acc": self.test_acc, "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
+                "resumed_from_epoch": self.resumed_from_epoch, "projection": self.projection,
+                "early_stopping": self.early_stopping, "recompute": self.recompute, "budget": self.budget,
+                "train_flops_per_sample": self.train_flops_per_sample, "flops_method": self.flops_method,
+                "out": self.out, "files": self.files}
+
+
+# ---------------------------------------------------------------- pieces shared with sweep and the budget picker
+def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """The model, checked to be a classifier that accepts the dataset's samples."""
+    from netdiet.models import create_model, resolve
+    _, entry = resolve(spec)
+    if entry is not None and entry.task != "classification":
+        raise NetdietError(f"model '{spec}' is a {entry.task} model; netdiet train fits classifiers on image datasets "
+                           "(choose lenet300, lenet5, mlp, cnn, resnet or mobilenet)")
+    kwargs = dict(kwargs)
+    model = create_model(spec, **kwargs)
+    probe = torch.zeros((2,) + tuple(sample_shape))
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(probe)
+            model.train(was)
+    except Exception as exc:  # noqa: BLE001 - a shape mismatch is bad input, said in one line
+        raise NetdietError(f"model '{spec}' cannot take the dataset's samples of shape {list(sample_shape)}: "
+                           f"{str(exc).splitlines()[0]}; adjust --model-kw (e.g. in_channels, image_size, in_features)") from None
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] < num_classes:
+        raise NetdietError(f"model '{spec}' returns {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__} "
+                           f"for a batch of 2, not (2, >= {num_classes}) class scores; set --model-kw num_classes={num_classes}")
+    return model
+
+
+def zoo_kwargs_for(spec: str, kwargs: dict, sample_shape: tuple[int, ...]) -> dict:
+    """Fill the zoo factories' input arguments from the data (mlp in_features, cnn in_channels/image_size) unless given."""
+    import inspect
+    from netdiet.models import resolve
+    factory, entry = resolve(spec)
+    if entry is None:
+        return dict(kwargs)
+    params = inspect.signature(factory).parameters
+    out = dict(kwargs)
+    if "in_features" in params and "in_features" not in out:
+        out["in_features"] = int(np.prod(sample_shape))
+    if len(sample_shape) == 3:
+        if "in_channels" in params and "in_channels" not in out:
+            out["in_channels"] = int(sample_shape[0])
+        if "image_size" in params and "image_size" not in out and entry.name not in ("resnet", "mobilenet", "yolo"):
+            out["image_size"] = int(sample_shape[1])
+    return out
+
+
+def split_validation(y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): a fixed stratified hold-out from the training split (test stays unseen)."""
+    from netdiet.data.registry import stratified_split
+    if not 0 <= fraction < 1:
+        raise NetdietError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return torch.arange(len(y)), torch.arange(0)
+    tr, va = stratified_split(y.numpy(), fraction, seed=0)
+    return torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
+
+
+def train_flops_per_sample(model: torch.nn.Module, x: torch.Tensor, optimizer: str) -> tuple[int | None, str | None]:
+    """Counted FLOPs of one training step divided by its batch (netdiet's counter; torch's FlopCounterMode if absent)."""
+    import copy
+    probe = copy.deepcopy(model)
+    try:
+        from netdiet.analysis.counter import count_ops
+    except ImportError:
+        count_ops = None
+    try:
+        if count_ops is not None:
+            counts = count_ops(probe, x, train=True, optimizer=optimizer)
+            return int(counts.train_flops) // len(x), "netdiet.analysis.counter (forward + backward + optimizer step)"
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            probe(x).float().sum().backward()
+        return int(fc.get_total_flops()) // len(x), "torch FlopCounterMode (matmul/conv only, forward + backward)"
+    except Exception:  # noqa: BLE001 - a projection without FLOPs is still a projection
+        return None, None
+
+
+def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
+    """Create/validate the output folder before any work; refuse to overwrite an earlier run."""
+    from netdiet.train.checkpoint import has_checkpoint
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NetdietError(f"--out {out} is a file, not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NetdietError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --out") from None
+    probe = out / f".netdiet-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise NetdietError(f"output folder {out} is not writable ({exc.strerror}); choose a writable --out") from None
+    if not resume and (has_checkpoint(out / "checkpoint") or (out / "model.safetensors").exists()):
+        raise NetdietError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
+    return out
+
+
+# ---------------------------------------------------------------- the run (one process, or each DDP worker)
+def execute(params: dict, dataset=None) -> dict:
+    """One training run from plain values (so DDP workers can rebuild it); rank 0 writes the files.
+
+    Returns the netdiet.train/1 document.
+    """
+    from netdiet.data import get_dataset
+    from netdiet.fileio import atomic_write_json, save_state_dict
+    from netdiet.models import ModelSpec
+    from netdiet.train.distributed import dist_info
+    rank, world = dist_info()
+    cfg = TrainConfig(**params["config"])
+    data = dataset or get_dataset(params["data"], data_dir=params.get("data_dir"), seed=cfg.seed)
+    kwargs = zoo_kwargs_for(params["spec"], params["kwargs"], data.input_shape)
+    torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
+    model = build_classifier(params["spec"], kwargs, data.input_shape, data.num_classes)
+    tr, va = split_validation(data.y_train, params.get("val_fraction", 0.1))
+    x_tr, y_tr = data.x_train[tr], data.y_train[tr]
+    x_va, y_va = (data.x_train[va], data.y_train[va]) if len(va) else (None, None)
+    flops, flops_method = params.get("train_flops_per_sample"), params.get("flops_method")
+    out = Path(params["out"]) if params.get("out") else None
+    if out is not None:
+        cfg.checkpoint_dir = str(out / "checkpoint")
+    log = _logger() if rank == 0 else None
+    fingerprint = {"model": ModelSpec(params["spec"], kwargs).to_dict(), "data": params["data"],
+                   "val_fraction": params.get("val_fraction", 0.1)}
+    res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+    run = TrainRun(model=ModelSpec(params["spec"], kwargs).to_dict(), data={**data.summary(), "train_used": len(tr),
+                   "validation": len(va), "val_fraction": params.get("val_fraction", 0.1)},
+                   config=cfg.to_dict(), history=res.history, steps=res.steps, seconds=res.seconds,
+                   test_acc=evaluate_accuracy(model, data.x_test, data.y_test), params=sum(p.numel() for p in model.parameters()),
+                   world_size=world, out=str(out) if out else None, resumed_from_epoch=res.resumed_from_epoch,
+                   projection=res.projection, early_stopping=res.early_stopping, recompute=res.recompute,
+                   budget=params.get("budget"), train_flops_per_sample=flops, flops_method=flops_method,
+                   memory_method=res.memory_method)
+    if out is not None and rank == 0:
+        from netdiet.train.recompute import disable_checkpointing
+        disable_checkpointing(model)
+        run.files = {"weights": str(out / "model.safetensors"), "model": str(out / "model.json"),
+                     "log": str(out / "train.json"), "checkpoint": str(out / "checkpoint" / "checkpoint.json")}
+        save_state_dict(out / "model.safetensors", model.state_dict(), metadata={"spec": params["spec"]})
+        atomic_write_json(out / "model.json", {"schema": "netdiet.model/1", **ModelSpec(params["spec"], kwargs).to_dict()})
+        atomic_write_json(out / "train.json", run.to_dict())
+    return run.to_dict()
+
+
+def _logger() -> Callable[[str], None]:
+    import sys
+    def log(msg: str) -> None:
+        print(f"netdiet: {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def _ddp_execute(params: dict) -> dict:
+    return execute(params)
+
+
+def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", data_dir: str | None = None,
+          out: str | None = None, config: TrainConfig | None = None, nproc: int = 1, memory_budget: str | int | None = None,
+          val_fraction: float = 0.1, log: Callable[[str], None] | None = None) -> TrainRun:
+    """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
+    from netdiet.data import get_dataset
+    from netdiet.train.distributed import launched_by_torchrun, init_from_env, spawn
+    cfg = config or TrainConfig()
+    if out is not None:
+        check_out_dir(out, cfg.resume)
+    elif cfg.resume:
+        raise NetdietError("--resume needs --out DIR (the folder of the run to continue)")
+    if nproc < 1:
+        raise NetdietError(f"--nproc must be at least 1, got {nproc}")
+    dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
+    kwargs = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)
+    model = build_classifier(spec, kwargs, dataset.input_shape, dataset.num_classes)
+    budget = None
+    if memory_budget is not None:
+        from netdiet.train.budget import choose_for_budget
+        decision = choose_for_budget(model, dataset.input_shape, memory_budget, optimizer=cfg.optimizer,
+                                     batch_size=cfg.batch_size, x_sample=dataset.x_train, y_sample=dataset.y_train)
+        cfg.batch_size, cfg.checkpointing, cfg.precision = decision.batch_size, decision.checkpointing, decision.precision
+        budget = decision.to_dict()
+        if log:
+            log(decision.explanation)
+    flops, flops_method = train_flops_per_sample(model, dataset.x_train[:min(8, len(dataset.x_train))], cfg.optimizer)
+    params = {"spec": spec, "kwargs": kwargs, "data": data, "data_dir": data_dir, "out": out, "config": cfg.to_dict(),
+              "val_fraction": val_fraction, "budget": budget, "train_flops_per_sample": flops, "flops_method": flops_method}
+    if launched_by_torchrun():
+        init_from_env()
+        doc = execute(params, dataset)
+    elif nproc > 1:
+        doc = spawn(_ddp_execute, (params,), nproc)
+    else:
+        doc = execute(params, dataset)
+    return _from_doc(doc)
+
+
+def _from_doc(doc: dict) -> TrainRun:
+    keys = TrainRun.__dataclass_fields__
+    return TrainRun(**{k: v for k, v in doc.items() if k in keys})
