@@ -338,12 +338,30 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
     dims, a supported dtype).
     """
 
-    def __init__(self, amp: bool, target: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, target: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        self.amp = amp
+        self.amp_on = False   # set by `amp()` around the forward (and around checkpoint recomputes)
         self.target = target
         self.dtype = dtype
         self.cache: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def amp(self, on: bool):
+        """An autocast region: parameter casts are cached inside it and dropped at its end, as autocast does."""
+        prev, prev_cache = self.amp_on, self.cache
+        self.amp_on, self.cache = bool(on), {}
+        try:
+            yield
+        finally:
+            self.amp_on, self.cache = prev, prev_cache
+
+    def __enter__(self):
+        _ACTIVE_POLICY.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE_POLICY.remove(self)
+        return super().__exit__(*exc)
 
     def _cast(self, x: Any, to: torch.dtype, cache: bool) -> Any:
         if isinstance(x, (list, tuple)):
@@ -360,10 +378,10 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if self.amp and name in _LOWP_FUNCS:
+        if self.amp_on and name in _LOWP_FUNCS:
             args = self._cast(args, self.dtype, True)
             kwargs = {k: self._cast(v, self.dtype, True) for k, v in kwargs.items()}
-        elif self.amp and name in _FP32_FUNCS:
+        elif self.amp_on and name in _FP32_FUNCS:
             args = self._cast(args, torch.float32, False)
             kwargs = {k: self._cast(v, torch.float32, False) for k, v in kwargs.items()}
         if name == "scaled_dot_product_attention" and self.target.type in ("cpu", "meta"):
@@ -372,9 +390,9 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
                 return routed
         return func(*args, **kwargs)
 
-    def __exit__(self, *exc):
-        self.cache.clear()
-        return super().__exit__(*exc)
+
+
+_ACTIVE_POLICY: list[_MetaPolicy] = []
 
 
 def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -401,6 +419,18 @@ def _autocast(amp: bool, device: torch.device):
 # ------------------------------------------------------------------ activation checkpointing
 def _run_checkpointed(fn: Callable, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
+    policy = _ACTIVE_POLICY[-1] if _ACTIVE_POLICY else None
+    if policy is not None:
+        # Real checkpointing re-enters the forward's autocast state when it recomputes; do the same for
+        # the meta-device autocast emulation.
+        inner, amp_on = fn, policy.amp_on
+
+        def fn(*a, **k):
+            from torch.overrides import _get_current_function_mode_stack
+            # The recompute runs inside backward, where function modes entered around the step are not active.
+            active = policy in _get_current_function_mode_stack()
+            with (contextlib.nullcontext() if active else policy), policy.amp(amp_on):
+                return inner(*a, **k)
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
@@ -525,7 +555,8 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     meta = _meta_copy(model, dt)
     x = tuple(_cast_input(t, dt, "meta") for t in inputs)
     blocks = apply_checkpointing(meta) if checkpointing else []
-    policy = lambda: _MetaPolicy(amp, target)  # noqa: E731
+    policy = _MetaPolicy(target)
+    amp_ctx = lambda: policy.amp(amp)  # noqa: E731
 
     params = list(dict.fromkeys(meta.parameters()))
     buffers = list(dict.fromkeys(meta.buffers()))
@@ -542,7 +573,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     # Inference: eval mode, no autograd, one forward; the output stays alive until the end (it is the result).
     meta.eval()
     try:
-        with tr, torch.no_grad(), policy():
+        with tr, policy, torch.no_grad(), amp_ctx():
             out = meta(*x)
         inference_peak = tr.peak
         del out
@@ -573,7 +604,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
 
     per_step: list[dict[str, Any]] = []
     try:
-        with tr:
+        with tr, policy:
             for step in range(3):
                 saved.clear()
                 state.clear()
@@ -581,7 +612,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
                 if step == 2:
                     tr.snapshot_at = max(per_step[1]["peaks"].values())
                 with saved.context():
-                    _train_step(meta, x, opt, policy, loss_fn, marks)
+                    _train_step(meta, x, opt, amp_ctx, loss_fn, marks)
                 per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
                                  "saved": state.get("saved", {}), "grads": state.get("grads", {})})
     except NetdietError:
@@ -636,22 +667,37 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
 
 def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | None, str | None]:
     """FLOPs the backward spends recomputing checkpointed forwards: backward FLOPs with minus without."""
+    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+
+    def copies() -> tuple[nn.Module, nn.Module]:
+        plain, ckpt = _meta_copy(model, dt), _meta_copy(model, dt)
+        apply_checkpointing(ckpt)
+        return plain, ckpt
+
+    try:
+        from netdiet.analysis.counter import count_ops
+    except ImportError:
+        count_ops = None
+    if count_ops is not None:
+        try:
+            plain, ckpt = copies()
+            extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(plain, x, train=True).backward_flops
+            return int(extra), "netdiet.analysis.counter.count_ops: backward FLOPs with checkpointing minus without"
+        except Exception:  # fall back to PyTorch's counter below
+            pass
     from torch.utils.flop_counter import FlopCounterMode
 
-    def backward_flops(ckpt: bool) -> int:
-        meta = _meta_copy(model, dt)
-        if ckpt:
-            apply_checkpointing(meta)
-        x = tuple(_cast_input(t, dt, "meta") for t in inputs)
-        with _MetaPolicy(amp, _model_device(model)):
-            loss = loss_fn(meta(*x))
+    def backward_flops(net: nn.Module) -> int:
+        with _MetaPolicy(_model_device(model)) as policy, policy.amp(amp):
+            loss = loss_fn(net(*x))
         counter = FlopCounterMode(display=False)
-        with counter:
+        with _MetaPolicy(_model_device(model)), counter:
             loss.backward()
         return int(counter.get_total_flops())
 
     try:
-        return (backward_flops(True) - backward_flops(False),
+        plain, ckpt = copies()
+        return (backward_flops(ckpt) - backward_flops(plain),
                 "torch.utils.flop_counter: matmul/conv/attention FLOPs (2 per MAC) of the recomputed forwards")
     except Exception:  # the figure is an extra; the memory estimate stands without it
         return None, None
