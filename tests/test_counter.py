@@ -271,3 +271,28 @@ def test_to_dict_carries_schema_and_plain_integers():
     assert isinstance(d["train_flops"], int) and d["modules"][0]["name"] == ""
     assert set(d["operators"]["aten.addmm"]) >= {"count", "macs", "flops", "backward_count", "backward_macs",
                                                  "backward_flops"}
+
+
+@pytest.mark.parametrize("reentrant,recomputed", [(False, 544 + 32), (True, 544 + 32 + 544)])
+def test_activation_checkpointing_recompute_is_counted_in_backward(reentrant, recomputed):
+    # the checkpointed a -> relu -> b is recomputed during backward: a's addmm 2·4·8·8 + 32 bias = 544, relu 32;
+    # non-reentrant checkpointing stops once relu's output (all b's backward needs) is back, reentrant reruns b too
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self, use_checkpoint: bool):
+            super().__init__()
+            self.use = use_checkpoint
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            fn = lambda y: self.b(torch.relu(self.a(y)))  # noqa: E731
+            return checkpoint(fn, x, use_reentrant=reentrant) if self.use else fn(x)
+
+    x = torch.randn(4, 8)
+    plain = count_ops(nn.Sequential(nn.Linear(8, 8), Ckpt(False)), x, train=True, optimizer="none")
+    ckpt = count_ops(nn.Sequential(nn.Linear(8, 8), Ckpt(True)), x, train=True, optimizer="none")
+    assert ckpt.flops == plain.flops
+    assert ckpt.backward_flops == plain.backward_flops + recomputed
+    assert ckpt.module("1").backward_flops == plain.module("1").backward_flops + recomputed
+    assert ckpt.module("<loss>").backward_flops == 0

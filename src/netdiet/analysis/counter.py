@@ -216,8 +216,15 @@ class _Counter:
             return
         if torch.is_grad_enabled():
             leaves, _ = tree_flatten((args, kwargs))
-            self._claim(leaves, self.stack[-1] if self.stack else self.outside)
+            self._claim(leaves, self.stack[-1] if self.stack else self._backward_owner() or self.outside)
         self.stack.append(name)
+
+    def _backward_owner(self) -> str | None:
+        """Inside backward (e.g. a checkpoint's recomputation): the owner of the node being run."""
+        if torch._C._current_graph_task_id() == -1:
+            return None
+        node = torch._C._current_autograd_node()
+        return self.node_owner.get(node, "") if node is not None else ""
 
     def _post(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         name = self.names.get(id(mod))
@@ -233,11 +240,9 @@ class _Counter:
             self.stack.pop()
 
     def record(self, func, args, kwargs, out) -> None:
-        backward = torch._C._current_graph_task_id() != -1
-        if backward:
-            node = torch._C._current_autograd_node()
-            owner = self.node_owner.get(node, "") if node is not None else ""
-        else:
+        owner = self._backward_owner()
+        backward = owner is not None
+        if not backward:
             owner = self.stack[-1] if self.stack else self.outside
         cost = op_cost(func, args, kwargs, out)
         self.tally.add(owner, str(func.overloadpacket), cost, backward)
@@ -286,6 +291,7 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     counter = _Counter(model)
     notes: list[str] = []
+    saved_grads: dict = {}
     try:
         with torch.random.fork_rng(devices=[]):
             model.train(train)
@@ -302,9 +308,13 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                             output = model(*args)
                             counter.outside = LOSS
                             total = _loss_of(output, loss)
-                            used = [p for p in trainable if p.requires_grad]
-                            if used:
-                                torch.autograd.grad(total, used, allow_unused=True)
+                            if trainable:
+                                # .backward (not autograd.grad) so reentrant checkpointing works too; the
+                                # caller's .grad values are put back below
+                                saved_grads = {p: p.grad for p in model.parameters()}
+                                for p in saved_grads:
+                                    p.grad = None
+                                total.backward()
                             del output, total
             finally:
                 if meta_mode is not None:
@@ -317,6 +327,8 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     finally:
         counter.close()
         model.train(was_training)
+        for p, g in saved_grads.items():
+            p.grad = g
         if saved_buffers:
             with torch.no_grad():
                 for n, b in model.named_buffers():
