@@ -338,8 +338,10 @@ def pareto_front(points: list[tuple[str, float | None, int | None]]) -> list[str
 
 def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bool = False, seed: int = 0,
                out: str | Path | None = None, latency: bool = True, progress: bool = True,
-               log=None) -> CompressResult:
-    """Train the dense baseline unless `trained`, run every stage, evaluate each stage's archive, write the last to `out`."""
+               log=None, on_stage=None) -> CompressResult:
+    """Train the dense baseline unless `trained`, run every stage, evaluate each stage's archive, write the last to `out`.
+
+    `on_stage(stage_result, model, state)` is called after each stage (e.g. to keep intermediate archives)."""
     import copy
     import time
 
@@ -388,6 +390,8 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
         result = StageResult(name=stage.name, technique=stage.technique, options=tech.options, report=report,
                              ratio=ratio, evaluated=stage.evaluate, seconds=seconds, **m)
         stages.append(result)
+        if on_stage is not None:
+            on_stage(result, model, state)
         state.stages.append({k: v for k, v in result.to_dict().items() if k != "report"})
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
         size = f"{m['bytes_on_disk']} bytes ({ratio:.1f}x)" if ratio else "-"
