@@ -126,3 +126,190 @@ def test_input_fit_check_passes_other_errors_through_when_no_module_runs():
     with pytest.raises(KeyError):
         with input_fit_check(model, (torch.zeros(1, 2),)):
             raise KeyError("not a forward error")
+
+
+# ------------------------------------------------------------------ real figures through the API and the CLI
+LENET300_MACS = 784 * 300 + 300 * 100 + 100 * 10           # 266,200 multiply-accumulates per sample
+LENET300_PARAMS = LENET300_MACS + 300 + 100 + 10             # weights + biases = 266,610
+
+
+@pytest.fixture(scope="module")
+def lenet300_doc():
+    return netdiet.profile("lenet300", progress=False).to_dict()
+
+
+def test_lenet300_totals_are_the_hand_counts(lenet300_doc):
+    t = lenet300_doc["totals"]
+    assert t["params"] == t["trainable_params"] == LENET300_PARAMS
+    assert t["param_bytes"] == 4 * LENET300_PARAMS and t["buffer_bytes"] == 0
+    assert t["macs"] == LENET300_MACS
+    # training step = forward + backward + the optimizer step, the last by formula over every parameter
+    assert t["train_flops"] == t["flops"] + t["backward_flops"] + t["optimizer_flops"]
+    assert t["optimizer"] == "adam" and t["optimizer_flops"] > 0
+    # backward of the three Linears: grad-input for the 2nd and 3rd (the 1st's input needs none) + grad-weight for all
+    assert t["backward_macs"] == LENET300_MACS + (300 * 100 + 100 * 10)
+
+
+def test_profile_document_has_the_design_schema(lenet300_doc):
+    doc = lenet300_doc
+    assert doc["schema"] == "netdiet.profile/1"
+    assert doc["model"] == {"spec": "lenet300", "kwargs": {}, "class": "Sequential"}
+    assert doc["inputs"] == [{"shape": [1, 1, 28, 28], "dtype": "float32"}]
+    for key in ("params", "trainable_params", "param_bytes", "buffer_bytes", "macs", "flops", "train_flops"):
+        assert isinstance(doc["totals"][key], int)
+    for key in ("batch_size", "optimizer", "weights", "gradients", "optimizer_state", "activations", "temporaries",
+                "peak_estimated", "peak_measured", "inference_peak"):
+        assert key in doc["memory"]
+    assert doc["memory"]["weights"] == 4 * LENET300_PARAMS and doc["memory"]["peak_measured"] is None
+    row = next(m for m in doc["modules"] if m["name"] == "1")
+    assert {k: row[k] for k in ("type", "params", "param_bytes", "macs", "output_shape")} == {
+        "type": "Linear", "params": 784 * 300 + 300, "param_bytes": 4 * (784 * 300 + 300), "macs": 784 * 300,
+        "output_shape": [1, 300]}
+    assert {"activation_bytes", "flops", "backward_flops"} <= set(row)
+    assert doc["operators"]["aten.addmm"]["count"] == 3 and doc["operators"]["aten.addmm"]["macs"] == LENET300_MACS
+    assert doc["uncounted"] == {}
+    assert doc["environment"]["torch"] == torch.__version__ and doc["environment"]["threads"] >= 1
+    json.dumps(doc, allow_nan=False)  # plain JSON, no NaN
+
+
+def test_root_activation_bytes_sum_every_module(lenet300_doc):
+    rows = lenet300_doc["modules"]
+    root = next(r for r in rows if r["name"] == "")
+    assert root["activation_bytes"] == sum(r["activation_bytes_self"] for r in rows if not r["name"].startswith("<"))
+    # with what the loss saved (outside the module tree) it is every activation byte of the estimate
+    assert sum(r["activation_bytes_self"] for r in rows) == lenet300_doc["memory"]["activations"]
+    # the ReLUs save their outputs (1x300 and 1x100 fp32) for backward
+    assert next(r for r in rows if r["name"] == "2")["activation_bytes"] >= 300 * 4
+
+
+def test_batch_size_replaces_dim0_and_scales_macs():
+    r = netdiet.profile("lenet300", batch_size=8, progress=False)
+    assert r.inputs[0]["shape"] == [8, 1, 28, 28] and r.memory["batch_size"] == 8
+    assert r.totals["macs"] == 8 * LENET300_MACS
+
+
+def test_inputs_as_tensor_tuple_shape_and_list_of_shapes_agree():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+            self.b = nn.Linear(7, 3)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    model = TwoInputs()
+    by_shapes = netdiet.profile(model, [(2, 5), (2, 7)], progress=False)
+    by_tensors = netdiet.profile(model, (torch.randn(2, 5), torch.randn(2, 7)), progress=False)
+    assert by_shapes.totals["macs"] == by_tensors.totals["macs"] == 2 * (5 * 3 + 7 * 3)
+    assert by_shapes.model == {"spec": None, "kwargs": {}, "class": "TwoInputs"}
+    single = netdiet.profile(nn.Linear(6, 4), (3, 6), progress=False)
+    assert single.totals["macs"] == 3 * 6 * 4
+    assert netdiet.profile(nn.Linear(6, 4), torch.randn(3, 6), progress=False).totals["macs"] == 3 * 6 * 4
+
+
+def test_depth_limits_the_module_rows():
+    r = netdiet.profile("resnet", depth=1, progress=False)
+    assert max(m["depth"] for m in r.modules) == 1
+    names = {m["name"] for m in r.modules}
+    assert {"", "conv1", "layers", "fc"} <= names and "layers.0" not in names
+    # inclusive costs: the children of the root add up to it (forward)
+    root = next(m for m in r.modules if m["name"] == "")
+    assert sum(m["macs"] for m in r.modules if m["depth"] == 1) == root["macs"]
+
+
+def test_uncounted_operators_are_listed_not_zeroed(capsys):
+    class Spectral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.fft.fft(self.fc(x)).abs()
+
+    r = netdiet.profile(Spectral(), (1, 8), progress=False)
+    assert r.uncounted.get("aten._fft_r2c", 0) >= 1
+    from netdiet.report.profile_tables import profile_report
+    from rich.console import Console
+    Console(width=120).print(profile_report(r.to_dict()))
+    assert "aten._fft_r2c" in capsys.readouterr().out
+
+
+def test_batch_sweep_fits_memory_and_flops_against_independent_estimates():
+    from netdiet.analysis.memory import estimate_memory
+    r = netdiet.profile("lenet300", batch_sizes=[1, 4, 16], progress=False)
+    pts = r.scaling.points
+    assert [p.batch_size for p in pts] == [1, 4, 16]
+    # each point's estimate is the memory engine's own figure at that batch
+    x16 = (torch.randn(16, 1, 28, 28),)
+    assert pts[2].peak_estimated == estimate_memory(netdiet.create_model("lenet300"), x16, optimizer="adam").peak_estimated
+    # forward MACs are exactly linear in the batch
+    assert [p.macs for p in pts] == [LENET300_MACS * b for b in (1, 4, 16)]
+    fit = r.scaling.fit
+    assert fit["flops"]["r2"] == pytest.approx(1.0)
+    assert fit["memory_estimated"]["r2"] > 0.99
+    # the fixed term is at least what does not grow: weights + gradients + Adam's two moments
+    assert fit["memory_estimated"]["fixed"] >= 4 * 4 * LENET300_PARAMS * 0.95
+    doc = r.to_dict()
+    assert doc["scaling"]["points"][0]["batch_size"] == 1 and "memory_estimated" in doc["scaling"]["fit"]
+
+
+def test_max_batch_for_is_exact_for_the_memory_estimate():
+    from netdiet.analysis.memory import estimate_memory
+    budget = 16 * 1024 * 1024
+    r = netdiet.profile("lenet300", max_batch_for="16MiB", progress=False)
+    b = r.max_batch["batch_size"]
+    assert r.max_batch["budget"] == budget and b > 1
+    model = netdiet.create_model("lenet300")
+    at = estimate_memory(model, (torch.randn(b, 1, 28, 28),), optimizer="adam").peak_estimated
+    above = estimate_memory(model, (torch.randn(b + 1, 1, 28, 28),), optimizer="adam").peak_estimated
+    assert at <= budget < above
+    assert r.max_batch["peak_estimated"] == at
+
+
+def test_largest_batch_within_is_exported_for_the_trainer():
+    b, est = netdiet.largest_batch_within(lambda: netdiet.create_model("lenet300"), (1, 1, 28, 28), "fp32", "8MiB",
+                                          optimizer="sgd")
+    assert b > 0 and est.peak_estimated <= 8 * 1024 * 1024 and est.optimizer == "sgd"
+
+
+def test_projection_multiplies_the_counted_step_by_dataset_and_epochs():
+    r = netdiet.profile("lenet300", batch_size=4, dataset_size=60_000, epochs=3, progress=False)
+    pj = r.projection
+    assert pj.total_train_flops == round(r.totals["train_flops"] / 4 * 60_000 * 3)
+    assert pj.projected_seconds is None  # no throughput without --measure
+
+
+def test_large_spec_is_profiled_on_the_meta_device(monkeypatch):
+    import netdiet.analysis.profile as prof
+    monkeypatch.setattr(prof, "META_THRESHOLD_BYTES", 1024)
+    r = netdiet.profile("transformer", progress=False)  # tiny preset, treated as "too large to hold"
+    assert r.device == "meta" and r.storage is None
+    # 2 layers x 12 d^2 + d*vocab MACs per token (d=128, vocab=1000, 64 tokens) + attention 2 x 64^2 x 128 per layer
+    d, v, t, layers = 128, 1000, 64, 2
+    linear = t * (layers * 12 * d * d + d * v)
+    assert linear <= r.totals["macs"] <= linear + layers * 2 * t * t * d
+
+
+def test_measure_adds_measured_peak_latency_and_projected_time():
+    r = netdiet.profile("lenet300", batch_size=8, measure=True, repeats=3, warmup=1, dataset_size=800, epochs=1,
+                        progress=False)
+    m = r.memory
+    assert m["peak_measured"] > m["weights"] and m["measure_method"]
+    assert abs(m["peak_estimated"] - m["peak_measured"]) / m["peak_measured"] < 0.10
+    assert r.latency is not None
+    assert r.projection.projected_seconds is not None and r.projection.projected_seconds > 0
+    assert r.storage is not None
+
+
+def test_cli_prints_tables_and_writes_the_same_numbers_as_json(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    code, stdout, err = run_cli(capsys, "profile", "lenet300", "--json", str(out), "--optimizer", "sgd",
+                                "--batch-size", "2")
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    api_doc = netdiet.profile("lenet300", optimizer="sgd", batch_size=2, progress=False).to_dict()
+    assert doc["totals"] == api_doc["totals"] and doc["memory"]["peak_estimated"] == api_doc["memory"]["peak_estimated"]
+    assert doc["memory"]["optimizer_state"] == 0  # plain SGD keeps no state
+    for needle in ("modules", "operators", "memory", "totals", "aten.addmm", "Linear"):
+        assert needle in stdout

@@ -145,3 +145,13 @@ def test_projection_without_throughput_has_no_time():
 def test_projection_rejects_nonpositive_sizes():
     with pytest.raises(NetdietError, match="positive"):
         project_training(1000, 10, 0, 2)
+
+
+def test_largest_batch_is_exact_for_a_convex_estimator():
+    # attention-like growth (quadratic in batch): the secant undershoots from one side; bracketing must finish it
+    def est(model, inputs, *, optimizer, dtype, amp, checkpointing):
+        b = inputs[0].shape[0]
+        return SimpleNamespace(peak_estimated=10_000 + 50 * b + 3 * b * b)
+    budget = 7_777_777
+    b, _ = largest_batch_within(nn.Linear(2, 2), (1, 2), None, budget, estimator=est)
+    assert 10_000 + 50 * b + 3 * b * b <= budget < 10_000 + 50 * (b + 1) + 3 * (b + 1) ** 2

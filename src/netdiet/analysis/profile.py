@@ -106,9 +106,14 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 # ------------------------------------------------------------------ model and inputs
-def resolve_model(model: nn.Module | str, model_kw: dict | None, *, allow_meta: bool, seed: int
-                  ) -> tuple[nn.Module, dict[str, Any]]:
-    """(module, {spec, kwargs, class}). A spec too large to hold is built on the meta device when allowed."""
+def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
+                  before_real: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(module, {spec, kwargs, class}).
+
+    A spec is first built on the meta device (nothing allocated). `before_real(meta_model)` decides:
+    it returns False to keep the meta model (too large to hold, nothing to measure) and may raise to refuse
+    (e.g. a --measure run whose estimate exceeds the RAM); otherwise the real model is built with `seed`.
+    """
     kwargs = dict(model_kw or {})
     if isinstance(model, nn.Module):
         if kwargs:
@@ -119,8 +124,7 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, allow_meta: 
     from netdiet.models import create_model
     with torch.device("meta"):
         meta_model = create_model(model, **kwargs)
-    weight_bytes = sum(p.numel() * p.element_size() for p in meta_model.parameters())
-    if allow_meta and weight_bytes > META_THRESHOLD_BYTES:
+    if before_real is not None and before_real(meta_model) is False:
         built = meta_model
     else:
         del meta_model
@@ -251,9 +255,9 @@ def input_fit_check(model: nn.Module, model_inputs: Sequence[torch.Tensor]) -> I
     tracker = _ModuleTracker(model)
     try:
         yield
-    except NetdietError:
-        raise
-    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+    except (NetdietError, RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        # an engine may already have turned the forward's error into a generic NetdietError; while a module
+        # is still on the stack we know better which layer it was
         if not tracker.stack:
             raise
         name, mod, shapes = tracker.stack[-1]
@@ -284,7 +288,24 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _module_rows(counts: Any, estimate: Any, depth: int | None) -> list[dict[str, Any]]:
-    activations = getattr(estimate, "module_activations", None) or {}
+    """One row per module (to `depth`). Costs are inclusive of submodules, as the counter reports them;
+    the memory engine attributes each saved activation to the one module that saved it, so its figures are
+    summed over each module's subtree here to be inclusive too (`activation_bytes_self` keeps the own part)."""
+    own = dict(getattr(estimate, "module_activations", None) or {})
+    module_names = {m.name for m in counts.modules if not m.name.startswith("<")}
+    outside = sum(int(n) for name, n in own.items() if name not in module_names)
+    own = {name: n for name, n in own.items() if name in module_names}
+    for m in counts.modules:
+        if m.name.startswith("<"):  # the counter's loss row: what was saved outside the module tree
+            own[m.name] = outside
+    inclusive: dict[str, int] = {}
+    for name, nbytes in own.items():
+        if name.startswith("<"):
+            continue
+        parts = name.split(".") if name else []
+        for i in range(len(parts) + 1):
+            key = ".".join(parts[:i])
+            inclusive[key] = inclusive.get(key, 0) + int(nbytes)
     rows = []
     for m in counts.modules:
         if depth is not None and m.depth > depth:
@@ -294,7 +315,8 @@ def _module_rows(counts: Any, estimate: Any, depth: int | None) -> list[dict[str
             "params": int(m.params), "param_bytes": int(m.param_bytes),
             "macs": int(m.macs), "flops": int(m.flops),
             "backward_macs": int(m.backward_macs), "backward_flops": int(m.backward_flops),
-            "activation_bytes": int(activations[m.name]) if m.name in activations else None,
+            "activation_bytes": inclusive.get(m.name, 0) if not m.name.startswith("<") else int(own.get(m.name, 0)),
+            "activation_bytes_self": int(own.get(m.name, 0)),
             "output_shape": _plain_shape(m.output_shape),
         })
     return rows
@@ -344,17 +366,9 @@ def _operators(counts: Any) -> dict[str, dict[str, Any]]:
 
 
 def _throughput(latency: dict | None) -> tuple[float | None, str | None]:
-    """Training samples per second from the latency result, whichever key its engine used."""
-    if not latency:
-        return None, None
-    for key in ("train_samples_per_second", "train_throughput", "samples_per_second_train"):
-        if latency.get(key):
-            return float(latency[key]), f"latency.{key}"
-    train = latency.get("train") or latency.get("train_step")
-    if isinstance(train, dict):
-        for key in ("samples_per_second", "throughput"):
-            if train.get(key):
-                return float(train[key]), f"latency.train.{key}"
+    """Training samples per second from the measured latency (batch / median training-step time)."""
+    if latency and latency.get("train_throughput_samples_per_s"):
+        return float(latency["train_throughput_samples_per_s"]), "latency.train_throughput_samples_per_s"
     return None, None
 
 
@@ -384,7 +398,21 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     if warmup < 0 or repeats < 1:
         raise NetdietError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
 
-    net, model_info = resolve_model(model, model_kw, allow_meta=not measure, seed=seed)
+    mem_kw = dict(optimizer=optimizer, dtype=dtype_name, amp=amp, checkpointing=checkpointing)
+
+    def before_real(meta_model: nn.Module) -> bool:
+        """Keep a large spec on the meta device; refuse a --measure that would not fit before allocating it."""
+        from netdiet.analysis.memory import check_fits_in_ram, estimate_memory
+        if not measure:
+            return sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
+        x_meta = prepare_inputs(inputs, model if isinstance(model, str) else None, model_kw, batch_size,
+                                torch.device("meta"), seed)
+        with input_fit_check(meta_model, x_meta):
+            first = estimate_memory(meta_model, x_meta, **mem_kw)
+        check_fits_in_ram(int(first.peak_estimated), force)
+        return True
+
+    net, model_info = resolve_model(model, model_kw, seed=seed, before_real=before_real)
     device = _model_device(net)
     if measure and device.type == "meta":
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
@@ -408,7 +436,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         for p in net.parameters():
             p.grad = None
         tick()
-        mem_kw = dict(optimizer=optimizer, dtype=dtype_name, amp=amp, checkpointing=checkpointing)
         with input_fit_check(net, x):
             estimate = estimate_memory(net, x, **mem_kw)
         tick()

@@ -210,8 +210,11 @@ def largest_batch_within(model_factory_or_model: nn.Module | Callable[[], nn.Mod
     at batch 1 (or a list of shapes, or example tensors); `input_dtype` types shapes (default float32; give
     torch.int64 for token ids). Returns (0, estimate at batch 1) when even batch 1 does not fit.
 
-    Method: two real estimates fit fixed + per_sample * batch; the fitted answer is then checked with real
-    estimates and the bracket around it bisected, so the answer is exact for the estimator, not for the line.
+    Method: real estimates at batch 1 and 2 fit fixed + per_sample * batch; each further estimate lands where
+    the line through the last two predicts the budget is reached (a secant step), clamped inside the bracket
+    [largest batch known to fit, smallest known not to]. Memory is nearly linear in the batch, so this takes
+    four to six estimates; the answer is exact for the estimator (peak(b) <= budget < peak(b + 1)), not for
+    the line. Each estimate is a meta-device simulation, so nothing is allocated.
     """
     from netdiet.units import parse_size
     budget = parse_size(budget_bytes)
@@ -231,38 +234,30 @@ def largest_batch_within(model_factory_or_model: nn.Module | Callable[[], nn.Mod
 
     if peak(1) > budget:
         return 0, cache[1]
-    per_sample = peak(2) - peak(1)
-    if per_sample <= 0:
-        guess = MAX_BATCH
-    else:
-        guess = max(1, min(MAX_BATCH, (budget - (peak(1) - per_sample)) // per_sample))
-    # bracket [lo fits, hi does not] around the fitted guess, growing geometrically from it
-    if peak(guess) <= budget:
-        lo, hi = guess, None
-        step = max(1, guess // 8)
-        while hi is None:
-            nxt = min(MAX_BATCH, lo + step)
-            if nxt == lo:  # at the cap: the budget does not limit the batch within MAX_BATCH
-                return lo, cache[lo]
-            if peak(nxt) <= budget:
-                lo, step = nxt, step * 2
-            else:
-                hi = nxt
-    else:
-        hi, lo = guess, None
-        step = max(1, guess // 8)
-        while lo is None:
-            nxt = max(1, hi - step)
-            if peak(nxt) <= budget:
-                lo = nxt
-            else:
-                hi, step = nxt, step * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if peak(mid) <= budget:
-            lo = mid
+    lo, hi = 1, None                    # peak(lo) <= budget < peak(hi)
+    prev, last = 1, 2
+    if peak(2) > budget:
+        return 1, cache[1]
+    lo = 2
+    for step in range(100):
+        if hi is not None and hi - lo <= 1:
+            break
+        if lo >= MAX_BATCH:             # the budget does not limit the batch within MAX_BATCH
+            return lo, cache[lo]
+        slope = (peak(last) - peak(prev)) / (last - prev)
+        if slope > 0:
+            guess = int(last + (budget - peak(last)) // slope)
         else:
-            hi = mid
+            guess = lo * 2
+        upper = (hi - 1) if hi is not None else MAX_BATCH
+        guess = max(lo + 1, min(upper, guess))
+        if guess in cache or step >= 8:  # the secant stalled or crawls: halve the bracket (or double) instead
+            guess = (lo + hi) // 2 if hi is not None else min(MAX_BATCH, lo * 2)
+        if peak(guess) <= budget:
+            lo = guess
+        else:
+            hi = guess
+        prev, last = last, guess
     return lo, cache[lo]
 
 

@@ -7,6 +7,7 @@ from rich import box
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from netdiet.units import format_bytes, format_count
@@ -24,7 +25,7 @@ def _shape(shape: Any) -> str:
 
 def _table(title: str) -> Table:
     # compact: the module table must stay readable in an 80-column terminal
-    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1), title_justify="left")
 
 
 def _pct(part: float | None, whole: float | None) -> str:
@@ -44,19 +45,21 @@ def header(doc: dict) -> str:
 
 def module_table(doc: dict, depth: int | None = None) -> Table:
     """The module tree as an indented table: params, forward MACs/FLOPs, backward FLOPs, saved activations."""
-    t = _table("modules (forward MACs/FLOPs; backward FLOPs; activations saved for backward)")
-    for col, just in (("module", "left"), ("type", "left"), ("params", "right"), ("MACs", "right"), ("FLOPs", "right"),
-                      ("%", "right"), ("bwd FLOPs", "right"), ("saved", "right"), ("output", "left")):
-        t.add_column(col, justify=just, no_wrap=(col not in ("output", "type")), overflow="fold")
-    total = doc["totals"]["flops"]
+    t = _table("modules: forward MACs/FLOPs, backward FLOPs, activations saved for backward (inclusive)")
+    t.add_column("module (type)", overflow="ellipsis", max_width=34)
+    for col in ("params", "MACs", "FLOPs", "bwd FLOPs", "saved"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("output", overflow="fold", min_width=11)
     for row in doc["modules"]:
         if depth is not None and row["depth"] > depth:
             continue
         indent = "  " * row["depth"]
         name = row["name"] or "(model)"
         short = name.rsplit(".", 1)[-1] if row["depth"] > 1 else name
-        t.add_row(escape(indent + short), escape(row["type"]), format_count(row["params"]), format_count(row["macs"]),
-                  format_count(row["flops"]), _pct(row["flops"], total), format_count(row["backward_flops"]),
+        cell = Text(indent + short, no_wrap=True, overflow="ellipsis")
+        cell.append(" " + row["type"], style="dim")
+        t.add_row(cell, format_count(row["params"]),
+                  format_count(row["macs"]), format_count(row["flops"]), format_count(row["backward_flops"]),
                   format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
                   escape(_shape(row["output_shape"])))
     return t
@@ -155,50 +158,50 @@ def latency_table(doc: dict) -> Table | None:
     lat = doc.get("latency")
     if not lat:
         return None
-    t = _table(f"latency (threads {lat.get('threads', doc['environment'].get('threads'))}; noisy on a shared machine)")
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    for key, value in _flatten(lat):
-        if key in ("threads",):
-            continue
-        if isinstance(value, float):
-            shown = f"{value * 1e3:.3f} ms" if ("seconds" in key or key.endswith("_s")) else f"{value:.4g}"
-        else:
-            shown = escape(str(value))
-        t.add_row(escape(key), shown)
+    t = _table(f"latency (batch {lat.get('batch_size')}, {lat.get('threads')} threads, median of {lat.get('repeats')} "
+               f"after {lat.get('warmup')} warm-up; noisy on a shared machine)")
+    t.add_column("step")
+    for col in ("median", "p95", "samples/s"):
+        t.add_column(col, justify="right")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} ms"
+
+    def rate(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.1f}"
+
+    t.add_row("forward (eval, no grad)", ms(lat.get("forward_ms_median")), ms(lat.get("forward_ms_p95")),
+              rate(lat.get("throughput_samples_per_s")))
+    if lat.get("train_step_ms_median") is not None:
+        t.add_row(f"training step ({lat.get('optimizer')})", ms(lat.get("train_step_ms_median")),
+                  ms(lat.get("train_step_ms_p95")), rate(lat.get("train_throughput_samples_per_s")))
     return t
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        elif isinstance(v, list):
-            continue
-        else:
-            out.append((key, v))
-    return out
+STORAGE_ROWS = 20
 
 
 def storage_table(doc: dict) -> Table | None:
+    """Weight tensors (2-D and up) with their sparsity and bytes in each layout; biases and norms only in the total."""
     st = doc.get("storage")
     if not st:
         return None
-    layers = st.get("layers") or st.get("parameters") or []
-    t = _table("weight storage: dense vs sparse")
-    t.add_column("parameter")
-    for col in ("numel", "sparsity", "dense", "CSR", "bitmask"):
-        t.add_column(col, justify="right")
-    for row in layers:
-        t.add_row(escape(str(row.get("name"))), format_count(row.get("numel")), f"{row.get('sparsity', 0):.1%}",
-                  format_bytes(row.get("dense_bytes")), format_bytes(row.get("csr_bytes")), format_bytes(row.get("bitmask_bytes")))
-    total = st.get("total") or st
-    if any(k in total for k in ("dense_bytes", "csr_bytes")):
-        sp = total.get("sparsity")
-        t.add_row("[bold]total[/bold]", format_count(total.get("numel")), f"{sp:.1%}" if sp is not None else "",
-                  format_bytes(total.get("dense_bytes")), format_bytes(total.get("csr_bytes")), format_bytes(total.get("bitmask_bytes")))
+    rows = [r for r in st.get("parameters", []) if len(r.get("shape") or []) >= 2]
+    t = _table("weight storage: dense vs sparse layouts")
+    t.add_column("parameter", overflow="ellipsis")
+    for col in ("numel", "sparsity", "dense", "CSR", "bitmask", "best"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for row in rows[:STORAGE_ROWS]:
+        t.add_row(escape(str(row["name"])), format_count(row["numel"]), f"{row['sparsity']:.1%}",
+                  format_bytes(row["dense_bytes"]), format_bytes(row["csr_bytes"]), format_bytes(row["bitmask_bytes"]),
+                  row.get("best", ""))
+    if len(rows) > STORAGE_ROWS:
+        t.add_row(f"[dim]... {len(rows) - STORAGE_ROWS} more weight tensors in --json[/dim]", "", "", "", "", "", "")
+    tot = st.get("totals")
+    if tot:
+        t.add_row("[bold]all parameters[/bold]", format_count(tot["numel"]), f"{tot['sparsity']:.1%}",
+                  format_bytes(tot["dense_bytes"]), format_bytes(tot["csr_bytes"]), format_bytes(tot["bitmask_bytes"]),
+                  f"{format_bytes(tot['best_bytes'])}")
     return t
 
 
