@@ -144,13 +144,13 @@ def test_target_macs_reaches_the_target_by_choosing_the_ratio():
 
 
 def test_iterative_pruning_finetunes_between_steps(mnist5k):
-    data = SimpleNamespace(x_train=mnist5k.x_train[:256], y_train=mnist5k.y_train[:256])
+    data = SimpleNamespace(x_train=mnist5k.x_train[:128], y_train=mnist5k.y_train[:128])
     torch.manual_seed(0)
     model = create_model("cnn")
     tech = create_technique("structured", ratio=0.5, iterative_steps=2)
     tech.apply(model, CompressionState(), StageContext(data=data, finetune=TrainConfig(epochs=1, batch_size=64, progress=False)))
     steps = tech.report()["steps"]
-    assert len(steps) == 2 and all(s["finetune"]["steps"] == 4 for s in steps)
+    assert len(steps) == 2 and all(s["finetune"]["steps"] == 2 for s in steps)
     assert steps[0]["macs"] > steps[1]["macs"] == 1_031_744
 
 
