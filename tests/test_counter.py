@@ -296,3 +296,22 @@ def test_activation_checkpointing_recompute_is_counted_in_backward(reentrant, re
     assert ckpt.backward_flops == plain.backward_flops + recomputed
     assert ckpt.module("1").backward_flops == plain.module("1").backward_flops + recomputed
     assert ckpt.module("<loss>").backward_flops == 0
+
+
+def test_parameter_free_model_trains_to_zero_backward_with_a_note():
+    c = count_ops(nn.AvgPool2d(2), torch.randn(1, 2, 4, 4), train=True)
+    assert c.flops == 2 * 4 * 4 and c.backward_flops == 0 and c.optimizer_flops == 0
+    assert any("nothing to back-propagate" in n for n in c.notes)
+
+
+def test_a_formula_that_fails_on_a_call_reports_the_op_as_uncounted(monkeypatch):
+    from netdiet.analysis import ops
+
+    formula = ops.lookup(torch.ops.aten.relu.default)
+    broken = ops.Formula(lambda call: 1 / 0, formula.unit, formula.ops, formula.macs, formula.flops, formula.note,
+                         formula.moves_data)
+    monkeypatch.setitem(ops._BY_PACKET, torch.ops.aten.relu, broken)
+    c = count_ops(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), torch.randn(2, 3))
+    assert c.uncounted == {"aten.relu": 1}
+    assert c.flops == 2 * 18 + 6
+    assert any("aten.relu" in n and "ZeroDivisionError" in n for n in c.notes)

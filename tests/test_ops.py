@@ -161,3 +161,13 @@ def test_a_flops_unit_formula_returning_macs_is_rejected():
     finally:
         ops._BY_PACKET.pop(op, None)
         ops._FORMULAS.pop()
+
+
+def test_less_common_activations_and_their_backward_have_formulas():
+    x = torch.randn(6, requires_grad=True)
+    with _Sum() as s:
+        y = F.mish(F.hardswish(F.softplus(x)))
+        y.sum().backward()
+    assert not s.missing, s.missing
+    # forward: softplus 4 + hardswish 4 + mish 6 per element, sum 5; backward: mish' 15, hardswish' 4, softplus' 5
+    assert s.cost.flops == 6 * (4 + 4 + 6) + 5 + 6 * (15 + 4 + 5)

@@ -178,6 +178,7 @@ class _Counter:
         self.outside = ""           # owner of ops outside any module: the root during forward, LOSS after
         self.node_owner: dict[Any, str] = {}
         self.output_shapes: dict[str, list | None] = {}
+        self.formula_errors: dict[str, str] = {}
         self.handles: list = []
         for mod in model.modules():
             self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -244,8 +245,13 @@ class _Counter:
         backward = owner is not None
         if not backward:
             owner = self.stack[-1] if self.stack else self.outside
-        cost = op_cost(func, args, kwargs, out)
-        self.tally.add(owner, str(func.overloadpacket), cost, backward)
+        op = str(func.overloadpacket)
+        try:
+            cost = op_cost(func, args, kwargs, out)
+        except Exception as exc:  # a formula that cannot read this call: report it, never guess
+            cost = None
+            self.formula_errors.setdefault(op, f"{type(exc).__name__}: {exc}")
+        self.tally.add(owner, op, cost, backward)
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -256,12 +262,12 @@ def _as_tuple(inputs: Any) -> tuple:
     raise NetdietError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
 
 
-def _loss_of(output: Any, loss: str) -> torch.Tensor:
+def _loss_of(output: Any, loss: str) -> torch.Tensor | None:
+    """The scalar loss over all floating outputs that need a gradient; None when none does (nothing to train)."""
     leaves, _ = tree_flatten(output)
     floats = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
     if not floats:
-        raise NetdietError("the model returned no floating-point output that depends on its parameters; "
-                           "train=True needs one to back-propagate from")
+        return None
     parts = [t.float().mean() if loss == "mean" else t.float().sum() for t in floats]
     total = parts[0]
     for p in parts[1:]:
@@ -308,7 +314,10 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                             output = model(*args)
                             counter.outside = LOSS
                             total = _loss_of(output, loss)
-                            if trainable:
+                            if total is None:
+                                notes.append("no output depends on a trainable parameter: nothing to back-propagate, "
+                                             "backward counts are 0")
+                            elif trainable:
                                 # .backward (not autograd.grad) so reentrant checkpointing works too; the
                                 # caller's .grad values are put back below
                                 saved_grads = {p: p.grad for p in model.parameters()}
@@ -366,6 +375,8 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     if counter.tally.uncounted:
         notes.append(f"{sum(counter.tally.uncounted.values())} calls of {len(counter.tally.uncounted)} operators have "
                      "no formula and are not in the totals: see 'uncounted'")
+    for op, err in counter.formula_errors.items():
+        notes.append(f"{op}: the formula could not read this call ({err}); counted as uncounted")
     if not train:
         notes.append("inference count: backward, optimizer and train_flops are 0; count with train=True for a step")
     return OpCounts(

@@ -210,7 +210,8 @@ def _bmm(call: OpCall) -> OpCost:
     return OpCost(macs=b * m * k * n, flops=2 * b * m * k * n)
 
 
-@register_formula([aten.baddbmm], unit="macs", macs="b·m·k·n", flops="2·b·m·k·n + b·m·n", note="bmm plus an added tensor")
+@register_formula([aten.baddbmm], unit="macs", macs="b·m·k·n", flops="2·b·m·k·n + b·m·n",
+                  note="bmm plus an added tensor")
 def _baddbmm(call: OpCall) -> OpCost:
     b, m, k = call.shape("batch1", 1)
     n = call.shape("batch2", 2)[2]
@@ -427,8 +428,12 @@ _pointwise(2, [aten.leaky_relu, aten.leaky_relu_, aten.leaky_relu_backward, aten
 _pointwise(3, [aten.tanh_backward, aten.sigmoid_backward, aten.hardsigmoid, aten.hardsigmoid_],
            "3 per element", "tanh': g·(1 − y²); σ': g·y·(1 − y); hardsigmoid: add, divide, clamp")
 _pointwise(4, [aten.sigmoid, aten.sigmoid_, aten.elu, aten.elu_, aten.hardswish, aten.hardswish_, aten.softplus],
-           "4 per element", "σ(x) = 1/(1 + exp(−x)): neg, exp, add, divide")
-_pointwise(5, [aten.silu, aten.silu_], "5 per element", "x·σ(x)")
+           "4 per element", "σ(x) = 1/(1 + exp(−x)): neg, exp, add, divide; softplus: threshold, exp, add, log")
+_pointwise(5, [aten.silu, aten.silu_, aten.softplus_backward], "5 per element",
+           "silu: x·σ(x); softplus': g·σ(βx)")
+_pointwise(4, [aten.hardswish_backward], "4 per element", "compare, (2x + 3)/6 (3 ops) times g")
+_pointwise(6, [aten.mish, aten.mish_], "6 per element", "x·tanh(softplus(x)): softplus 4, tanh 1, multiply 1")
+_pointwise(15, [aten.mish_backward], "15 per element", "softplus 4, tanh 1, σ 4, g·(t + x·σ·(1 − t²)) 6")
 _pointwise(9, [aten.silu_backward], "9 per element", "s = σ(x) (4), g·s·(1 + x·(1 − s)) (5)")
 
 
@@ -463,13 +468,15 @@ def _mean(call: OpCall) -> OpCost:
     return OpCost(flops=call.in_numel(0))
 
 
-@register_formula([aten.amax, aten.amin, aten.max, aten.min, aten.argmax, aten.argmin, aten.prod, aten.any, aten.all,
-                   aten.cumsum],
+@register_formula([aten.amax, aten.amin, aten.max, aten.min, aten.argmax, aten.argmin, aten.prod, aten.any, aten.all],
                   unit="flops", flops="numel(in) − numel(out)", note="n − 1 compares (or products) per output")
 def _reduce_compare(call: OpCall) -> OpCost:
     if call.func.overloadpacket in (aten.max, aten.min) and isinstance(call.arg("other", None), torch.Tensor):
         return OpCost(flops=call.out_numel())
-    return OpCost(flops=max(call.in_numel(0) - call.out_numel(), call.in_numel(0) if call.func.overloadpacket is aten.cumsum else 0))
+    return OpCost(flops=max(call.in_numel(0) - call.out_numel(), 0))
+
+
+_pointwise(1, [aten.cumsum, aten.cumsum_], "1 per element", "running sum: one add per element")
 
 
 @register_formula([aten.var, aten.std, aten.var_mean, aten.std_mean], unit="flops", flops="4 per input element",
@@ -694,7 +701,8 @@ _VIEWS = [aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.
           aten.chunk, aten.unbind, aten.as_strided, aten.detach, aten.alias, aten.unflatten, aten.flatten, aten.narrow,
           aten.diagonal, aten.lift_fresh, aten.view_as, aten.expand_as, aten.unfold, aten.numpy_T, aten.t_,
           aten.transpose_, aten.squeeze_, aten.unsqueeze_, aten.view_as_real, aten.view_as_complex, aten.movedim,
-          aten.resolve_conj, aten.resolve_neg, aten.unsafe_split, aten.unsafe_chunk, aten.unsafe_split_with_sizes, aten._local_scalar_dense, aten.sym_size, aten.sym_stride,
+          aten.resolve_conj, aten.resolve_neg, aten.unsafe_split, aten.unsafe_chunk, aten.unsafe_split_with_sizes,
+          aten._local_scalar_dense, aten.sym_size, aten.sym_stride,
           aten.sym_numel, aten.is_same_size, aten.set_]
 
 
