@@ -38,6 +38,11 @@ from netdiet.errors import NetdietError
 
 MODES = ("int8-weight", "int4-weight", "dynamic", "static", "qat", "fp16", "bf16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+class _SkipDynamo(Exception):
+    pass
 _DEFAULT_BITS = {"int8-weight": 8, "int4-weight": 4, "dynamic": 8, "static": 8, "qat": 8}
 
 
@@ -109,14 +114,22 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor):
-    """The model as an onnx.ModelProto with a dynamic batch dimension (in memory, nothing written)."""
+def export_onnx(model: nn.Module, example: torch.Tensor, exporter: str = "auto"):
+    """The model as an onnx.ModelProto with a dynamic batch dimension (in memory, nothing written).
+
+    exporter: "dynamo" (torch.export-based, torch's default since 2.9), "torchscript" (the legacy exporter: far
+    quicker to run, deprecated by torch) or "auto" (dynamo, then torchscript if dynamo fails).
+    """
     import onnx
 
+    if exporter not in EXPORTERS:
+        raise NetdietError(f"unknown ONNX exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
     model = model.eval()
     errors = []
     with _quiet():
         try:
+            if exporter == "torchscript":
+                raise _SkipDynamo
             prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False,
                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
             proto = prog.model_proto
@@ -124,8 +137,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor):
             # onnxruntime.quantization runs; shapes are re-inferred from the graph anyway
             del proto.graph.value_info[:]
             return proto
+        except _SkipDynamo:
+            pass
         except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter below
             errors.append(f"torch.export-based exporter: {type(exc).__name__}: {str(exc)[:200]}")
+        if exporter == "dynamo":
+            raise NetdietError(f"cannot export the model to ONNX ({errors[0]}); try exporter torchscript or mode int8-weight")
         try:
             buf = io.BytesIO()
             torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"], output_names=["output"],
@@ -236,6 +253,7 @@ class Quantize(Technique):
         "calibration_samples": 256,   # static: training images used for activation ranges
         "calibration_method": "minmax",
         "include_embeddings": True,
+        "exporter": "auto",           # ONNX exporter for dynamic/static: auto | dynamo | torchscript
     }
 
     def validate(self) -> None:
@@ -253,6 +271,8 @@ class Quantize(Technique):
         n = o["calibration_samples"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise NetdietError(f"quantize option calibration_samples={n!r} must be a positive integer, e.g. 256")
+        if o["exporter"] not in EXPORTERS:
+            raise NetdietError(f"quantize option exporter={o['exporter']!r} is unknown; choose one of: {', '.join(EXPORTERS)}")
         if o["calibration_method"] not in CALIBRATION_METHODS:
             raise NetdietError(f"quantize option calibration_method={o['calibration_method']!r} is unknown; "
                                f"choose one of: {', '.join(CALIBRATION_METHODS)}")
@@ -356,15 +376,15 @@ class Quantize(Technique):
     # -- ONNX Runtime int8 (dynamic / static)
     def _onnx(self, model: nn.Module, state: CompressionState, ctx: StageContext) -> dict:
         mode = self.options["mode"]
-        example = self._example(model, state, ctx)
         calibration = None
         if mode == "static":
             if ctx.data is None:
                 raise NetdietError("quantize mode static needs calibration data; pass --data (or use mode dynamic)")
             x = ctx.data.x_train[: self.options["calibration_samples"]]
             calibration = [x[i:i + 32] for i in range(0, len(x), 32)]
+        example = self._example(model, state, ctx)
         model.eval()
-        proto = export_onnx(model, example)
+        proto = export_onnx(model, example, self.options["exporter"])
         int8 = _ort_quantize(proto, mode, calibration, self.options["calibration_method"])
         encodings, fill = harvest_onnx_weights(model, int8)
         if not encodings:

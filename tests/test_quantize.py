@@ -1,0 +1,184 @@
+"""quantize: the b-bit grids worked out by hand, ONNX Runtime int8 checked against the ONNX file itself."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from netdiet.compress.base import CompressionState, StageContext, create_technique
+from netdiet.compress.quantize import _FakeQuant, ort_predict, ort_session, quantize_tensor
+from netdiet.errors import NetdietError
+from netdiet.models import create_model
+from netdiet.train import TrainConfig, evaluate_accuracy, fit
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(mnist5k):
+    torch.manual_seed(0)
+    model = create_model("mlp", widths=[64])
+    fit(model, mnist5k.x_train, mnist5k.y_train, TrainConfig(epochs=1, batch_size=64, lr=2e-3, progress=False))
+    return model
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    out = create_model("mlp", widths=[64])
+    out.load_state_dict(model.state_dict())
+    return out
+
+
+def test_int8_weight_codes_are_per_channel_symmetric_as_worked_by_hand():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.1, 0.2, -0.4, 0.0]]))
+    model = nn.Sequential(lin)
+    state = CompressionState()
+    create_technique("quantize", mode="int8-weight").apply(model, state, StageContext())
+    enc = state.encodings["0.weight"]
+    # row 0: scale 1/127, w*127 = [127, -63.5, 31.75, 0] -> round half to even -> [127, -64, 32, 0]
+    # row 1: scale 0.4/127, w/scale = [31.75, 63.5, -127, 0] -> [32, 64, -127, 0]
+    assert enc.q.tolist() == [[127, -64, 32, 0], [32, 64, -127, 0]]
+    assert torch.allclose(enc.scale, torch.tensor([1 / 127, 0.4 / 127]))
+    assert enc.bits == 8 and enc.zero_point is None
+    # the model computes with exactly the stored values
+    assert torch.equal(lin.weight.data, enc.dequantize())
+
+
+def test_int4_weight_codes_stay_within_seven_levels_and_half_a_step_of_the_weight():
+    torch.manual_seed(1)
+    w = torch.randn(16, 32)
+    q, scale, zp = quantize_tensor(w, 4)
+    assert zp is None and q.dtype == torch.int8
+    assert int(q.abs().max()) == 7  # each row's largest |w| lands exactly on +-7
+    assert torch.allclose(scale, w.abs().amax(1) / 7)
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6)
+
+
+def test_one_bit_codes_are_signs_scaled_by_mean_magnitude():
+    w = torch.tensor([[0.5, -1.5, 1.0, -1.0]])
+    q, scale, zp = quantize_tensor(w, 1)
+    assert q.tolist() == [[1, 0, 1, 0]]
+    # value = (q - 0.5) * 2 * mean|w| = +-1.0
+    value = (q.float() - zp[:, None]) * scale[:, None]
+    assert value.tolist() == [[1.0, -1.0, 1.0, -1.0]]
+
+
+@pytest.mark.parametrize("options, word", [({"bits": 0}, "bits"), ({"bits": 9}, "bits"), ({"bits": 3.5}, "bits"),
+                                            ({"mode": "int3"}, "mode"), ({"mode": "dynamic", "bits": 4}, "bits"),
+                                            ({"calibration_method": "mse"}, "calibration_method")])
+def test_bad_options_raise_one_line_error_naming_the_option(options, word):
+    with pytest.raises(NetdietError) as err:
+        create_technique("quantize", **options)
+    assert word in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quantize_keeps_pruned_weights_zero(trained_mlp):
+    model = _copy(trained_mlp)
+    w = model[1].weight
+    keep = w.abs() > w.abs().median()
+    with torch.no_grad():
+        w.mul_(keep)
+    state = CompressionState(masks={"1.weight": keep})
+    create_technique("quantize", mode="int4-weight").apply(model, state, StageContext())
+    assert torch.all(model[1].weight[~keep] == 0)
+    assert int((model[1].weight != 0).sum()) <= int(keep.sum())
+
+
+def test_fp16_and_bf16_round_every_parameter_to_a_representable_value(trained_mlp):
+    for mode, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        model = _copy(trained_mlp)
+        state = CompressionState()
+        create_technique("quantize", mode=mode).apply(model, state, StageContext())
+        for name, p in model.named_parameters():
+            assert torch.equal(p.to(dtype).float(), p), name
+            assert state.encodings[name].kind == "dense" and state.encodings[name].dtype == str(dtype).split(".")[1]
+        # round to nearest: bf16 keeps 8 significant bits (relative error <= 2^-8), fp16 11 bits (<= 2^-11) down to
+        # its subnormals, whose spacing is 2^-24 (absolute error <= 2^-25)
+        diff = (model[1].weight - trained_mlp[1].weight).abs()
+        rel = trained_mlp[1].weight.abs() * (2 ** -8 if mode == "bf16" else 2 ** -11)
+        bound = rel if mode == "bf16" else torch.clamp(rel, min=2 ** -25)
+        assert torch.all(diff <= bound)
+
+
+def test_fake_quant_forward_is_on_the_grid_and_gradient_is_straight_through():
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, requires_grad=True)
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[0, 0] = False
+    fq = _FakeQuant(2, keep)
+    out = fq(w)
+    q, scale, _ = quantize_tensor(w, 2, keep=keep)
+    assert torch.allclose(out, q.float() * scale[:, None] * keep)
+    assert set(torch.unique(torch.round(out / scale[:, None])).tolist()) <= {-1.0, 0.0, 1.0}
+    out.sum().backward()
+    expected = keep.float()  # identity gradient, none for the pruned weight
+    assert torch.equal(w.grad, expected)
+
+
+def test_two_bit_qat_recovers_accuracy_that_two_bit_ptq_loses(trained_mlp, mnist5k):
+    ptq = _copy(trained_mlp)
+    create_technique("quantize", mode="int8-weight", bits=2).apply(ptq, CompressionState(), StageContext())
+    qat = _copy(trained_mlp)
+    state = CompressionState()
+    half = dataclasses.replace(mnist5k, x_train=mnist5k.x_train[:2000], y_train=mnist5k.y_train[:2000])
+    ctx = StageContext(data=half, finetune=TrainConfig(epochs=1, batch_size=64, lr=1e-3, progress=False), seed=0)
+    create_technique("quantize", mode="qat", bits=2).apply(qat, state, ctx)
+    acc_ptq = evaluate_accuracy(ptq, mnist5k.x_test, mnist5k.y_test)
+    acc_qat = evaluate_accuracy(qat, mnist5k.x_test, mnist5k.y_test)
+    assert acc_qat > acc_ptq
+    enc = state.encodings["1.weight"]
+    assert enc.bits == 2 and int(enc.q.abs().max()) <= 1
+    assert torch.equal(qat[1].weight.data, enc.dequantize())  # what is stored is what was evaluated
+    assert not any("parametrizations" in n for n, _ in qat.named_parameters())
+
+
+def test_dynamic_int8_runs_on_onnxruntime_with_the_codes_stored_in_the_encodings(trained_mlp, mnist5k):
+    import onnx
+    from onnx import numpy_helper
+
+    model = _copy(trained_mlp)
+    acc_fp32 = evaluate_accuracy(model, mnist5k.x_test, mnist5k.y_test)
+    state = CompressionState()
+    create_technique("quantize", mode="dynamic").apply(model, state, StageContext(data=mnist5k))
+    art = state.artifacts["onnx_int8"]
+    assert "MatMulInteger" in art["ops"] and art["mode"] == "dynamic"
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(art["model"]).graph.initializer}
+    for name in ("1.weight", "3.weight"):
+        codes = inits[f"{name}_quantized"]
+        assert codes.dtype == np.int8
+        enc = state.encodings[name]
+        stored = enc.q.numpy()
+        assert np.array_equal(codes, stored) or np.array_equal(codes.T, stored)
+        assert np.allclose(inits[f"{name}_scale"].reshape(-1), enc.scale.numpy())
+    session = ort_session(art["model"])
+    pred_ort = ort_predict(session, mnist5k.x_test).argmax(1)
+    pred_pt = model(mnist5k.x_test).argmax(1)
+    assert (pred_ort == pred_pt).float().mean() >= 0.98
+    assert (pred_ort == mnist5k.y_test).float().mean() >= acc_fp32 - 0.01
+
+
+def test_static_int8_calibrates_the_input_scale_from_the_data_range(trained_mlp, mnist5k):
+    import onnx
+    from onnx import numpy_helper
+
+    model = _copy(trained_mlp)
+    state = CompressionState()
+    create_technique("quantize", mode="static", calibration_samples=128, exporter="torchscript").apply(
+        model, state, StageContext(data=mnist5k))
+    proto = onnx.load_from_string(state.artifacts["onnx_int8"]["model"])
+    first_q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scale, zp = float(inits[first_q.input[1]]), int(inits[first_q.input[2]])
+    lo, hi = float(mnist5k.x_train[:128].min()), float(mnist5k.x_train[:128].max())
+    assert (lo, hi) == (0.0, 1.0)
+    # uint8 min-max calibration of pixels in [0, 1]: scale (1 - 0) / 255, zero point 0
+    assert scale == pytest.approx(1 / 255, rel=1e-6) and zp == 0
+    acc = (ort_predict(ort_session(proto.SerializeToString()), mnist5k.x_test).argmax(1) == mnist5k.y_test).float().mean()
+    assert acc >= evaluate_accuracy(trained_mlp, mnist5k.x_test, mnist5k.y_test) - 0.01
+
+
+def test_static_without_calibration_data_is_bad_input(trained_mlp):
+    with pytest.raises(NetdietError, match="calibration"):
+        create_technique("quantize", mode="static").apply(_copy(trained_mlp), CompressionState(), StageContext())
