@@ -315,3 +315,10 @@ def test_a_formula_that_fails_on_a_call_reports_the_op_as_uncounted(monkeypatch)
     assert c.uncounted == {"aten.relu": 1}
     assert c.flops == 2 * 18 + 6
     assert any("aten.relu" in n and "ZeroDivisionError" in n for n in c.notes)
+
+
+def test_batch_norm_is_seven_flops_per_element_in_training_and_two_in_eval():
+    # training: stats + normalise 5, affine 2; eval: folded x·a + b. The num_batches_tracked += 1 is integer work.
+    bn, x = nn.BatchNorm2d(3), torch.randn(2, 3, 4, 4)
+    assert count_ops(bn, x).flops == 2 * 96
+    assert count_ops(bn, x, train=True).module("").flops == 7 * 96

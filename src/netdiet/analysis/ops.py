@@ -11,6 +11,7 @@ is adding one function here:
 Conventions (the README's formula table is generated from these registrations by `formula_table()`):
 - `macs` exists only for multiply-accumulate ops (matmul, linear, conv, bmm, einsum, attention, recurrent cells).
 - `flops` = 2 per MAC + every other floating-point op. Transcendentals (exp, log, erf, tanh, sqrt) count 1.
+  Pointwise work on integer/bool tensors only (counters, index maths) is not floating-point: 0.
   Selection and data movement (where, masked_fill, cat, copies, views, embedding lookup) count 0 FLOPs.
 - `bytes_read` / `bytes_written`: unless a formula sets them, the counter fills them with the bytes of the
   tensor arguments / outputs; operators registered with `moves_data=False` (views) move no bytes.
@@ -156,10 +157,17 @@ def op_cost(func: Any, args: tuple, kwargs: dict | None, out: Any) -> OpCost | N
         raise AssertionError(f"formula for {func} declares unit {formula.unit!r} but returned MACs")
     if formula.unit == "bytes" and cost.flops:
         raise AssertionError(f"formula for {func} declares unit 'bytes' but returned FLOPs")
+    if formula.unit == "flops" and cost.flops and not _any_floating(args, kwargs, out):
+        cost.flops = 0  # integer/bool arithmetic (step counters, index maths) is not floating-point work
     if formula.moves_data and not (cost.bytes_read or cost.bytes_written):
         cost.bytes_read = sum(_nbytes(t) for t in _flatten(list(args) + list((kwargs or {}).values())))
         cost.bytes_written = sum(_nbytes(t) for t in _flatten(out))
     return cost
+
+
+def _any_floating(args: tuple, kwargs: dict | None, out: Any) -> bool:
+    items = _flatten(list(args) + list((kwargs or {}).values())) + _flatten(out)
+    return any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in items)
 
 
 def _nbytes(t: Any) -> int:
@@ -500,15 +508,16 @@ def _affine_terms(weight: Any, bias: Any) -> int:
     return int(isinstance(weight, torch.Tensor)) + int(isinstance(bias, torch.Tensor))
 
 
-@register_formula([aten.native_layer_norm, aten.native_group_norm, aten._native_batch_norm_legit_functional],
+@register_formula([aten.native_layer_norm, aten.native_group_norm],
                   unit="flops", flops="5 per element + 1 per element for each of weight, bias",
                   note="mean (add), subtract, square, variance (add), multiply by rsqrt; affine multiply + add")
 def _norm_forward(call: OpCall) -> OpCost:
     n = call.in_numel(0)
-    return OpCost(flops=n * (_NORM_FWD + _affine_terms(call.arg("weight", None, 1), call.arg("bias", None, 2))))
+    return OpCost(flops=n * (_NORM_FWD + _affine_terms(call.arg("weight"), call.arg("bias"))))
 
 
-@register_formula([aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training],
+@register_formula([aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training,
+                   aten._native_batch_norm_legit_functional],
                   unit="flops", flops="training: as layer norm (5 + affine); eval: 2 per element",
                   note="eval folds running stats and affine into x·a + b per channel")
 def _batch_norm(call: OpCall) -> OpCost:
@@ -516,7 +525,7 @@ def _batch_norm(call: OpCall) -> OpCost:
     training = bool(call.arg("training", False)) and call.func.overloadpacket is not aten._native_batch_norm_legit_no_training
     if not training:
         return OpCost(flops=2 * n)
-    return OpCost(flops=n * (_NORM_FWD + _affine_terms(call.arg("weight", None, 1), call.arg("bias", None, 2))))
+    return OpCost(flops=n * (_NORM_FWD + _affine_terms(call.arg("weight"), call.arg("bias"))))
 
 
 @register_formula([aten.native_layer_norm_backward, aten.native_batch_norm_backward, aten.native_group_norm_backward],
