@@ -1,6 +1,7 @@
 """Terminal tables for `netdiet compress`: one row per stage, the baseline first. Renders; computes nothing."""
 from __future__ import annotations
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -22,9 +23,9 @@ def _ms(v: dict | float | None) -> str:
     """A {pytorch, onnxruntime} latency dict shows the runtime that deploys the file (ORT when it was measured)."""
     if isinstance(v, dict):
         if v.get("onnxruntime") is not None:
-            return f"{v['onnxruntime']:.3f} ort"
+            return f"{v['onnxruntime']:.2f} ort"
         v = v.get("pytorch")
-    return "-" if v is None else f"{v:.3f}"
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _ratio(v: float | None) -> str:
@@ -35,23 +36,22 @@ def compress_table(doc: dict) -> Table:
     """`doc` is CompressResult.to_dict() (schema netdiet.compress/1)."""
     model = doc["model"]["spec"]
     recipe = doc["recipe"].get("name", "")
-    t = Table(title=f"netdiet compress: {escape(model)} with recipe {escape(recipe)} on {escape(str(doc.get('data', '')))}",
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True, title=f"netdiet compress: {escape(model)} with recipe {escape(recipe)} on {escape(str(doc.get('data', '')))}",
               caption=f"bytes = archive on disk; ratio = dense fp32 safetensors bytes / bytes; ms = median latency of one forward pass, batch "
                       f"{doc.get('latency_batch', '-')} (noisy on a shared CPU); * = Pareto set (accuracy up, bytes down)")
     for col, justify in (("stage", "left"), ("acc %", "right"), ("Δ pt", "right"),
                          ("bytes", "right"), ("ratio", "right"), ("params", "right"), ("nonzero", "right"),
-                         ("MACs", "right"), ("ms", "right"), ("", "left")):
-        t.add_column(col, justify=justify, style="bold" if col == "stage" else None)
+                         ("MACs", "right"), ("ms", "right")):
+        t.add_column(col, justify=justify, style="bold" if col == "stage" else None, no_wrap=True)
     pareto = set(doc.get("pareto", []))
     base = doc["baseline"]
-    t.add_row("baseline", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
+    t.add_row("baseline *" if "baseline" in pareto else "baseline", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
               format_count(base["params"]), format_count(base["nonzero_params"]), format_count(base["macs"]),
-              _ms(base["latency_ms"]), "*" if "baseline" in pareto else "")
+              _ms(base["latency_ms"]))
     for s in doc["stages"]:
-        t.add_row(escape(s["name"]), _acc(s["accuracy"]), _delta(s["accuracy"], base["accuracy"]),
+        t.add_row(escape(s["name"]) + (" *" if s["name"] in pareto else ""), _acc(s["accuracy"]), _delta(s["accuracy"], base["accuracy"]),
                   format_bytes(s["bytes_on_disk"]), _ratio(s["ratio"]), format_count(s["params"]),
-                  format_count(s["nonzero_params"]), format_count(s["macs"]), _ms(s["latency_ms"]),
-                  "*" if s["name"] in pareto else "")
+                  format_count(s["nonzero_params"]), format_count(s["macs"]), _ms(s["latency_ms"]))
     return t
 
 
