@@ -330,8 +330,9 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                     meta_mode.__exit__(None, None, None)
     except NetdietError:
         raise
-    except RuntimeError as exc:
-        raise NetdietError(f"running the model on the given inputs failed: {str(exc).splitlines()[0]}; "
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise NetdietError(f"running the model on the given inputs failed: {type(exc).__name__}: {first}; "
                            "check the input shape and dtype") from None
     finally:
         counter.close()
