@@ -313,3 +313,33 @@ def test_cli_prints_tables_and_writes_the_same_numbers_as_json(capsys, tmp_path)
     assert doc["memory"]["optimizer_state"] == 0  # plain SGD keeps no state
     for needle in ("modules", "operators", "memory", "totals", "aten.addmm", "Linear"):
         assert needle in stdout
+
+
+def test_weights_file_shows_the_real_sparsity_in_storage(tmp_path, capsys):
+    from netdiet.fileio import save_state_dict
+    model = netdiet.create_model("lenet300")
+    with torch.no_grad():
+        model[1].weight[:150] = 0.0          # half of the 300 output rows of the first Linear
+    path = tmp_path / "pruned.safetensors"
+    save_state_dict(path, model.state_dict())
+    r = netdiet.profile("lenet300", weights=str(path), progress=False)
+    row = next(p for p in r.storage["parameters"] if p["name"] == "1.weight")
+    assert row["nonzero"] == 150 * 784 and row["sparsity"] == pytest.approx(0.5)
+    assert r.model["weights"] == str(path)
+    # weights of another model: one line, exit 2
+    other = tmp_path / "other.safetensors"
+    save_state_dict(other, netdiet.create_model("lenet5").state_dict())
+    code, _, err = run_cli(capsys, "profile", "lenet300", "--weights", str(other))
+    assert_one_line_exit_2(code, err, "does not fit model 'lenet300'")
+
+
+def test_sweep_points_carry_memory_parts_and_the_fitted_line():
+    r = netdiet.profile("lenet300", batch_sizes=[2, 6], max_batch_for="64MiB", progress=False)
+    doc = r.to_dict()["scaling"]
+    fit = doc["fit"]["memory_estimated"]
+    for p in doc["points"]:
+        assert p["weights"] == 4 * LENET300_PARAMS and p["gradients"] == 4 * LENET300_PARAMS
+        assert p["peak_fitted"] == fit["fixed"] + fit["per_sample"] * p["batch_size"]
+    # two points: the line passes through both (up to the rounding of the two terms to whole bytes)
+    assert abs(doc["points"][1]["peak_fitted"] - doc["points"][1]["peak_estimated"]) <= 6
+    assert doc["budget_bytes"] == 64 * 1024 * 1024

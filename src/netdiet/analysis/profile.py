@@ -133,6 +133,22 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
     return built, {"spec": model, "kwargs": kwargs, "class": type(built).__name__}
 
 
+def load_weights(model: nn.Module, path: str, name: str) -> None:
+    """Load a safetensors state dict into `model` (strict: every key must match)."""
+    from netdiet.fileio import load_state_dict
+    if _model_device(model).type == "meta":
+        raise NetdietError("weights cannot be loaded into a model on the meta device; give a real model")
+    state = load_state_dict(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise NetdietError(f"{path} does not fit model '{name}': {str(exc).splitlines()[-1].strip()}; "
+                           "give the weights of this model (and the same --model-kw)") from None
+    if missing or unexpected:
+        raise NetdietError(f"{path} does not fit model '{name}': missing {list(missing)[:3]}, unexpected "
+                           f"{list(unexpected)[:3]}; give the weights of this model (and the same --model-kw)")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -378,8 +394,12 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             dtype: str | torch.dtype | None = None, amp: bool = False, checkpointing: bool = False,
             batch_sizes: Sequence[int] | None = None, max_batch_for: int | str | None = None,
             dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
-            warmup: int = 2, repeats: int = 10, progress: bool = True) -> ProfileResult:
-    """Profile a model: see the module docstring. Bad input raises NetdietError (one line)."""
+            warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None) -> ProfileResult:
+    """Profile a model: see the module docstring. Bad input raises NetdietError (one line).
+
+    `weights` (a safetensors file, never a pickle) loads trained or pruned weights first, so the storage
+    figures show the model's real sparsity.
+    """
     from netdiet.report.progress import progress_bar
     from netdiet.units import parse_size
     from netdiet.analysis import scaling
@@ -404,7 +424,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         """Keep a large spec on the meta device; refuse a --measure that would not fit before allocating it."""
         from netdiet.analysis.memory import check_fits_in_ram, estimate_memory
         if not measure:
-            return sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
+            small = sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
+            return small or weights is not None
         x_meta = prepare_inputs(inputs, model if isinstance(model, str) else None, model_kw, batch_size,
                                 torch.device("meta"), seed)
         with input_fit_check(meta_model, x_meta):
@@ -413,6 +434,9 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         return True
 
     net, model_info = resolve_model(model, model_kw, seed=seed, before_real=before_real)
+    if weights is not None:
+        load_weights(net, weights, model_info["spec"] or model_info["class"])
+        model_info["weights"] = str(weights)
     device = _model_device(net)
     if measure and device.type == "meta":
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
@@ -470,7 +494,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                     m = measure_memory(net, scaling.with_batch(x, point.batch_size), **mem_kw)
                     point.peak_measured = scaling._int_or_none(m.get("peak_measured"))
                     point.inference_peak_measured = scaling._int_or_none(m.get("inference_peak_measured"))
-                sweep.fit = scaling.fit_points(sweep.points)
+                sweep.refit()
                 net.train(was_training)
 
         max_batch = None
@@ -480,6 +504,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                                                                                         if k != "dtype"})
             max_batch = {"budget": budget, "batch_size": best, "peak_estimated": int(best_est.peak_estimated),
                          "fits": best > 0, "capped": best >= scaling.MAX_BATCH}
+            if sweep is not None:
+                sweep.budget_bytes = budget
             tick()
             net.train(was_training)
     finally:

@@ -80,6 +80,12 @@ class ScalingPoint:
     train_flops: int | None = None
     peak_measured: int | None = None
     inference_peak_measured: int | None = None
+    # the estimate's parts at this batch, and the fitted line's value here (for plots beside the points)
+    weights: int | None = None
+    gradients: int | None = None
+    optimizer_state: int | None = None
+    temporaries: int | None = None
+    peak_fitted: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -91,9 +97,18 @@ class ScalingResult:
 
     points: list[ScalingPoint] = field(default_factory=list)
     fit: dict[str, Any] = field(default_factory=dict)
+    budget_bytes: int | None = None
+
+    def refit(self) -> None:
+        """Fit the points and record the fitted training peak at each batch."""
+        self.fit = fit_points(self.points)
+        mem = self.fit["memory_estimated"]
+        for p in self.points:
+            p.peak_fitted = int(mem["fixed"] + mem["per_sample"] * p.batch_size)
 
     def to_dict(self) -> dict:
-        return {"variable": "batch_size", "points": [p.to_dict() for p in self.points], "fit": self.fit}
+        return {"variable": "batch_size", "points": [p.to_dict() for p in self.points], "fit": self.fit,
+                "budget_bytes": self.budget_bytes}
 
 
 def fit_points(points: Sequence[ScalingPoint]) -> dict[str, Any]:
@@ -110,11 +125,17 @@ def fit_points(points: Sequence[ScalingPoint]) -> dict[str, Any]:
         return {"per_sample": f.slope, "fixed": f.intercept, "r2": f.r2, "n": f.n}
 
     out["memory_estimated"] = memory_fit([p.peak_estimated for p in points])
+    # flat copies of the headline terms, for readers that show only scalars
+    out["memory_fixed_bytes"] = out["memory_estimated"]["fixed"]
+    out["memory_per_sample_bytes"] = out["memory_estimated"]["per_sample"]
+    out["memory_r2"] = out["memory_estimated"]["r2"]
     out["inference_memory_estimated"] = memory_fit([p.inference_peak for p in points])
     if all(p.peak_measured is not None for p in points):
         out["memory_measured"] = memory_fit([p.peak_measured for p in points])
     if all(p.flops is not None for p in points):
         out["flops"] = flops_fit([p.flops for p in points])
+        out["flops_per_sample"] = out["flops"]["per_sample"]
+        out["flops_r2"] = out["flops"]["r2"]
     if all(p.train_flops is not None for p in points):
         out["train_flops"] = flops_fit([p.train_flops for p in points])
     return out
@@ -166,6 +187,9 @@ def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_si
         x = with_batch(inputs, b)
         est = estimator(model, x, optimizer=optimizer, dtype=dtype, amp=amp, checkpointing=checkpointing)
         point = ScalingPoint(b, int(est.peak_estimated), int(est.inference_peak), int(est.activations))
+        for part in ("weights", "gradients", "optimizer_state", "temporaries"):
+            if getattr(est, part, None) is not None:
+                setattr(point, part, int(getattr(est, part)))
         if count_flops:
             counts = counter(model, x, train=True, optimizer=optimizer)
             point.macs, point.flops, point.train_flops = int(counts.macs), int(counts.flops), int(counts.train_flops)
@@ -176,7 +200,9 @@ def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_si
         points.append(point)
         if on_point:
             on_point(point)
-    return ScalingResult(points, fit_points(points))
+    result = ScalingResult(points)
+    result.refit()
+    return result
 
 
 def _int_or_none(v: Any) -> int | None:

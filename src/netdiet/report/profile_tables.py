@@ -196,7 +196,7 @@ def storage_table(doc: dict) -> Table | None:
                   format_bytes(row["dense_bytes"]), format_bytes(row["csr_bytes"]), format_bytes(row["bitmask_bytes"]),
                   row.get("best", ""))
     if len(rows) > STORAGE_ROWS:
-        t.add_row(f"[dim]... {len(rows) - STORAGE_ROWS} more weight tensors in --json[/dim]", "", "", "", "", "", "")
+        t.add_row(f"[dim](+{len(rows) - STORAGE_ROWS} more)[/dim]", "", "", "", "", "", "")
     tot = st.get("totals")
     if tot:
         t.add_row("[bold]all parameters[/bold]", format_count(tot["numel"]), f"{tot['sparsity']:.1%}",
@@ -232,11 +232,14 @@ def fit_lines(doc: dict) -> list[str]:
                            ("inference_memory_estimated", "inference memory (est.)")):
             f = fit.get(key)
             if f:
-                lines.append(f"{label} = {format_bytes(f['fixed'])} + {format_bytes(f['per_sample'])} x batch   R^2 {_r2(f['r2'])}")
+                lines.append(f"{label} = {format_bytes(f['fixed'])} fixed + {format_bytes(f['per_sample'])} x batch"
+                             f"   R^2 {_r2(f['r2'])}")
         for key, label in (("flops", "forward FLOPs"), ("train_flops", "training-step FLOPs")):
             f = fit.get(key)
             if f:
-                lines.append(f"{label} = {format_count(f['per_sample'])} x batch + {format_count(f['fixed'])}   R^2 {_r2(f['r2'])}")
+                sign = "-" if f["fixed"] < 0 else "+"
+                lines.append(f"{label} = {format_count(f['per_sample'])} x batch {sign} {format_count(abs(f['fixed']))}"
+                             f"   R^2 {_r2(f['r2'])}")
     mb = doc.get("max_batch")
     if mb:
         if mb["fits"]:
