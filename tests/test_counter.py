@@ -198,11 +198,13 @@ def test_optimizer_step_formula_matches_the_real_torch_optimizer(name):
 def test_count_ops_leaves_mode_buffers_and_grads_untouched():
     m = create_model("cnn")
     m.eval()
+    m[1].train()   # a mixed configuration must come back as it was
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    count_ops(m, torch.randn(2, 1, 28, 28), train=True)
-    assert not m.training
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    count_ops(m, x, train=True)
+    assert not m.training and m[1].training and not m[0].training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert all(p.grad is None for p in m.parameters())
+    assert all(p.grad is None for p in m.parameters()) and x.grad is None
 
 
 def test_every_zoo_model_is_fully_counted_forward_and_training():

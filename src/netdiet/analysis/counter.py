@@ -293,7 +293,7 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)])
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]   # restored one by one: mixed modes are kept
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
     counter = _Counter(model)
     notes: list[str] = []
@@ -320,7 +320,8 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                             elif trainable:
                                 # .backward (not autograd.grad) so reentrant checkpointing works too; the
                                 # caller's .grad values are put back below
-                                saved_grads = {p: p.grad for p in model.parameters()}
+                                leaves = [a for a in args if isinstance(a, torch.Tensor) and a.is_leaf and a.requires_grad]
+                                saved_grads = {p: p.grad for p in list(model.parameters()) + leaves}
                                 for p in saved_grads:
                                     p.grad = None
                                 total.backward()
@@ -336,7 +337,8 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                            "check the input shape and dtype") from None
     finally:
         counter.close()
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for p, g in saved_grads.items():
             p.grad = g
         if saved_buffers:
