@@ -279,8 +279,9 @@ class MagnitudePruning(Technique):
                 all_masks = {**state.masks, **masks}
                 finetune_result = self._fit(model, ctx, cfg, [MaskHold(all_masks)])
         else:
-            x = ctx.data.x_train
-            steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
+            if ctx.data is None:
+                raise NetdietError("prune: fine-tuning needs data; pass a dataset or set fine-tune epochs to 0")
+            steps = cfg.epochs * math.ceil(len(ctx.data.x_train) / cfg.batch_size)
             begin = int(o["begin_step"])
             end = int(o["end_step"]) if o["end_step"] is not None else steps
             if begin > steps:

@@ -14,7 +14,6 @@ on the factory's dense model gives a module tree whose `load_state_dict` accepts
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -33,40 +32,9 @@ _TAYLOR_BATCH_SIZE = 128
 
 # ------------------------------------------------------------------ counting
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """MACs of one forward pass: netdiet's counter when it is present, else Conv/Linear MACs counted by hooks."""
-    try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        count_ops = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if count_ops is not None:
-                return int(count_ops(model, example_inputs).macs)
-            return _module_macs(model, example_inputs)
-    finally:
-        model.train(was_training)
-
-
-def _module_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    # a MAC per weight use: conv = output elements x (in/groups) x kernel; linear = output elements x in_features
-    total = [0]
-
-    def hook(mod: nn.Module, inp, out) -> None:
-        if isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
-        else:
-            total[0] += out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    try:
-        model(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
+    """MACs of one forward pass, by netdiet's counter (the same figure `netdiet profile` reports)."""
+    from netdiet.analysis.counter import count_ops
+    return int(count_ops(model, example_inputs).macs)
 
 
 def count_params(model: nn.Module) -> int:
