@@ -209,7 +209,7 @@ def test_inputs_as_tensor_tuple_shape_and_list_of_shapes_agree():
 
 
 def test_depth_limits_the_module_rows():
-    r = netdiet.profile("resnet", depth=1, progress=False)
+    r = netdiet.profile("resnet", model_kw={"depth": 8}, depth=1, progress=False)
     assert max(m["depth"] for m in r.modules) == 1
     names = {m["name"] for m in r.modules}
     assert {"", "conv1", "layers", "fc"} <= names and "layers.0" not in names

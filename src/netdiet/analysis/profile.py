@@ -482,16 +482,32 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             from netdiet.analysis.storage import weight_storage
             storage = weight_storage(net)
 
+        # every figure at the profiled batch is already known: the sweep and the budget search reuse it
+        estimates, op_counts, measurements = {batch: estimate}, {batch: counts}, {batch: measured}
+
+        def estimate_at(model: nn.Module, inputs: Any, **kw: Any) -> Any:
+            b = int(inputs[0].shape[0])
+            if b not in estimates:
+                estimates[b] = estimate_memory(model, inputs, **kw)
+            return estimates[b]
+
+        def count_at(model: nn.Module, inputs: Any, **kw: Any) -> Any:
+            b = int(inputs[0].shape[0])
+            if b not in op_counts:
+                op_counts[b] = count_ops(model, inputs, **kw)
+            return op_counts[b]
+
         sweep = None
         if batch_sizes:
             sweep = scaling.sweep_batch_sizes(
-                net, x, batch_sizes, measure=False, counter=count_ops, estimator=estimate_memory,
+                net, x, batch_sizes, measure=False, counter=count_at, estimator=estimate_at,
                 on_point=lambda _p: tick(), **mem_kw)
             if measure:
                 check_fits_in_ram(max(p.peak_estimated for p in sweep.points), force)
                 from netdiet.analysis.memory import measure_memory
                 for point in sweep.points:
-                    m = measure_memory(net, scaling.with_batch(x, point.batch_size), **mem_kw)
+                    m = measurements.get(point.batch_size) or measure_memory(
+                        net, scaling.with_batch(x, point.batch_size), **mem_kw)
                     point.peak_measured = scaling._int_or_none(m.get("peak_measured"))
                     point.inference_peak_measured = scaling._int_or_none(m.get("inference_peak_measured"))
                 sweep.refit()
@@ -500,7 +516,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         max_batch = None
         if budget is not None:
             best, best_est = scaling.largest_batch_within(net, scaling.with_batch(x, 1), dtype_name, budget,
-                                                          estimator=estimate_memory, **{k: v for k, v in mem_kw.items()
+                                                          estimator=estimate_at, **{k: v for k, v in mem_kw.items()
                                                                                         if k != "dtype"})
             max_batch = {"budget": budget, "batch_size": best, "peak_estimated": int(best_est.peak_estimated),
                          "fits": best > 0, "capped": best >= scaling.MAX_BATCH}
