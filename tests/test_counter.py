@@ -324,3 +324,16 @@ def test_batch_norm_is_seven_flops_per_element_in_training_and_two_in_eval():
     bn, x = nn.BatchNorm2d(3), torch.randn(2, 3, 4, 4)
     assert count_ops(bn, x).flops == 2 * 96
     assert count_ops(bn, x, train=True).module("").flops == 7 * 96
+
+
+def test_zoo_transformer_counts_the_same_on_meta_as_on_cpu():
+    torch.manual_seed(0)
+    cpu = create_model("transformer")
+    x = make_inputs((2, 64), torch.int64, high=1000)
+    with torch.device("meta"):
+        meta = create_model("transformer")
+    a = count_ops(cpu, x, train=True)
+    b = count_ops(meta, x.to("meta"), train=True)
+    assert (a.macs, a.flops, a.backward_macs, a.backward_flops, a.train_flops) == \
+        (b.macs, b.flops, b.backward_macs, b.backward_flops, b.train_flops)
+    assert [(m.name, m.flops, m.backward_flops) for m in a.modules] == [(m.name, m.flops, m.backward_flops) for m in b.modules]
