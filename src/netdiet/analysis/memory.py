@@ -764,11 +764,31 @@ def _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
 
 
 def _allocator_events(prof) -> list[tuple[int, int]]:
+    """(time, +bytes / -bytes) of every CPU allocation made inside the profiling session and of its free.
+
+    Frees of blocks allocated before the session (e.g. garbage of earlier work collected now) are left out:
+    their allocation is not in the session, so counting their free would lower the running total.
+    """
+    from torch._C._profiler import _EventType
+
+    raw: list[tuple[int, int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            ef = node.extra_fields
+            if ef.device.type == "cpu":
+                raw.append((node.start_time_ns, ef.ptr, ef.alloc_size))
+        stack.extend(node.children)
+    raw.sort(key=lambda ev: ev[0])
+    live: dict[int, int] = {}
     events = []
-    for e in prof.profiler.kineto_results.events():
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU:
-            events.append((e.start_ns(), e.nbytes()))
-    events.sort(key=lambda ev: ev[0])
+    for t, ptr, n in raw:
+        if n > 0:
+            live[ptr] = n
+            events.append((t, n))
+        elif ptr in live:
+            events.append((t, -live.pop(ptr)))
     return events
 
 
@@ -799,8 +819,11 @@ def _peak_in(events: list[tuple[int, int]], start: int, end: int) -> tuple[int, 
 
 
 def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
+    import gc
+
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    gc.collect()  # garbage of earlier work must not be freed inside the measured steps
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for step in range(steps):
             with record_function(f"netdiet_step_{step}"):

@@ -1,0 +1,140 @@
+"""Memory estimate (meta-device simulation) vs hand counts and vs measured allocator peaks."""
+import resource
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_memory
+from netdiet.errors import NetdietError
+from netdiet.models import create_model
+
+
+def _input(name, batch):
+    shapes = {"mlp": (batch, 784), "cnn": (batch, 1, 28, 28), "resnet": (batch, 3, 32, 32)}
+    return torch.randn(shapes[name], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name,kw,batches", [
+    ("mlp", {}, (16, 128)), ("cnn", {}, (8, 32)), ("resnet", {"depth": 8}, (2, 8)),
+    pytest.param("resnet", {}, (4, 32), marks=pytest.mark.slow),
+])
+def test_estimate_within_5_percent_of_measured_steady_state_peak(name, kw, batches, optimizer):
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    for batch in batches:
+        x = _input(name, batch)
+        est = estimate_memory(model, x, optimizer=optimizer)
+        meas = measure_memory(model, x, optimizer=optimizer, steps=3)
+        err = abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"]
+        assert err < 0.05, (name, batch, optimizer, est.peak_estimated, meas["peak_measured"])
+        assert meas["method"].startswith("torch.profiler")
+
+
+def test_linear_model_components_match_hand_count():
+    # Linear(4 -> 3): 12 weights + 3 biases = 15 floats = 60 bytes.
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    est = estimate_memory(model, x, optimizer="adam")
+    assert est.weights == 60 and est.buffers == 0 and est.inputs == 2 * 4 * 4
+    assert est.gradients == 60
+    # Adam: exp_avg + exp_avg_sq per parameter (2 x 60) and a 4-byte step scalar per parameter tensor (2).
+    assert est.optimizer_state == 2 * 60 + 2 * 4
+    # Inference: weights + input + the (2, 3) output of addmm; the transposed weight is a view.
+    assert est.inference_peak == 60 + 32 + 2 * 3 * 4
+
+
+@pytest.mark.parametrize("optimizer,factor,extra", [("sgd", 0, 0), ("momentum", 1, 0), ("adam", 2, 4), ("adamw", 2, 4)])
+def test_optimizer_state_is_the_documented_multiple_of_the_weights(optimizer, factor, extra):
+    model = create_model("mlp")          # 3 Linear layers = 6 parameter tensors
+    est = estimate_memory(model, torch.randn(8, 784), optimizer=optimizer)
+    # momentum buffers appear at the first step; adam adds one 4-byte step counter per tensor.
+    assert est.optimizer_state == factor * est.weights + extra * 6
+
+
+def test_in_place_relu_output_is_counted_once():
+    # Linear1's output is saved by the in-place ReLU (as its result) and by Linear2 (as its input):
+    # one storage, so the activations equal those of the same net without the ReLU.
+    a = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 4))
+    b = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    ea, eb = estimate_memory(a, x, optimizer="sgd"), estimate_memory(b, x, optimizer="sgd")
+    assert ea.activations == eb.activations
+    assert ea.module_activations.get("1", 0) == 8 * 32 * 4   # attributed to the ReLU, which saved it first
+
+
+def test_module_activations_sum_to_activations_and_name_modules():
+    model = create_model("cnn")
+    est = estimate_memory(model, torch.randn(4, 1, 28, 28), optimizer="sgd")
+    assert sum(est.module_activations.values()) == est.activations
+    names = dict(model.named_modules())
+    assert all(k in names or k.startswith("(") for k in est.module_activations)
+    assert sum(est.peak_breakdown.values()) == est.peak_estimated
+
+
+def test_checkpointing_lowers_the_resnet_peak_and_matches_measurement():
+    model = create_model("resnet", depth=8)
+    x = torch.randn(8, 3, 32, 32)
+    plain = estimate_memory(model, x, optimizer="sgd")
+    ckpt = estimate_memory(model, x, optimizer="sgd", checkpointing=True)
+    assert ckpt.peak_estimated < plain.peak_estimated
+    assert ckpt.checkpointing_saved == plain.peak_estimated - ckpt.peak_estimated
+    assert ckpt.recompute_flops and ckpt.recompute_flops > 0
+    assert ckpt.checkpointed_blocks == ["layers.0", "layers.1", "layers.2"]
+    meas = measure_memory(model, x, optimizer="sgd", checkpointing=True)
+    assert abs(ckpt.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.05
+
+
+def test_amp_and_bf16_transformer_estimates_match_measurement():
+    model = create_model("transformer")
+    x = torch.randint(0, 1000, (2, 64))
+    for kw in ({"amp": True}, {"dtype": "bf16"}):
+        est = estimate_memory(model, x, optimizer="adam", **kw)
+        meas = measure_memory(model, x, optimizer="adam", **kw)
+        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02, kw
+    bf16 = estimate_memory(model, x, optimizer="adam", dtype="bf16")
+    fp32 = estimate_memory(model, x, optimizer="adam")
+    assert bf16.weights * 2 == fp32.weights
+
+
+def test_estimate_leaves_the_model_untouched():
+    model = create_model("lenet300")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimate_memory(model, torch.randn(4, 1, 28, 28))
+    measure_memory(model, torch.randn(4, 1, 28, 28))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_7b_estimate_allocates_nothing_and_is_fast():
+    with torch.device("meta"):
+        model = create_model("transformer", preset="7b")
+    x = torch.empty(8, 2048, dtype=torch.long, device="meta")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    est = estimate_memory(model, x, optimizer="adam")
+    assert time.perf_counter() - t0 < 60
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024 < 1 << 30
+    n = sum(p.numel() for p in model.parameters())
+    assert est.weights == 4 * n and est.gradients == 4 * n
+    assert est.peak_estimated > 4 * 4 * n            # weights + grads + 2 Adam moments, plus activations
+
+
+def test_check_fits_in_ram_refuses_unless_overridden():
+    with pytest.raises(NetdietError, match="available"):
+        check_fits_in_ram(1 << 60)
+    check_fits_in_ram(1 << 60, override=True)
+    check_fits_in_ram(1024)
+
+
+def test_bad_arguments_are_one_line_netdiet_errors():
+    model = create_model("mlp")
+    with pytest.raises(NetdietError, match="optimizer"):
+        estimate_memory(model, torch.randn(2, 784), optimizer="lion")
+    with pytest.raises(NetdietError, match="dtype"):
+        estimate_memory(model, torch.randn(2, 784), dtype="int3")
+    with pytest.raises(NetdietError, match="forward failed"):
+        estimate_memory(model, torch.randn(2, 5))
