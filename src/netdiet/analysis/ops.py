@@ -301,8 +301,7 @@ def _attention_dims(q: tuple, k: tuple, v: tuple, causal: bool) -> tuple[int, in
 
 
 @register_formula([aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
-                   aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
-                   aten._efficient_attention_forward, aten._flash_attention_forward],
+                   aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention],
                   unit="macs", macs="B·H·P·(E + E_v), P = Lq·Lk, causal P = Σ_i min(i+1, Lk)",
                   flops="2·macs + 6·B·H·P (scale 1 + softmax 5) + B·H·P if attn_mask",
                   note="causal counts the unmasked pairs only: PyTorch's CPU flash kernel skips the masked blocks "
@@ -322,8 +321,7 @@ def _sdpa(call: OpCall) -> OpCost:
 @register_formula([aten._scaled_dot_product_flash_attention_for_cpu_backward,
                    aten._scaled_dot_product_flash_attention_backward,
                    aten._scaled_dot_product_efficient_attention_backward,
-                   aten._scaled_dot_product_cudnn_attention_backward,
-                   aten._efficient_attention_backward, aten._flash_attention_backward],
+                   aten._scaled_dot_product_cudnn_attention_backward],
                   unit="macs", macs="B·H·P·(3E + 2E_v)",
                   flops="2·macs + 5·B·H·P + 2·B·H·Lq·E_v",
                   note="flash backward recomputes S = QKᵀ (E), then dV (E_v), dP (E_v), dQ (E), dK (E); "
@@ -589,9 +587,8 @@ def adaptive_window_total(n_in: int, n_out: int) -> int:
     return sum(-(-((i + 1) * n_in) // n_out) - (i * n_in) // n_out for i in range(n_out))
 
 
-def _adaptive_total(in_shape: tuple, out_shape: tuple) -> tuple[int, int]:
-    """(Σ window sizes over all outputs, numel(out)) for adaptive pooling over the trailing dims of out_shape."""
-    nd = len(out_shape) - 2 if len(out_shape) >= 3 else 1
+def _adaptive_total(in_shape: tuple, out_shape: tuple, nd: int) -> tuple[int, int]:
+    """(Σ window sizes over all outputs, numel(out)) for adaptive pooling over the nd trailing dims."""
     lead = prod(out_shape[:-nd])
     total = lead
     for d in range(1, nd + 1):
@@ -606,9 +603,9 @@ def _adaptive_total(in_shape: tuple, out_shape: tuple) -> tuple[int, int]:
 def _adaptive_avg(call: OpCall) -> OpCost:
     outs = call.out_tensors()
     if "backward" in str(call.func.overloadpacket):
-        total, _ = _adaptive_total(tuple(outs[0].shape), call.shape("grad_output", 0))
+        total, _ = _adaptive_total(tuple(outs[0].shape), call.shape("grad_output", 0), _pool_dims(call))
     else:
-        total, _ = _adaptive_total(call.shape("self", 0), tuple(outs[0].shape))
+        total, _ = _adaptive_total(call.shape("self", 0), tuple(outs[0].shape), _pool_dims(call))
     return OpCost(flops=total)
 
 
@@ -616,7 +613,7 @@ def _adaptive_avg(call: OpCall) -> OpCost:
                   flops="Σ (window − 1) over outputs", note="compares")
 def _adaptive_max(call: OpCall) -> OpCost:
     outs = call.out_tensors()
-    total, n = _adaptive_total(call.shape("self", 0), tuple(outs[0].shape))
+    total, n = _adaptive_total(call.shape("self", 0), tuple(outs[0].shape), _pool_dims(call))
     return OpCost(flops=total - n)
 
 
