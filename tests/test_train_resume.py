@@ -45,6 +45,7 @@ def _run(out, mode, kill_step=-1):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_mid_epoch_resumes_to_the_same_metrics_and_weights(tmp_path):
     # digits: 1,437 training samples / 64 = 23 steps per epoch; step 56 is inside epoch 3
     full = _run(tmp_path / "full", "full")

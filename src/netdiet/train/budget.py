@@ -206,7 +206,9 @@ def choose_for_budget(model: nn.Module, sample_shape: tuple[int, ...], budget: s
         b = _largest(predict, budget, batch_size)
         candidates.append({"precision": precision, "checkpointing": ckpt, "largest_batch": b,
                            "predicted_peak_at_1": predict(1), "predicted_peak": predict(b) if b else None, "method": method})
-        if chosen is None or b > chosen[0]["largest_batch"]:
+        # an escalation (recompute costs a forward, bf16 costs precision) must buy >= 10 % more batch, or reach the request
+        prev = chosen[0]["largest_batch"] if chosen else 0
+        if chosen is None or b >= batch_size or (b > prev and b >= prev * 1.1):
             chosen = (candidates[-1], predict, method)
         if b >= batch_size:
             break
@@ -227,7 +229,7 @@ def choose_for_budget(model: nn.Module, sample_shape: tuple[int, ...], budget: s
         adjustments.append({"batch": b, "measured_peak": measured, "next_batch": nb})
         b = nb
         measured = measure_training_peak(model, *_batch(x, y, b), optimizer=optimizer, precision=precision, checkpointing=ckpt)
-    steps = ["plain fp32"] + (["activation checkpointing"] if ckpt else []) + (["bf16 autocast"] if precision == "bf16" else [])
+    steps = ["fp32 weights"] + (["activation checkpointing"] if ckpt else []) + (["bf16 autocast"] if precision == "bf16" else [])
     why = (f"batch {b} is the requested batch" if b >= batch_size else
            f"batch {b} is the largest that fits (requested {batch_size})")
     explanation = (f"memory budget {format_bytes(budget)}: chose batch {b} with {' + '.join(steps)}; {why}; "

@@ -100,7 +100,7 @@ def spawn(fn: Callable[..., Any], args: tuple, nproc: int, threads_per_proc: int
         try:
             mp.start_processes(_worker, args=(nproc, _free_port(), threads, fn, args, result_path), nprocs=nproc,
                                join=True, start_method="spawn")
-        except mp.ProcessRaisedException:
+        except mp.ProcessException:
             pass  # rank 0's report below says what went wrong
         if os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as fh:

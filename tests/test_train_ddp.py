@@ -1,0 +1,31 @@
+"""Two data-parallel processes (DDP over gloo) equal one process with the same global batch."""
+import pytest
+import torch
+
+from netdiet import api
+from netdiet.fileio import load_state_dict
+from netdiet.train import TrainConfig
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_equals_one_process_with_the_same_global_batch(tmp_path):
+    # digits with a 15 % hold-out leaves 1,222 training samples: a multiple of 2, so both ranks' shards and last
+    # batches have equal sizes and the mean of the two ranks' mean gradients is the one-process mean gradient.
+    runs = {}
+    for nproc in (1, 2):
+        cfg = TrainConfig(epochs=2, batch_size=64, lr=0.1, optimizer="sgd", progress=False)
+        runs[nproc] = api.train("mlp", model_kw={"widths": [32]}, data="digits", val_fraction=0.15,
+                                out=str(tmp_path / f"n{nproc}"), config=cfg, nproc=nproc)
+    one, two = runs[1], runs[2]
+    assert two.world_size == 2 and one.world_size == 1
+    assert [h["steps"] for h in one.history] == [h["steps"] for h in two.history] == [20, 40]
+    for a, b in zip(one.history, two.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)          # stated tolerance: float summation order only
+        assert b["val_acc"] == a["val_acc"] and b["train_acc"] == a["train_acc"]
+    w1 = load_state_dict(tmp_path / "n1" / "model.safetensors")
+    w2 = load_state_dict(tmp_path / "n2" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+    assert two.test_acc == one.test_acc
+    # only rank 0 wrote: one set of files
+    assert sorted(p.name for p in (tmp_path / "n2").iterdir()) == ["checkpoint", "model.json", "model.safetensors", "train.json"]
