@@ -167,12 +167,16 @@ def test_ops_without_formula_are_reported_as_uncounted_not_zero():
     assert c.flops == 6 and "aten.cumprod" not in c.operators
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
-def test_optimizer_step_formula_matches_the_real_torch_optimizer(name):
-    # count the second step (momentum's first step only copies the gradient) of the optimizer netdiet trains with;
-    # ops on 1-element tensors are Adam's step counters, not per-parameter work
+def test_optimizer_step_formula_matches_the_real_torch_optimizer(name, foreach):
+    # count the second step (momentum's first step only copies the gradient) of the optimizer netdiet trains with,
+    # in its single-tensor (CPU default) and foreach implementations; ops on 1-element tensors are Adam's step
+    # counters, not per-parameter work
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
     opt = make_optimizer(name, model.parameters(), lr=0.1)
+    for group in opt.param_groups:
+        group["foreach"] = foreach
     n = sum(p.numel() for p in model.parameters())
     for step in range(2):
         model(torch.randn(4, 6)).sum().backward()
@@ -183,7 +187,9 @@ def test_optimizer_step_formula_matches_the_real_torch_optimizer(name):
                 def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                     nonlocal counted
                     out = func(*args, **(kwargs or {}))
-                    if isinstance(out, torch.Tensor) and out.numel() > 1:
+                    first = args[0] if args else None
+                    tensors = first if isinstance(first, (list, tuple)) else [first]
+                    if any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in tensors):
                         counted = counted + op_cost(func, args, kwargs or {}, out)
                     return out
 

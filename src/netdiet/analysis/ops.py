@@ -712,7 +712,11 @@ _VIEWS = [aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.
           aten.sym_numel, aten.is_same_size, aten.set_]
 
 
-@register_formula(_VIEWS, unit="bytes", flops="0", note="views and metadata: no arithmetic, no bytes moved",
+_VIEWS += [op for op in (getattr(torch.ops.profiler, "_record_function_enter_new", None),
+                         getattr(torch.ops.profiler, "_record_function_exit", None)) if op is not None]
+
+
+@register_formula(_VIEWS, unit="bytes", flops="0", note="views, metadata and profiler markers: no arithmetic, no bytes moved",
                   moves_data=False)
 def _view(call: OpCall) -> OpCost:
     return OpCost()
