@@ -241,3 +241,14 @@ def test_cli_bad_input_exits_2_with_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("netdiet: error:") and "\n" not in err
+
+
+def test_shrink_prune_and_int8_keeps_kept_codes_plus_bit_masks(digits):
+    pytest.importorskip("netdiet.compress.quantize")
+    res, _, _ = _run(digits, "naive", shrink="prune=0.5+int8")
+    # kept int8 codes 512 + 80, scales 4 x (16 + 10), masks ceil(1024/8) + ceil(160/8), float32 biases 4 x (16 + 10)
+    assert res.ledger_per_task[-1] == {"weights": 592 + 104 + 148 + 104}
+    res, _, _ = _run(digits, "naive", shrink="prune=0.5")
+    assert res.ledger_per_task[-1] == {"weights": 592 * 4 + 148 + 104}
+    with pytest.raises(NetdietError, match="prune="):
+        _run(digits, "naive", shrink="prune=2")
