@@ -6,7 +6,6 @@ ONNX Runtime and its accuracy is the headline one, next to the PyTorch model reb
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,40 +63,21 @@ class EvaluateResult:
 
 
 def _time(fn, warmup: int, repeats: int) -> dict:
-    """Median/p95 milliseconds via netdiet.analysis.latency.time_callable when available."""
-    try:
-        from netdiet.analysis.latency import time_callable
-    except ImportError:
-        time_callable = None
-    if time_callable is not None:
-        raw = time_callable(fn, warmup=warmup, repeats=repeats)
-        raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
-        median = next((v for k, v in raw.items() if "median" in k), None)
-        p95 = next((v for k, v in raw.items() if "p95" in k), None)
-        return {"median": median, "p95": p95, "repeats": repeats, "timer": "analysis.latency.time_callable"}
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median": times[len(times) // 2], "p95": times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))],
-            "repeats": repeats, "timer": "perf_counter"}
+    """Median/p95 milliseconds from netdiet.analysis.latency.time_callable (the one timer of netdiet)."""
+    from netdiet.analysis.latency import time_callable
+    raw = time_callable(fn, warmup=warmup, repeats=repeats)
+    return {"median": raw["median_ms"], "p95": raw["p95_ms"], "min": raw["min_ms"], "repeats": raw["repeats"],
+            "warmup": raw["warmup"], "threads": raw["threads"]}
 
 
-def _macs(model: nn.Module, x: torch.Tensor) -> int | None:
-    try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        return None
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
+    from netdiet.analysis.counter import count_ops
     return int(count_ops(model, x).macs)
 
 
 def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_size: int = 256, latency: bool = True,
              onnx: bool | None = None, model_spec: str | None = None, latency_batch: int = 64,
-             warmup: int = 5, repeats: int = 30) -> EvaluateResult:
+             warmup: int = 5, repeats: int = 30, data_dir: str | None = None) -> EvaluateResult:
     """Evaluate a model or a .ndz archive on `data` (a Dataset or a dataset name; its test split).
 
     onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
@@ -109,12 +89,6 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
 
     if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
         raise NetdietError("batch_size, latency_batch and repeats must be positive (warmup >= 0)")
-    if isinstance(data, str):
-        from netdiet.data import get_dataset
-        data = get_dataset(data)
-    if data is not None and not hasattr(data, "x_test"):
-        raise NetdietError(f"data must be a dataset name or a netdiet Dataset, got {type(data).__name__}")
-
     result = EvaluateResult(accuracy=None, bytes_on_disk=0, dense_fp32_bytes=0, ratio=1.0, macs=None)
     onnx_bytes = None
     if isinstance(model_or_archive_path, nn.Module):
@@ -137,6 +111,11 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
             onnx_bytes = art["model"]
     else:
         raise NetdietError(f"evaluate needs a model or a .ndz path, got {type(model_or_archive_path).__name__}")
+    if isinstance(data, str):  # loaded after the archive, so a bad file fails before the data is read
+        from netdiet.data import get_dataset
+        data = get_dataset(data, data_dir=data_dir)
+    if data is not None and not hasattr(data, "x_test"):
+        raise NetdietError(f"data must be a dataset name or a netdiet Dataset, got {type(data).__name__}")
     result.ratio = result.dense_fp32_bytes / result.bytes_on_disk if result.bytes_on_disk else 0.0
     model.eval()
     result.params = sum(p.numel() for p in model.parameters())

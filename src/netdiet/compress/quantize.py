@@ -384,9 +384,14 @@ class Quantize(Technique):
             calibration = [x[i:i + 32] for i in range(0, len(x), 32)]
         example = self._example(model, state, ctx)
         model.eval()
-        proto = export_onnx(model, example, self.options["exporter"])
-        int8 = _ort_quantize(proto, mode, calibration, self.options["calibration_method"])
-        encodings, fill = harvest_onnx_weights(model, int8)
+        from netdiet.report.progress import progress_bar
+        with progress_bar(3, f"quantize {mode}: export, quantize, read back") as bar:
+            proto = export_onnx(model, example, self.options["exporter"])
+            bar.advance()
+            int8 = _ort_quantize(proto, mode, calibration, self.options["calibration_method"])
+            bar.advance()
+            encodings, fill = harvest_onnx_weights(model, int8)
+            bar.advance()
         if not encodings:
             raise NetdietError(f"ONNX Runtime quantized no weight of this model in mode {mode}; use mode int8-weight")
         layers = {}
