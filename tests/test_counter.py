@@ -343,3 +343,26 @@ def test_zoo_transformer_counts_the_same_on_meta_as_on_cpu():
     assert (a.macs, a.flops, a.backward_macs, a.backward_flops, a.train_flops) == \
         (b.macs, b.flops, b.backward_macs, b.backward_flops, b.train_flops)
     assert [(m.name, m.flops, m.backward_flops) for m in a.modules] == [(m.name, m.flops, m.backward_flops) for m in b.modules]
+
+
+@pytest.mark.slow
+def test_transformer_7b_training_count_on_meta_stays_under_60s_and_1gib_rss():
+    # a fresh process so the peak RSS is the count's own (model built on meta, batch 8, seq 2048, train step)
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, time, torch\n"
+        "from netdiet.analysis.counter import count_ops\n"
+        "from netdiet.models import create_model\n"
+        "t = time.perf_counter()\n"
+        "with torch.device('meta'):\n"
+        "    m = create_model('transformer', preset='7b')\n"
+        "c = count_ops(m, torch.empty((8, 2048), dtype=torch.int64, device='meta'), train=True)\n"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, c.train_flops)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    seconds, rss, train_flops = out.stdout.split()
+    assert float(seconds) < 60 and int(rss) < 1024 ** 3
+    n = 6_714_695_680  # parameters of the preset; a training step is a bit more than 6·N·tokens
+    assert 6 * n * 8 * 2048 < int(train_flops) < 1.1 * 6 * n * 8 * 2048
