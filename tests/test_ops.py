@@ -171,3 +171,33 @@ def test_less_common_activations_and_their_backward_have_formulas():
     assert not s.missing, s.missing
     # forward: softplus 4 + hardswish 4 + mish 6 per element, sum 5; backward: mish' 15, hardswish' 4, softplus' 5
     assert s.cost.flops == 6 * (4 + 4 + 6) + 5 + 6 * (15 + 4 + 5)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), cin_per=st.integers(1, 3), cout_per=st.integers(1, 3),
+       k=st.integers(1, 4), stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       side=st.integers(6, 12), transposed=st.booleans())
+def test_conv_macs_agree_with_torch_flop_counter_forward_on_random_configurations(groups, cin_per, cout_per, k, stride,
+                                                                                  padding, dilation, side, transposed):
+    # independent: FlopCounterMode's forward conv formula (2 FLOPs per MAC) is right for every config
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cin, cout = groups * cin_per, groups * cout_per
+    x = torch.randn(2, cin, side, side)
+    if transposed:
+        w = torch.randn(cin, cout_per, k, k)
+        run = lambda: F.conv_transpose2d(x, w, stride=stride, padding=min(padding, k - 1), groups=groups,  # noqa: E731
+                                         dilation=dilation)
+    else:
+        if (side + 2 * padding - dilation * (k - 1) - 1) < 0:
+            return
+        w = torch.randn(cout, cin_per, k, k)
+        run = lambda: F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)  # noqa: E731
+    ours = cost_of(run)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        run()
+    assert 2 * ours.macs == fc.get_total_flops()
