@@ -173,3 +173,20 @@ def test_state_dict_round_trips_codebooks_and_indices():
     assert all(torch.equal(other.state_dict()[k], v) for k, v in tech.state_dict().items())
     with pytest.raises(NetdietError, match="codebook.<param> and indices.<param>"):
         other.load_state_dict({"codebook.a": torch.zeros(4)})
+
+
+def test_prune_structured_cluster_chain_round_trips_through_the_archive_exactly():
+    from netdiet.compress import archive
+    from netdiet.models import ModelSpec
+    torch.manual_seed(0)
+    model = create_model("cnn")
+    state = CompressionState(spec=ModelSpec("cnn", {}).to_dict())
+    x = torch.rand(4, 1, 28, 28)
+    create_technique("prune", sparsity=0.6).apply(model, state, StageContext())
+    create_technique("structured", ratio=0.5).apply(model, state, StageContext(example_inputs=x[:1]))
+    create_technique("cluster", bits=4).apply(model, state, StageContext())
+    loaded = archive.read(archive.encode(model, state))
+    model.eval(), loaded.model.eval()
+    assert torch.equal(loaded.model(x), model(x))
+    assert loaded.model[0].out_channels == 16
+    assert torch.unique(loaded.model[4].weight).numel() <= 16

@@ -55,7 +55,11 @@ def init_centroids(values: torch.Tensor, k: int, method: str, generator: torch.G
 
 def kmeans_1d(values: torch.Tensor, k: int, method: str = "linear", iterations: int = 30, seed: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's algorithm on scalars: (centroids (k,), index of each value). Empty clusters keep their centroid."""
+    """Lloyd's algorithm on scalars: (centroids (k,), index of each value).
+
+    A centroid left without values (linear init puts some in the gap pruning leaves around zero) is moved to the
+    value farthest from its centroid in the cluster with the largest squared error, so the 2**bits shared values
+    are all used while there are at least that many distinct weights."""
     values = values.detach().float().flatten()
     if values.numel() == 0:
         return torch.zeros(k), torch.zeros(0, dtype=torch.long)
@@ -66,12 +70,28 @@ def kmeans_1d(values: torch.Tensor, k: int, method: str = "linear", iterations: 
         sums = torch.zeros(k, dtype=torch.float64).scatter_add_(0, idx, values.double())
         counts = torch.zeros(k, dtype=torch.float64).scatter_add_(0, idx, torch.ones_like(values, dtype=torch.float64))
         new = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.double()).float()
+        if bool((counts == 0).any()):
+            new = _reseed_empty(values, idx, new, counts)
         new_idx = _assign(values, new)
-        converged = torch.equal(new_idx, idx)
+        converged = torch.equal(new_idx, idx) and torch.equal(new, centroids)
         centroids, idx = new, new_idx
         if converged:
             break
     return centroids, idx
+
+
+def _reseed_empty(values: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    centroids = centroids.clone()
+    err = (values - centroids[idx]).pow(2)
+    sse = torch.zeros(len(centroids), dtype=torch.float64).scatter_add_(0, idx, err.double())
+    for e in torch.nonzero(counts == 0).flatten().tolist():
+        worst = int(torch.argmax(sse))
+        if float(sse[worst]) <= 0.0:
+            break  # every value already sits on a centroid: fewer distinct values than centroids
+        far = torch.where(idx == worst, err, torch.full_like(err, -1.0))
+        centroids[e] = values[int(torch.argmax(far))]
+        sse[worst] = 0.0  # split each cluster at most once per round
+    return centroids
 
 
 def cluster_weight(weight: torch.Tensor, keep: torch.Tensor, bits: int, method: str, iterations: int, seed: int
