@@ -40,13 +40,14 @@ def closed_form(layers: int, d: int, seq: int, vocab: int, batch: int) -> dict:
 
     per token per layer: qkv 3d^2 + proj d^2 + mlp 8d^2 = 12 d^2 MACs; head d*vocab per token.
     attention: QK^T and AV each seq*seq*d per layer per sequence (full, non-causal count); a causal
-    count that skips the masked half would give half of it.
+    count that skips the masked scores keeps seq*(seq+1)/2 of them (the diagonal included).
     """
     tokens = batch * seq
     linear = tokens * (layers * 12 * d * d + d * vocab)
     attention_full = batch * layers * 2 * seq * seq * d
-    return {"linear_macs": linear, "attention_macs_full": attention_full, "attention_macs_causal_half": attention_full // 2,
-            "macs_full": linear + attention_full, "macs_causal": linear + attention_full // 2}
+    attention_causal = batch * layers * 2 * d * seq * (seq + 1) // 2
+    return {"linear_macs": linear, "attention_macs_full": attention_full, "attention_macs_causal": attention_causal,
+            "macs_full": linear + attention_full, "macs_causal": linear + attention_causal}
 
 
 def main() -> int:

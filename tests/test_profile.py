@@ -343,3 +343,18 @@ def test_sweep_points_carry_memory_parts_and_the_fitted_line():
     # two points: the line passes through both (up to the rounding of the two terms to whole bytes)
     assert abs(doc["points"][1]["peak_fitted"] - doc["points"][1]["peak_estimated"]) <= 6
     assert doc["budget_bytes"] == 64 * 1024 * 1024
+
+
+@pytest.mark.slow
+def test_7b_preset_profiles_on_meta_with_hand_counted_macs():
+    # 32 layers x 12 d^2 per token + the d x vocab head, plus causal attention: QK^T and AV over seq(seq+1)/2 scores
+    b, t, d, layers, vocab = 8, 2048, 4096, 32, 32000
+    r = netdiet.profile("transformer", model_kw={"preset": "7b"}, batch_size=b, progress=False)
+    assert r.device == "meta" and r.storage is None and r.inputs == [{"shape": [b, t], "dtype": "int64"}]
+    linear = b * t * (layers * 12 * d * d + d * vocab)
+    attention = b * layers * 2 * d * t * (t + 1) // 2
+    assert r.totals["macs"] == linear + attention
+    assert r.totals["params"] == 6_714_695_680
+    m = r.memory
+    assert m["weights"] == 4 * r.totals["params"] and m["gradients"] == m["weights"]
+    assert m["optimizer_state"] >= 2 * m["weights"]  # Adam's two moments
