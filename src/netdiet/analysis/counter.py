@@ -299,7 +299,9 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     notes: list[str] = []
     saved_grads: dict = {}
     try:
-        with torch.random.fork_rng(devices=[]):
+        cuda = [t.device.index or 0 for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)]
+                if t.device.type == "cuda"] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=sorted(set(cuda))):
             model.train(train)
             meta_mode = _MetaAttentionMode() if on_meta else None
             if meta_mode is not None:
