@@ -358,3 +358,11 @@ def test_7b_preset_profiles_on_meta_with_hand_counted_macs():
     m = r.memory
     assert m["weights"] == 4 * r.totals["params"] and m["gradients"] == m["weights"]
     assert m["optimizer_state"] >= 2 * m["weights"]  # Adam's two moments
+
+
+def test_dtype_and_optimizer_reach_the_memory_and_flop_figures():
+    bf16 = netdiet.profile("lenet300", dtype="bf16", optimizer="none", progress=False)
+    assert bf16.memory["dtype"] == "bf16" and bf16.memory["weights"] == 2 * LENET300_PARAMS
+    assert bf16.totals["param_bytes"] == 4 * LENET300_PARAMS  # totals describe the model as given (fp32)
+    assert bf16.totals["optimizer_flops"] == 0 and bf16.memory["optimizer_state"] == 0
+    assert bf16.totals["train_flops"] == bf16.totals["flops"] + bf16.totals["backward_flops"]
