@@ -160,6 +160,69 @@ def peer_torchinfo(model, x):
     return int(stats.total_mult_adds)
 
 
+# Why a peer differs, worked out by hand on the rows of this benchmark (see docs/flops.md). Attached to a cell only
+# when that cell's ratio is off by more than 1 %.
+CONV_NETS = ("cnn", "lenet300", "lenet5", "mlp", "mobilenet", "resnet", "yolo")
+NO_CPU_SDPA = "no formula for the CPU SDPA op (_scaled_dot_product_flash_attention_for_cpu): attention counted as 0"
+_WHY = {
+    "flop_counter_mode": {
+        "transformer": NO_CPU_SDPA, "sdpa_causal_block": NO_CPU_SDPA,
+        "multihead_attention": "no formula for _native_multi_head_attention (the eval fast path): 0; "
+                               "backward: no formula for the CPU SDPA op",
+        "lstm_2layer": "no formula for mkldnn_rnn_layer (CPU LSTM): only the final Linear",
+        "backward:mobilenet": "grouped-conv weight gradient counted once per group (groups x too much)",
+        "backward:conv_transpose": "grouped transposed-conv weight gradient counted once per group",
+    },
+    "fvcore": {
+        **{n: "counts BatchNorm work in its MAC total" for n in CONV_NETS},
+        "transformer": "JIT trace skips aten::scaled_dot_product_attention (reported unsupported): attention 0",
+        "sdpa_causal_block": "JIT trace skips aten::scaled_dot_product_attention (reported unsupported): attention 0",
+        "multihead_attention": "only the projections: the attention inside MHA is unsupported",
+        "lstm_2layer": "JIT trace skips aten::lstm (reported unsupported): only the final Linear",
+    },
+    "ptflops": {
+        **{n: "counts BatchNorm, activations, pooling and bias adds as MACs" for n in CONV_NETS},
+        "transformer": "no rule for F.scaled_dot_product_attention (attention 0); adds LayerNorm/GELU/bias work",
+        "sdpa_causal_block": "no rule for F.scaled_dot_product_attention: attention 0",
+        "multihead_attention": "its MHA hook adds Q scaling, bias adds and 1 per softmax score to the MACs",
+        "lstm_2layer": "its RNN hook adds the gates' elementwise work and bias adds to the MACs",
+        "conv_transpose": "adds bias and ReLU work to the MACs",
+    },
+    "ptflops_aten": {
+        **{n: "counts bias adds as MACs" for n in CONV_NETS},
+        "transformer": NO_CPU_SDPA, "sdpa_causal_block": NO_CPU_SDPA,
+        "multihead_attention": "no rule for the attention op inside MHA: only the projections",
+        "lstm_2layer": "no rule for mkldnn_rnn_layer: only the final Linear",
+        "conv_transpose": "counts bias adds as MACs",
+    },
+    "thop": {
+        **{n: "counts BatchNorm, activations and pooling as MACs" for n in CONV_NETS},
+        "transformer": "module hooks only: F.scaled_dot_product_attention is invisible (attention 0)",
+        "sdpa_causal_block": "module hooks only: F.scaled_dot_product_attention and torch.matmul are invisible",
+        "multihead_attention": "no rule for nn.MultiheadAttention: 0",
+        "lstm_2layer": "adds the LSTM's elementwise gate work to the MACs",
+        "conv_transpose": "transposed conv counted per output pixel (stride^2 = 4x too much)",
+    },
+    "torchinfo": {
+        **{n: "counts bias adds" for n in CONV_NETS},
+        "transformer": "Linear on 3-D input multiplied by the batch only, not the sequence; Embedding priced at its "
+                       "parameter count; functional attention invisible",
+        "sdpa_causal_block": "Linear on 3-D input multiplied by the batch only; F.scaled_dot_product_attention and "
+                             "torch.matmul invisible",
+        "multihead_attention": "no rule for nn.MultiheadAttention: 0",
+        "lstm_2layer": "LSTM priced as its parameter count (biases included) x time steps",
+        "conv_transpose": "transposed conv counted per output pixel (stride^2 = 4x too much)",
+    },
+}
+
+
+def why(peer: str, case: str, backward: bool = False) -> str:
+    table = _WHY.get(peer, {})
+    if backward:
+        return table.get(f"backward:{case}") or table.get(case, "")
+    return table.get(case, "")
+
+
 PEERS = {
     "flop_counter_mode": ("torch.utils.flop_counter", peer_flop_counter_mode),
     "fvcore": ("fvcore", peer_fvcore),
@@ -210,6 +273,10 @@ def main() -> None:
                 entry["ratio_to_netdiet"] = round(entry["macs"] / ours.macs, 4)
             if entry.get("backward_macs") is not None and ours_train.backward_macs:
                 entry["backward_ratio_to_netdiet"] = round(entry["backward_macs"] / ours_train.backward_macs, 4)
+            if abs(entry.get("ratio_to_netdiet", 1.0) - 1.0) > 0.01:
+                entry["why"] = why(peer, name)
+            if abs(entry.get("backward_ratio_to_netdiet", 1.0) - 1.0) > 0.01:
+                entry["backward_why"] = why(peer, name, backward=True)
             row["peers"][peer] = entry
         rows.append(row)
         print(f"  counted {name}", file=sys.stderr)
@@ -256,6 +323,17 @@ def print_table(doc: dict) -> None:
         cell = "-" if "backward_macs" not in e else f"{format_count(e['backward_macs'])} ({e['backward_ratio_to_netdiet']:.2f})"
         bw.add_row(row["model"], format_count(row["netdiet_backward_macs"]), cell)
     console.print(bw)
+    reasons = Table(title="where a peer differs by more than 1 %, and why")
+    for col in ("model", "peer", "ratio", "why"):
+        reasons.add_column(col)
+    for row in doc["rows"]:
+        for p in peers:
+            e = row["peers"].get(p, {})
+            if e.get("why"):
+                reasons.add_row(row["model"], p, f"{e['ratio_to_netdiet']:.2f}", e["why"])
+            if e.get("backward_why"):
+                reasons.add_row(row["model"], p + " (backward)", f"{e['backward_ratio_to_netdiet']:.2f}", e["backward_why"])
+    console.print(reasons)
     if doc["peers_skipped"]:
         console.print(f"skipped (not installed): {', '.join(doc['peers_skipped'])}")
     console.print(f"results: {RESULTS}")
