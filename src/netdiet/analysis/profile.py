@@ -419,6 +419,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         raise NetdietError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
 
     mem_kw = dict(optimizer=optimizer, dtype=dtype_name, amp=amp, checkpointing=checkpointing)
+    early: dict[str, Any] = {}   # the estimate made before building a spec for real (it depends on shapes only)
 
     def before_real(meta_model: nn.Module) -> bool:
         """Keep a large spec on the meta device; refuse a --measure that would not fit before allocating it."""
@@ -431,6 +432,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         with input_fit_check(meta_model, x_meta):
             first = estimate_memory(meta_model, x_meta, **mem_kw)
         check_fits_in_ram(int(first.peak_estimated), force)
+        early["estimate"], early["shapes"] = first, [(tuple(t.shape), t.dtype) for t in x_meta]
         return True
 
     net, model_info = resolve_model(model, model_kw, seed=seed, before_real=before_real)
@@ -446,7 +448,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     from netdiet.analysis.counter import count_ops
     from netdiet.analysis.memory import check_fits_in_ram, estimate_memory
 
-    steps = 2 + (2 if measure else 0) + len(batch_sizes or []) + (1 if budget is not None else 0)
+    steps = (2 + (2 if measure else 0) + len(batch_sizes or []) * (2 if measure else 1)
+             + (1 if budget is not None else 0))
     bar = progress_bar(steps, "profile") if progress else None
 
     def tick() -> None:
@@ -460,8 +463,11 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         for p in net.parameters():
             p.grad = None
         tick()
-        with input_fit_check(net, x):
-            estimate = estimate_memory(net, x, **mem_kw)
+        if early.get("shapes") == [(tuple(t.shape), t.dtype) for t in x]:
+            estimate = early["estimate"]
+        else:
+            with input_fit_check(net, x):
+                estimate = estimate_memory(net, x, **mem_kw)
         tick()
         net.train(was_training)
 
@@ -510,6 +516,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                         net, scaling.with_batch(x, point.batch_size), **mem_kw)
                     point.peak_measured = scaling._int_or_none(m.get("peak_measured"))
                     point.inference_peak_measured = scaling._int_or_none(m.get("inference_peak_measured"))
+                    tick()
                 sweep.refit()
                 net.train(was_training)
 
