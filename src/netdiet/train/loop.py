@@ -190,7 +190,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         batches = epoch_batches(n, per_rank, epoch, cfg.seed, rank=rank, world=world)
         data = batch_iterator(x_train, y_train, batches, workers=cfg.workers, prefetch=cfg.prefetch,
                               pin_memory=cfg.pin_memory, transform=transform)
-        sums = torch.zeros(3, dtype=torch.float64)          # loss * samples, correct, samples
+        loss_sum, correct, count = 0.0, 0, 0
         t0, waited = time.perf_counter(), 0.0
         for i in range(len(batches)):
             t_wait = time.perf_counter()
@@ -210,9 +210,12 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                 penalty = weight_penalty(penalised, cfg.l1, cfg.l2)
                 if penalty is not None:
                     total = total + penalty
-                total = total / cfg.grad_accum
+                if cfg.grad_accum > 1:
+                    total = total / cfg.grad_accum
                 (scaler.scale(total) if scaler else total).backward()
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
             if last_micro:
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr_at(step, base_lr=base, schedule=cfg.schedule, total_steps=total_steps,
@@ -241,7 +244,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                         log(_projection_line(result.projection))
             progress.advance()
         seconds = time.perf_counter() - t0
-        metrics = _epoch_metrics(epoch, all_reduce_sum(sums), seconds, waited, rss, opt, step,
+        sums = all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))  # over all ranks
+        metrics = _epoch_metrics(epoch, sums, seconds, waited, rss, opt, step,
                                  model, x_val, y_val, loss_fn)
         result.history.append(metrics)
         stop = any([cb.on_epoch_end(model, epoch, metrics) for cb in callbacks])
