@@ -366,3 +366,14 @@ def test_dtype_and_optimizer_reach_the_memory_and_flop_figures():
     assert bf16.totals["param_bytes"] == 4 * LENET300_PARAMS  # totals describe the model as given (fp32)
     assert bf16.totals["optimizer_flops"] == 0 and bf16.memory["optimizer_state"] == 0
     assert bf16.totals["train_flops"] == bf16.totals["flops"] + bf16.totals["backward_flops"]
+
+
+def test_error_raised_by_the_models_own_forward_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "profile", "transformer", "--input", "1,100")
+    assert_one_line_exit_2(code, err, "input 1x100 does not fit model TransformerLM",
+                           "sequence length 100 exceeds the model's seq_len 64")
+
+
+def test_import_error_of_a_package_module_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "profile", "no_such_pkg_xyz.nets:build", "--input", "1,2")
+    assert_one_line_exit_2(code, err, "cannot import module 'no_such_pkg_xyz.nets'")

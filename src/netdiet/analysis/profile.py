@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -259,7 +261,11 @@ def describe_misfit(model_inputs: Sequence[torch.Tensor], name: str, mod: nn.Mod
         detail = f"LayerNorm expects trailing size {_shape_text(mod.normalized_shape)}, got {_shape_text(x)}"
     if detail is None:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # an engine may have wrapped the forward's own message: keep only the forward's words
+        msg = re.sub(r"^running the model on the given inputs failed: |; check the input shape and dtype$", "", msg)
         detail = f"{kind}: {msg[:200]}"
+    if not name:
+        got = None  # the model's own input: already named at the start
     extras = "; ".join(s for s in (wshape, got) if s)
     return (f"input {given} does not fit {layer} ({detail}{'; ' + extras if extras else ''}); "
             "give an --input shape that matches the model")
@@ -270,7 +276,11 @@ def input_fit_check(model: nn.Module, model_inputs: Sequence[torch.Tensor]) -> I
     """Turn a forward's shape error into a NetdietError that names the layer and both shapes."""
     tracker = _ModuleTracker(model)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch warns that a hook with always_call=True failed while the forward was already failing;
+            # the forward's error is the one the user needs
+            warnings.filterwarnings("ignore", message=r".*always_call=True.*raised an exception")
+            yield
     except (NetdietError, RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
         # an engine may already have turned the forward's error into a generic NetdietError; while a module
         # is still on the stack we know better which layer it was

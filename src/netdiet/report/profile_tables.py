@@ -8,7 +8,6 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from rich.tree import Tree
 
 from netdiet.units import format_bytes, format_count
 
@@ -63,21 +62,6 @@ def module_table(doc: dict, depth: int | None = None) -> Table:
                   format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
                   escape(_shape(row["output_shape"])))
     return t
-
-
-def module_tree(doc: dict, depth: int | None = None) -> Tree:
-    """The same figures as module_table, as a rich tree (for narrow terminals and docs)."""
-    rows = [r for r in doc["modules"] if depth is None or r["depth"] <= depth]
-    root_label = doc["model"].get("spec") or doc["model"].get("class")
-    tree = Tree(f"[bold]{escape(str(root_label))}[/bold]")
-    nodes: dict[str, Tree] = {}
-    for r in rows:
-        label = (f"{escape(r['name'].rsplit('.', 1)[-1] or '(model)')} [dim]{escape(r['type'])}[/dim]  "
-                 f"params {format_count(r['params'])}  MACs {format_count(r['macs'])}  FLOPs {format_count(r['flops'])}")
-        parent_name = r["name"].rsplit(".", 1)[0] if "." in r["name"] else ("" if r["name"] else None)
-        parent = nodes.get(parent_name, tree) if parent_name is not None else tree
-        nodes[r["name"]] = parent.add(label)
-    return tree
 
 
 def operator_table(doc: dict) -> Table:
