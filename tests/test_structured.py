@@ -201,3 +201,20 @@ def test_bn_scale_on_a_net_without_batchnorm_is_bad_input():
 def test_unreachable_target_macs_is_bad_input():
     with pytest.raises(NetdietError, match="target_macs 10 is below"):
         _prune("cnn", torch.rand(1, 1, 28, 28), target_macs=10)
+
+
+def test_transformer_feed_forward_neurons_prune_when_attention_and_embeddings_are_ignored():
+    x = torch.randint(0, 1000, (1, 64))
+    ignore = ["tok", "pos", "blocks.0.attn", "blocks.1.attn", "blocks.0.mlp.2", "blocks.1.mlp.2"]
+    model, state, tech = _prune("transformer", x, ratio=0.5, ignore=ignore)
+    assert [b.mlp[0].out_features for b in model.blocks] == [256, 256]        # d_ff 512 -> 256
+    assert [b.attn.qkv.out_features for b in model.blocks] == [384, 384]      # attention untouched
+    # each block loses 256 hidden neurons: 256 * (128 + 1) in the first Linear, 256 * 128 in the second
+    assert tech.report()["params_before"] - tech.report()["params_after"] == 2 * 256 * (128 + 1 + 128)
+    fresh = _replayed("transformer", state, model)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_a_model_torch_pruning_cannot_slice_is_a_one_line_error_naming_ignore():
+    with pytest.raises(NetdietError, match="Torch-Pruning cannot prune this model.*`ignore`"):
+        _prune("transformer", torch.randint(0, 1000, (1, 64)), ratio=0.5)

@@ -328,8 +328,3 @@ class MagnitudePruning(Technique):
             raise NetdietError(f"prune: unexpected tensor(s) {bad[:3]} in its state; expected only mask.<param>")
         self.masks = {k[len("mask."):]: v.to(torch.bool).clone() for k, v in state.items()}
 
-
-def make_permanent(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Zero the masked weights for good (our masks are never a reparametrisation, so this is all it takes)."""
-    apply_masks(model, masks)
-    return model

@@ -14,6 +14,7 @@ on the factory's dense model gives a module tree whose `load_state_dict` accepts
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -114,6 +115,9 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
     try:
         with torch.no_grad():
             out = model(example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's model failing on the inputs is bad input
+        raise NetdietError(f"structured: the model fails on the example inputs {tuple(example_inputs.shape)} "
+                           f"({type(exc).__name__}: {exc}); give inputs of the shape it expects") from None
     finally:
         for h in hooks:
             h.remove()
@@ -161,12 +165,25 @@ def _make_pruner(model: nn.Module, example_inputs: torch.Tensor, options: dict, 
                                 max_pruning_ratio=options["max_ratio"])
 
 
+@contextmanager
+def _pruning_errors():
+    """Torch-Pruning failing on a model it cannot trace or slice is a limit of the model, not a crash of netdiet."""
+    try:
+        yield
+    except NetdietError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds
+        raise NetdietError(f"structured: Torch-Pruning cannot prune this model ({type(exc).__name__}: {exc}); "
+                           "list the modules it trips on in `ignore`, or use unstructured prune or lowrank") from None
+
+
 def _prune_copy_macs(model: nn.Module, example_inputs: torch.Tensor, options: dict, ratio: float, ctx: StageContext) -> int:
     trial = copy.deepcopy(model)
-    pruner = _make_pruner(trial, example_inputs, options, ratio, 1)
-    if options["importance"] == "taylor":
-        _accumulate_taylor_gradients(trial, ctx)
-    pruner.step()
+    with _pruning_errors():
+        pruner = _make_pruner(trial, example_inputs, options, ratio, 1)
+        if options["importance"] == "taylor":
+            _accumulate_taylor_gradients(trial, ctx)
+        pruner.step()
     return count_macs(trial, example_inputs)
 
 
@@ -255,12 +272,14 @@ class StructuredPruning(Technique):
             ratio = float(o["ratio"])
 
         steps = int(o["iterative_steps"])
-        pruner = _make_pruner(model, inputs, o, ratio, steps)
+        with _pruning_errors():
+            pruner = _make_pruner(model, inputs, o, ratio, steps)
         history = []
         for i in range(steps):
             if o["importance"] == "taylor":
                 _accumulate_taylor_gradients(model, ctx)
-            pruner.step()
+            with _pruning_errors():
+                pruner.step()
             model.zero_grad(set_to_none=True)
             entry = {"step": i + 1, "macs": count_macs(model, inputs), "params": count_params(model)}
             if cfg is not None:
