@@ -252,3 +252,33 @@ def test_shrink_prune_and_int8_keeps_kept_codes_plus_bit_masks(digits):
     assert res.ledger_per_task[-1] == {"weights": 592 * 4 + 148 + 104}
     with pytest.raises(NetdietError, match="prune="):
         _run(digits, "naive", shrink="prune=2")
+
+
+def test_strategy_all_stops_only_what_cannot_fit_and_writes_the_schema(digits):
+    import json
+    from netdiet.continual.runner import run_continual
+    from netdiet.fileio import dumps_json
+    sc = make_scenario("split", digits, "task")
+    model_fn, info = build_model_fn("mlp", {"widths": [16]}, sc)
+    doc = json.loads(dumps_json(run_continual(sc, "all", model_fn, _cfg(budget=12000, exemplar_bits=4), info)))
+    assert doc["schema"] == "netdiet.continual/1" and doc["setting"] == "task" and doc["budget"] == 12000
+    status = {s["name"]: s["status"] for s in doc["strategies"]}
+    assert status == {"naive": "ok", "joint": "stopped", "ewc": "ok", "lwf": "ok", "replay": "ok",
+                      "replay-reservoir": "ok", "packnet": "ok", "shrink": "ok"}
+    for s in doc["strategies"]:
+        if s["status"] == "ok":
+            assert len(s["accuracy_matrix"]) == 5 and all(b <= 12000 for b in s["bytes_per_task"])
+            assert set(s) >= {"average_accuracy", "bwt", "forgetting", "fwt", "ledger_per_task", "train_flops_per_task"}
+    ewc = next(s for s in doc["strategies"] if s["name"] == "ewc")
+    assert ewc["ledger_per_task"][-1] == {"weights": 4840, "fisher": 2420, "anchors": 2420}   # bfloat16 copies
+
+
+def test_downsampled_exemplars_decode_to_the_full_input_size():
+    # a linear ramp survives 2x2 average pooling + bilinear up-sampling exactly, away from the borders
+    ramp = (torch.arange(28).float() / 27).view(1, 1, 1, 28).expand(2, 1, 28, 28).contiguous()
+    buf = ExemplarBuffer((1, 28, 28), 10, bits=8, downsample=2)
+    buf.add(ramp, torch.tensor([1, 2]))
+    assert buf.bytes_per_exemplar() == 14 * 14 + 1
+    xd, yd = buf.decode()
+    assert xd.shape == (2, 1, 28, 28) and yd.tolist() == [1, 2]
+    assert (xd - ramp)[..., 1:27].abs().max().item() <= 0.5 / 255 + 1e-6

@@ -136,8 +136,8 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
     """One strategy, or `all` applicable ones. Under `all`, a strategy that cannot fit the budget is reported as
     stopped (with the reason) and the others still run; a single strategy raises instead."""
     names = applicable(scenario.setting) if strategy == "all" else [strategy]
-    if strategy != "all":
-        create_strategy(strategy, scenario, cfg).check_start(model_fn())   # bad input fails before any training
+    # bad input (unknown or inapplicable strategy, a budget below the model itself) fails before any training
+    create_strategy(names[0] if strategy == "all" else strategy, scenario, cfg).check_start(model_fn())
     results = []
     from netdiet.report.progress import progress_bar
     bar = progress_bar(len(names) * len(scenario.tasks), f"continual {strategy}") if strategy == "all" else None
@@ -147,7 +147,7 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
             results.append(run_strategy(n, scenario, model_fn, cfg, on_task=(lambda _i: bar.advance()) if bar else None,
                                         meter=meter))
         except NetdietError as exc:
-            if strategy != "all" or "smaller than the model itself" in str(exc):
+            if strategy != "all":
                 if bar:
                     bar.close()
                 raise
