@@ -218,3 +218,27 @@ def test_transformer_feed_forward_neurons_prune_when_attention_and_embeddings_ar
 def test_a_model_torch_pruning_cannot_slice_is_a_one_line_error_naming_ignore():
     with pytest.raises(NetdietError, match="Torch-Pruning cannot prune this model.*`ignore`"):
         _prune("transformer", torch.randint(0, 1000, (1, 64)), ratio=0.5)
+
+
+def test_finetuning_after_structured_pruning_keeps_an_earlier_prune_sparse(mnist5k):
+    data = SimpleNamespace(x_train=mnist5k.x_train[:128], y_train=mnist5k.y_train[:128])
+    torch.manual_seed(0)
+    model = create_model("lenet300")
+    state = CompressionState()
+    create_technique("prune", sparsity=0.8).apply(model, state, StageContext())
+    create_technique("structured", ratio=0.5).apply(
+        model, state, StageContext(data=data, example_inputs=data.x_train[:1],
+                                   finetune=TrainConfig(epochs=1, batch_size=64, lr=1e-2, progress=False)))
+    params = dict(model.named_parameters())
+    assert params["3.weight"].shape == (50, 150)
+    for name, mask in state.masks.items():
+        assert mask.shape == params[name].shape and torch.equal(params[name] != 0, mask)
+        assert float((~mask).float().mean()) > 0.6   # still sparse after training (about 0.8 before slicing)
+
+
+def test_round_to_keeps_channel_counts_multiples():
+    x = torch.rand(1, 1, 28, 28)
+    model, _, _ = _prune("cnn", x, ratio=0.3, round_to=8)
+    # 32 * 0.7 = 22.4 and 64 * 0.7 = 44.8 channels, rounded to multiples of 8
+    assert model[0].out_channels % 8 == 0 and model[4].out_channels % 8 == 0
+    assert model[0].out_channels in (16, 24) and model[4].out_channels in (40, 48)

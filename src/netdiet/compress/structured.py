@@ -282,15 +282,17 @@ class StructuredPruning(Technique):
                 pruner.step()
             model.zero_grad(set_to_none=True)
             entry = {"step": i + 1, "macs": count_macs(model, inputs), "params": count_params(model)}
+            self._invalidate_per_weight_state(model, state)
             if cfg is not None:
+                from netdiet.compress.prune import MaskHold
                 step_cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (structured {i + 1}/{steps})")
-                result = fit(model, ctx.data.x_train, ctx.data.y_train, step_cfg)
+                # weights pruned by an earlier stage stay pruned while the smaller network fine-tunes
+                result = fit(model, ctx.data.x_train, ctx.data.y_train, step_cfg, callbacks=[MaskHold(state.masks)])
                 entry["finetune"] = result.to_dict()
             history.append(entry)
 
         self.edit = structure_edit(before, model)
         state.structure.append(self.edit)
-        self._invalidate_per_weight_state(model, state)
         macs_after, params_after = count_macs(model, inputs), count_params(model)
         layers = {name: {"type": ch["type"], "before": {k: before[name]["params"].get(k) for k in ch["params"]},
                          "after": ch["params"]}
