@@ -203,6 +203,8 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
     for name, value, low in (("epochs", cfg.epochs, 1), ("batch size", cfg.batch_size, 1), ("downsample", cfg.exemplar_downsample, 1)):
         if value < low:
             raise NetdietError(f"{name} must be at least {low}, got {value}")
+    if cfg.exemplars is not None and cfg.exemplars < 1:
+        raise NetdietError(f"--exemplars must be at least 1, got {cfg.exemplars}; leave it out to fill the budget")
     if cfg.budget is not None and cfg.budget <= 0:
         raise NetdietError(f"budget must be a positive size such as 256KiB, got {cfg.budget}")
     ds = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
