@@ -42,7 +42,10 @@ def compress_table(doc: dict) -> Table:
     for col, justify in (("stage", "left"), ("acc %", "right"), ("Δ pt", "right"),
                          ("bytes", "right"), ("ratio", "right"), ("params", "right"), ("nonzero", "right"),
                          ("MACs", "right"), ("ms", "right")):
-        t.add_column(col, justify=justify, style="bold" if col == "stage" else None, no_wrap=True)
+        if col == "stage":  # long stage names fold; the numbers never do
+            t.add_column(col, justify=justify, style="bold", overflow="fold", min_width=8)
+        else:
+            t.add_column(col, justify=justify, no_wrap=True, min_width=len(col))
     pareto = set(doc.get("pareto", []))
     base = doc["baseline"]
     t.add_row("baseline *" if "baseline" in pareto else "baseline", _acc(base["accuracy"]), "", format_bytes(base["bytes_on_disk"]), "1.0x",
