@@ -47,7 +47,13 @@ def train_summary_lines(doc: dict) -> list[str]:
                      f"at epoch {es.get('best_epoch')}{', best weights restored' if es.get('restored_best') else ''}")
     rc = doc.get("recompute")
     if rc:
-        lines.append(f"activation checkpointing on {rc['module']}: {len(rc['segments'])} segments over {rc['children']} blocks")
+        line = f"activation checkpointing on {rc['module']}: {len(rc['segments'])} segments over {rc['children']} blocks"
+        if rc.get("activations_plain") is not None:
+            line += (f"; activations kept for backward at batch {rc['batch']}: {format_bytes(rc['activations_plain'])} -> "
+                     f"{format_bytes(rc['activations_checkpointed'])} ({_pct(rc['activations_saved_fraction'])} saved)")
+        if rc.get("recompute_flops_per_sample") is not None:
+            line += f"; recompute adds {format_count(rc['recompute_flops_per_sample'])} FLOPs per sample"
+        lines.append(line)
     if doc.get("budget"):
         lines.append(doc["budget"].get("explanation", ""))
     lines.append(f"peak memory is {doc.get('memory_method')}: process peak RSS during the epoch, and that minus RSS at epoch start")

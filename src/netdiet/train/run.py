@@ -137,6 +137,27 @@ def train_flops_per_sample(model: torch.nn.Module, x: torch.Tensor, optimizer: s
         return None, None
 
 
+def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str, precision: str) -> dict:
+    """What --checkpointing buys and costs on this model: activation bytes kept for backward (measured, live tensors)
+    with and without it, and the training FLOPs it adds (counted with and without; the difference is the recompute)."""
+    import copy
+    from netdiet.train.budget import measure_activation_bytes
+    from netdiet.train.recompute import enable_checkpointing
+    x, y = x.clone(), y.clone()
+    plain = measure_activation_bytes(model, x, y, precision=precision)
+    ckpt = measure_activation_bytes(model, x, y, precision=precision, checkpointing=True)
+    out = {"batch": len(x), "activations_plain": plain, "activations_checkpointed": ckpt,
+           "activations_saved_fraction": 1 - ckpt / plain if plain else None, "recompute_flops_per_sample": None}
+    base, method = train_flops_per_sample(model, x, optimizer)
+    patched = copy.deepcopy(model)
+    enable_checkpointing(patched)
+    with_ckpt, _ = train_flops_per_sample(patched, x, optimizer)
+    if base is not None and with_ckpt is not None:
+        out["recompute_flops_per_sample"] = with_ckpt - base
+        out["flops_method"] = method
+    return out
+
+
 def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     """Create/validate the output folder before any work; refuse to overwrite an earlier run."""
     from netdiet.train.checkpoint import has_checkpoint
@@ -190,7 +211,8 @@ def execute(params: dict, dataset=None) -> dict:
                    config=cfg.to_dict(), history=res.history, steps=res.steps, seconds=res.seconds,
                    test_acc=evaluate_accuracy(model, data.x_test, data.y_test), params=sum(p.numel() for p in model.parameters()),
                    world_size=world, out=str(out) if out else None, resumed_from_epoch=res.resumed_from_epoch,
-                   projection=res.projection, early_stopping=res.early_stopping, recompute=res.recompute,
+                   projection=res.projection, early_stopping=res.early_stopping,
+                   recompute={**res.recompute, **(params.get("recompute_effect") or {})} if res.recompute else None,
                    budget=params.get("budget"), train_flops_per_sample=flops, flops_method=flops_method,
                    memory_method=res.memory_method)
     if out is not None and rank == 0:
@@ -241,8 +263,13 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
         if log:
             log(decision.explanation)
     flops, flops_method = train_flops_per_sample(model, dataset.x_train[:min(8, len(dataset.x_train))], cfg.optimizer)
+    recompute = None
+    if cfg.checkpointing:
+        n = min(cfg.batch_size, len(dataset.x_train))
+        recompute = recompute_report(model, dataset.x_train[:n], dataset.y_train[:n], cfg.optimizer, cfg.precision)
     params = {"spec": spec, "kwargs": kwargs, "data": data, "data_dir": data_dir, "out": out, "config": cfg.to_dict(),
-              "val_fraction": val_fraction, "budget": budget, "train_flops_per_sample": flops, "flops_method": flops_method}
+              "val_fraction": val_fraction, "budget": budget, "train_flops_per_sample": flops, "flops_method": flops_method,
+              "recompute_effect": recompute}
     if launched_by_torchrun():
         init_from_env()
         doc = execute(params, dataset)
