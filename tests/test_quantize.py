@@ -182,3 +182,20 @@ def test_static_int8_calibrates_the_input_scale_from_the_data_range(trained_mlp,
 def test_static_without_calibration_data_is_bad_input(trained_mlp):
     with pytest.raises(NetdietError, match="calibration"):
         create_technique("quantize", mode="static").apply(_copy(trained_mlp), CompressionState(), StageContext())
+
+
+def test_conv_codes_of_a_batchnorm_folded_export_are_not_taken_as_the_conv_weight():
+    # ONNX exporters fold eval-mode BatchNorm into the conv weight and keep the conv's name; those int8 codes
+    # round w * gamma / sqrt(var + eps), not w, so the PyTorch model must keep its own conv weight
+    torch.manual_seed(0)
+    model = create_model("cnn", channels=[4]).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(4.0)
+        model[1].running_mean.fill_(0.5)
+    conv = model[0].weight.detach().clone()
+    state = CompressionState()
+    create_technique("quantize", mode="dynamic", exporter="torchscript").apply(
+        model, state, StageContext(example_inputs=torch.zeros(1, 1, 28, 28)))
+    assert "0.weight" not in state.encodings
+    assert torch.equal(model[0].weight, conv)
+    assert "6.weight" in state.encodings  # the Linear head (after Flatten, Dropout) is int8 in both runtimes

@@ -151,7 +151,7 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
         result.latency_detail["pytorch"] = _time(torch_fn, warmup, repeats)
         result.latency_ms["pytorch"] = result.latency_detail["pytorch"]["median"]
         if session is not None:
-            name, xn = session.get_inputs()[0].name, xb.float().numpy()
+            name, xn = session.get_inputs()[0].name, xb.numpy()
             result.latency_detail["onnxruntime"] = _time(lambda: session.run(None, {name: xn}), warmup, repeats)
             result.latency_ms["onnxruntime"] = result.latency_detail["onnxruntime"]["median"]
     return result

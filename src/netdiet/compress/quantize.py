@@ -114,11 +114,13 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, exporter: str = "auto"):
+def export_onnx(model: nn.Module, example: torch.Tensor, exporter: str = "auto", optimize: bool = True):
     """The model as an onnx.ModelProto with a dynamic batch dimension (in memory, nothing written).
 
     exporter: "dynamo" (torch.export-based, torch's default since 2.9), "torchscript" (the legacy exporter: far
-    quicker to run, deprecated by torch) or "auto" (dynamo, then torchscript if dynamo fails).
+    quicker to run, deprecated by torch) or "auto" (dynamo, then torchscript if dynamo fails). optimize=False
+    keeps BatchNorm as its own node instead of folding it into the conv weight (so the conv's int8 codes stay
+    a rounding of the model's own weight).
     """
     import onnx
 
@@ -130,7 +132,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, exporter: str = "auto")
         try:
             if exporter == "torchscript":
                 raise _SkipDynamo
-            prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False,
+            prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False, optimize=optimize,
                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
             proto = prog.model_proto
             # the exporter's value_info can disagree with ONNX shape inference (Gemm transB), which
@@ -169,7 +171,7 @@ def ort_session(model_bytes: bytes, threads: int | None = None):
 
 def ort_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + batch_size].float().numpy()})[0] for i in range(0, len(x), batch_size)]
+    outs = [session.run(None, {name: x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
     return torch.from_numpy(np.concatenate(outs))
 
 
@@ -187,7 +189,7 @@ def _ort_quantize(proto, mode: str, calibration: list[torch.Tensor] | None, meth
         else:
             class Reader(CalibrationDataReader):
                 def __init__(self) -> None:
-                    self._it = iter([{input_name: b.float().numpy()} for b in calibration or []])
+                    self._it = iter([{input_name: b.numpy()} for b in calibration or []])
 
                 def get_next(self):
                     return next(self._it, None)
@@ -198,6 +200,42 @@ def _ort_quantize(proto, mode: str, calibration: list[torch.Tensor] | None, meth
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib)
         with open(dst, "rb") as fh:
             return fh.read()
+
+
+def align_initializer_names(proto, model: nn.Module) -> int:
+    """Rename float initializers that are exact copies of a parameter (or of its transpose) to the parameter's
+    name, so ORT's "<name>_quantized" codes can be matched to the model (exporters name some weights val_N).
+    Returns how many were renamed."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    by_value: dict[tuple, str] = {}
+    for name, p in model.named_parameters():
+        a = p.detach().float().contiguous().numpy()
+        by_value.setdefault((a.shape, hashlib.sha1(a.tobytes()).hexdigest()), name)
+        if a.ndim == 2:
+            t = np.ascontiguousarray(a.T)
+            by_value.setdefault((t.shape, hashlib.sha1(t.tobytes()).hexdigest()), name)
+    taken = {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input} | \
+            {o for n in proto.graph.node for o in n.output}
+    renamed = 0
+    for init in proto.graph.initializer:
+        if init.data_type != 1 or init.name in dict(model.named_parameters()):
+            continue
+        a = numpy_helper.to_array(init)
+        target = by_value.get((a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()))
+        if target is None or target in taken:
+            continue
+        old = init.name
+        init.name = target
+        taken.add(target)
+        for node in proto.graph.node:
+            for k, inp in enumerate(node.input):
+                if inp == old:
+                    node.input[k] = target
+        renamed += 1
+    return renamed
 
 
 def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str, Encoding], list[dict]]:
@@ -232,8 +270,13 @@ def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str,
             continue
         if zp is not None and not torch.any(zp != 0):
             zp = None
-        encodings[pname] = Encoding(kind="quant", bits=8, q=codes.to(torch.int8), scale=scale,
-                                    zero_point=zp, axis=0)
+        enc = Encoding(kind="quant", bits=8, q=codes.to(torch.int8), scale=scale, zero_point=zp, axis=0)
+        # the codes must be a rounding of *this* parameter: the exporter may have folded BatchNorm into a conv
+        # weight under the conv's name, and those codes then belong to the ONNX graph alone
+        step = scale.view([-1] + [1] * (codes.dim() - 1))
+        if not torch.all((enc.dequantize() - tensors[pname].float()).abs() <= step * 0.5001 + 1e-7):
+            continue
+        encodings[pname] = enc
         fill.append({"init": name, "param": pname, "transpose": transpose})
     for name, init in inits.items():
         if name in tensors and init.data_type == onnx.TensorProto.FLOAT and name not in encodings:
@@ -386,7 +429,10 @@ class Quantize(Technique):
         model.eval()
         from netdiet.report.progress import progress_bar
         with progress_bar(3, f"quantize {mode}: export, quantize, read back") as bar:
-            proto = export_onnx(model, example, self.options["exporter"])
+            # static: keep BatchNorm unfolded so conv codes are the model's own (measured: compact archives for
+            # BN convnets); dynamic: the folded graph is what ORT's dynamic quantizer handles best
+            proto = export_onnx(model, example, self.options["exporter"], optimize=(mode == "dynamic"))
+            align_initializer_names(proto, model)
             bar.advance()
             int8 = _ort_quantize(proto, mode, calibration, self.options["calibration_method"])
             bar.advance()
