@@ -49,8 +49,10 @@ def module_table(doc: dict, depth: int | None = None) -> Table:
     for col in ("params", "MACs", "FLOPs", "bwd FLOPs", "saved"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("output", overflow="fold", min_width=11)
+    hidden = 0
     for row in doc["modules"]:
         if depth is not None and row["depth"] > depth:
+            hidden += 1
             continue
         indent = "  " * row["depth"]
         name = row["name"] or "(model)"
@@ -61,6 +63,8 @@ def module_table(doc: dict, depth: int | None = None) -> Table:
                   format_count(row["macs"]), format_count(row["flops"]), format_count(row["backward_flops"]),
                   format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
                   escape(_shape(row["output_shape"])))
+    if hidden:
+        t.caption = f"{hidden} deeper modules not shown: --depth {depth + 1} or more shows them, --json keeps them all"
     return t
 
 
