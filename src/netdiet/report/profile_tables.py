@@ -72,7 +72,8 @@ def operator_table(doc: dict) -> Table:
     t = _table("operators (forward + backward)")
     for col, just in (("op", "left"), ("calls", "right"), ("MACs", "right"), ("FLOPs", "right"), ("bwd calls", "right"),
                       ("bwd MACs", "right"), ("bwd FLOPs", "right")):
-        t.add_column(col, justify=just)
+        # op names must stay whole (two attention ops differ only at the end): fold, never ellipsis
+        t.add_column(col, justify=just, overflow="fold", no_wrap=(col != "op"))
     rows = sorted(doc["operators"].items(), key=lambda kv: -(kv[1].get("flops", 0) + kv[1].get("backward_flops", 0)))
     for op, r in rows:
         t.add_row(escape(op), str(r.get("count", 0)), format_count(r.get("macs")), format_count(r.get("flops")),
