@@ -136,11 +136,15 @@ def test_magnitude_importance_removes_the_neurons_with_the_smallest_weights():
 
 def test_target_macs_reaches_the_target_by_choosing_the_ratio():
     x = torch.rand(1, 1, 28, 28)
-    model, _, tech = _prune("cnn", x, target_macs=0.5)
+    model, _, tech = _prune("lenet300", x, target_macs=0.5)
     r = tech.report()
-    assert r["macs_after"] <= r["target_macs"] == int(0.5 * 3_869_824)
-    assert r["macs_after"] > 0.4 * r["macs_before"]  # the bisection does not overshoot by far
-    assert 0.2 < r["ratio"] < 0.35                    # MACs fall roughly as (1 - ratio)^2
+    # 784*300 + 300*100 + 100*10 = 266,200 dense; at ratio q: 784*300(1-q) + 300*100(1-q)^2 + 100(1-q)*10
+    assert r["macs_before"] == 266_200
+    assert r["macs_after"] <= r["target_macs"] == 133_100
+    assert r["macs_after"] > 0.45 * 266_200           # the bisection (to 0.01 in ratio) does not overshoot by far
+    keep1, keep3 = model[1].out_features, model[3].out_features
+    assert r["macs_after"] == 784 * keep1 + keep1 * keep3 + keep3 * 10
+    assert 0.4 < r["ratio"] < 0.55
 
 
 def test_iterative_pruning_finetunes_between_steps(mnist5k):
