@@ -28,7 +28,7 @@ def summary_table(doc: dict) -> Table:
         t.add_column(col, justify=just)
     for s in doc["strategies"]:
         if s["status"] != "ok":
-            t.add_row(s["name"], "[red]stopped[/red]", "", "", "", escape(s["message"][:90]), "", "", "")
+            t.add_row(s["name"], "[red]stopped[/red]", "", "", "", "over budget: see below", "", "", "")
             continue
         flops = s["train_flops_per_task"]
         total_flops = None if not flops or any(f is None for f in flops) else sum(flops)
@@ -52,3 +52,8 @@ def matrix_table(strategy: dict) -> Table:
         ledger = ", ".join(f"{k} {v}" for k, v in strategy["ledger_per_task"][i].items())
         t.add_row(f"T{i + 1}", *[f"{100 * a:.1f}" for a in row], str(strategy["bytes_per_task"][i]), ledger)
     return t
+
+
+def stopped_lines(doc: dict) -> list[str]:
+    """One line per strategy that stopped, with its full reason."""
+    return [f"{s['name']} stopped: {escape(s['message'])}" for s in doc["strategies"] if s["status"] != "ok"]
