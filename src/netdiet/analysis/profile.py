@@ -171,12 +171,9 @@ def prepare_inputs(inputs: Any, spec: str | None, model_kw: dict | None, batch_s
     if batch_size is not None and int(batch_size) <= 0:
         raise NetdietError(f"batch size must be positive, got {batch_size}")
     zoo_dtype, zoo_high = torch.float32, None
-    if spec is not None:
-        try:
-            _, zoo_dtype, zoo_high = default_inputs(spec, model_kw)
-        except NetdietError:
-            if inputs is None:
-                raise
+    is_zoo = spec is not None and ":" not in spec and not spec.endswith(".py")
+    if is_zoo:  # shapes given for a zoo model take its input dtype (token ids for the transformer)
+        _, zoo_dtype, zoo_high = default_inputs(spec, model_kw)
     if inputs is None:
         shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
         items: list[Any] = [shape]
