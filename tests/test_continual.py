@@ -282,3 +282,42 @@ def test_downsampled_exemplars_decode_to_the_full_input_size():
     xd, yd = buf.decode()
     assert xd.shape == (2, 1, 28, 28) and yd.tolist() == [1, 2]
     assert (xd - ramp)[..., 1:27].abs().max().item() <= 0.5 / 255 + 1e-6
+
+
+def test_permuted_and_incremental_scenarios_record_their_construction(digits):
+    perm = make_scenario("permuted", digits, "class", num_tasks=3, seed=5)
+    assert perm.num_outputs == 30
+    assert torch.equal(perm.tasks[0].x_train, digits.x_train)                    # task 1 is unpermuted
+    assert torch.equal(perm.tasks[2].y_train, digits.y_train + 20)               # class-IL: outputs offset per task
+    flat0, flat2 = digits.x_train.reshape(len(digits.x_train), -1), perm.tasks[2].x_train.reshape(len(digits.x_train), -1)
+    assert torch.equal(flat0.sort(1).values, flat2.sort(1).values)               # the same pixels, moved
+    assert make_scenario("permuted", digits, "domain", num_tasks=3).num_outputs == 10
+    inc = make_scenario("incremental-data", digits, "domain", num_tasks=4, initial_fraction=0.5)
+    sizes = inc.to_dict()["options"]["slice_sizes"]
+    assert sum(sizes) == len(digits.y_train) and sizes[0] == round(len(digits.y_train) * 0.5)
+    assert all(torch.equal(t.x_test, digits.x_test) for t in inc.tasks)
+
+
+def test_reservoir_counts_the_stream_and_never_holds_more_than_its_capacity(digits):
+    sc = make_scenario("split", digits, "class")
+    model_fn, _ = build_model_fn("mlp", {"widths": [16]}, sc)
+    model = model_fn()
+    strategy = create_strategy("replay-reservoir", sc, _cfg(exemplars=50))
+    streamed = 0
+    for t in range(3):
+        strategy.after_task(model, t)            # the buffer update alone (no training needed)
+        streamed += len(sc.tasks[t].y_train)
+        assert len(strategy.buffer) == 50 and int(strategy.seen) == streamed
+    labels = set(strategy.buffer.labels.tolist())
+    assert labels <= set(range(6)) and len(labels) >= 4   # samples of earlier tasks survive
+
+
+def test_cli_writes_the_continual_json(tmp_path):
+    import json
+    from netdiet.cli import main
+    out = tmp_path / "c.json"
+    assert main(["continual", "--data", "digits", "--setting", "task", "--strategy", "packnet", "--epochs", "1",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "netdiet.continual/1" and doc["strategies"][0]["name"] == "packnet"
+    assert doc["strategies"][0]["forgetting"] == 0.0
