@@ -392,7 +392,8 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
         stages.append(result)
         if on_stage is not None:
             on_stage(result, model, state)
-        state.stages.append({k: v for k, v in result.to_dict().items() if k != "report"})
+        # what the archive header records per stage; wall-clock seconds stay out so the same seed gives the same file
+        state.stages.append({k: v for k, v in result.to_dict().items() if k not in ("report", "seconds", "latency_ms")})
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
         size = f"{m['bytes_on_disk']} bytes ({ratio:.1f}x)" if ratio else "-"
         say(f"stage {stage.name}: accuracy {acc}, {size}")
