@@ -377,3 +377,10 @@ def test_error_raised_by_the_models_own_forward_is_one_line(capsys):
 def test_import_error_of_a_package_module_is_one_line(capsys):
     code, _, err = run_cli(capsys, "profile", "no_such_pkg_xyz.nets:build", "--input", "1,2")
     assert_one_line_exit_2(code, err, "cannot import module 'no_such_pkg_xyz.nets'")
+
+
+def test_non_integer_options_are_one_line(capsys):
+    code, _, err = run_cli(capsys, "profile", "lenet300", "--batch-size", "eight")
+    assert_one_line_exit_2(code, err, "--batch-size 'eight' is not an integer >= 1")
+    code, _, err = run_cli(capsys, "profile", "lenet300", "--depth", "-1")
+    assert_one_line_exit_2(code, err, "--depth '-1' is not an integer >= 0")
