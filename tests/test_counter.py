@@ -366,3 +366,46 @@ def test_transformer_7b_training_count_on_meta_stays_under_60s_and_1gib_rss():
     assert float(seconds) < 60 and int(rss) < 1024 ** 3
     n = 6_714_695_680  # parameters of the preset; a training step is a bit more than 6·N·tokens
     assert 6 * n * 8 * 2048 < int(train_flops) < 1.1 * 6 * n * 8 * 2048
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_transformer_encoder_layer_fast_path_runs_under_the_counter_and_matches_the_op_by_op_path(activation):
+    # the fused op only runs when no hooks are attached to the layer: the counter must not switch it off
+    torch.manual_seed(0)
+    layer, x = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, activation=activation), torch.randn(2, 5, 8)
+    fused = count_ops(layer, x)
+    assert list(fused.operators) == ["aten._transformer_encoder_layer_fwd"]
+    # in-proj 2·5·8·24 + attention 2·25·16 + out-proj 2·5·8·8 + FFN 2·2·5·8·16
+    assert fused.macs == 1920 + 800 + 640 + 2560
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        op_by_op = count_ops(layer, x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert "aten._transformer_encoder_layer_fwd" not in op_by_op.operators
+    assert (op_by_op.macs, op_by_op.flops) == (fused.macs, fused.flops)
+
+
+def test_tensors_passed_as_keyword_arguments_are_attributed_to_the_caller():
+    class Child(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, *, x):
+            return self.lin(x)
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(4, 4)
+            self.child = Child()
+
+        def forward(self, x):
+            h = self.pre(x) * 2.0          # the parent's own multiply: 3·4 FLOPs forward, 12 backward
+            return self.child(x=h)
+
+    c = count_ops(Parent(), torch.randn(3, 4), train=True, optimizer="none")
+    own = c.module("").backward_flops - c.module("pre").backward_flops - c.module("child").backward_flops
+    assert own == 12
+    assert c.module("child").backward_flops == c.module("child.lin").backward_flops

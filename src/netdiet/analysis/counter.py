@@ -3,11 +3,9 @@
 
 How attribution works:
 - Forward: module forward pre/post hooks keep a stack of running modules; an op belongs to the innermost one.
-- Backward: each autograd node is claimed, during the forward, by the module whose code created it (a module's
-  post-hook walks back from its outputs and claims every unclaimed node; its pre-hook first claims, for the
-  enclosing module, the nodes that produced its inputs). During backward `torch._C._current_autograd_node()`
-  names the node being run, so its ops go to the module that created that node. Unlike hooks on module
-  inputs/outputs, this cannot leak a module into its siblings' backward (e.g. a module whose inputs need no grad).
+- Backward: autograd nodes are numbered in creation order; each module call records the range of numbers handed
+  out while it ran, and during backward `torch._C._current_autograd_node()` names the node being run, so its ops go
+  to the innermost module call whose range holds that node's number (see `_Counter`).
 - Costs are recorded at the innermost module and summed into every ancestor by name, so each ModuleCost is
   inclusive and the root "" holds the model's totals.
 - The loss reduction of a training count runs outside the model: it is the pseudo module "<loss>" (depth 0,
@@ -17,12 +15,14 @@ How attribution works:
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -167,28 +167,47 @@ def _flash_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                                                                       scale=scale)[0]
 
 
+_next_sequence_nr = torch._C._autograd._get_sequence_nr   # the number the next autograd node will get
+
+
 class _Counter:
+    """Owns the hooks and the tally. Attribution:
+
+    forward  - a stack of running modules (global pre/post forward hooks); an op belongs to the innermost one.
+    backward - every autograd node carries the sequence number it was created with, and numbers only grow. Each
+               module call records the interval of numbers handed out while it ran (a nested, laminar family), so
+               the node being run in backward (`torch._C._current_autograd_node()`) belongs to the innermost call
+               whose interval holds its number. Inputs' producers (older numbers) stay with the caller however the
+               inputs were passed, in-place ops inside a module stay inside it, and nothing needs the module's
+               inputs or outputs to require grad.
+    """
+
     def __init__(self, model: nn.Module) -> None:
         self.tally = _Tally()
         self.names: dict[int, str] = {}
         for name, mod in model.named_modules(remove_duplicate=True):
             self.names.setdefault(id(mod), name)
         self.ancestors: dict[str, tuple[str, ...]] = {}
-        self.stack: list[str] = []
-        self.outside = ""           # owner of ops outside any module: the root during forward, LOSS after
-        self.node_owner: dict[Any, str] = {}
+        self.stack: list[str] = []          # running module names (forward)
+        self.open: list[int] = []           # their interval indices
+        self.starts: list[int] = []         # interval i = [starts[i], ends[i]) of sequence numbers, owner names[i]
+        self.ends: list[int | None] = []
+        self.owners: list[str] = []
+        self.parents: list[int] = []
+        self.outside = ""                   # owner of forward ops outside any module: "" then LOSS
+        self.owner_of_seq: dict[int, str] = {}
+        self.fill_from = _next_sequence_nr()
         self.output_shapes: dict[str, list | None] = {}
         self.formula_errors: dict[str, str] = {}
-        self.handles: list = []
-        for mod in model.modules():
-            self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(mod.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        # global hooks, filtered by the name map: per-module hooks would switch off fast paths that refuse to run
+        # with hooks attached (nn.TransformerEncoderLayer), so the count would describe a path that never runs
+        self.handles: list = [register_module_forward_pre_hook(self._pre),
+                              register_module_forward_hook(self._post, always_call=True)]
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        self.node_owner.clear()
 
     # ---- attribution
     def _ancestry(self, name: str) -> tuple[str, ...]:
@@ -202,48 +221,74 @@ class _Counter:
             self.ancestors[name] = chain
         return chain
 
-    def _claim(self, tensors: list, owner: str) -> None:
-        todo = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        while todo:
-            node = todo.pop()
-            if node is None or node in self.node_owner:
-                continue
-            self.node_owner[node] = owner
-            todo.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    def _add_interval(self, start: int, end: int | None, owner: str, parent: int) -> int:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.owners.append(owner)
+        self.parents.append(parent)
+        self.owner_of_seq.clear()
+        return len(self.starts) - 1
 
-    def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+    def open_interval(self, owner: str) -> int:
+        self.fill_from = _next_sequence_nr()
+        self.open.append(self._add_interval(self.fill_from, None, owner, self.open[-1] if self.open else -1))
+        return self.open[-1]
+
+    def close_interval(self) -> None:
+        if self.open:
+            self.fill_from = _next_sequence_nr()
+            self.ends[self.open.pop()] = self.fill_from
+            self.owner_of_seq.clear()
+
+    def _fill_backward(self, owner: str) -> None:
+        """Nodes created during backward outside any module call (e.g. a checkpointed function's own ops being
+        recomputed) belong to the module whose node was running when they were made."""
+        now = _next_sequence_nr()
+        if now > self.fill_from:
+            self._add_interval(self.fill_from, now, owner, -1)
+            self.fill_from = now
+
+    def _owner_of(self, seq: int) -> str:
+        owner = self.owner_of_seq.get(seq)
+        if owner is None:
+            owner = ""
+            i = bisect_right(self.starts, seq) - 1
+            while i >= 0:
+                end = self.ends[i]
+                if end is None or seq < end:
+                    owner = self.owners[i]
+                    break
+                i = self.parents[i]
+            self.owner_of_seq[seq] = owner
+        return owner
+
+    def _pre(self, mod: nn.Module, args: tuple) -> None:
         name = self.names.get(id(mod))
         if name is None:
             return
-        if torch.is_grad_enabled():
-            leaves, _ = tree_flatten((args, kwargs))
-            self._claim(leaves, self.stack[-1] if self.stack else self._backward_owner() or self.outside)
         self.stack.append(name)
+        self.open_interval(name)
 
-    def _backward_owner(self) -> str | None:
-        """Inside backward (e.g. a checkpoint's recomputation): the owner of the node being run."""
-        if torch._C._current_graph_task_id() == -1:
-            return None
-        node = torch._C._current_autograd_node()
-        return self.node_owner.get(node, "") if node is not None else ""
-
-    def _post(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _post(self, mod: nn.Module, args: tuple, output: Any) -> None:
         name = self.names.get(id(mod))
         if name is None:
             return
-        leaves, _ = tree_flatten(output)
-        if torch.is_grad_enabled():
-            self._claim(leaves, name)
         if name not in self.output_shapes:
+            leaves, _ = tree_flatten(output)
             first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
             self.output_shapes[name] = [int(d) for d in first.shape] if first is not None else None
         if self.stack and self.stack[-1] == name:
             self.stack.pop()
+            self.close_interval()
 
     def record(self, func, args, kwargs, out) -> None:
-        owner = self._backward_owner()
-        backward = owner is not None
-        if not backward:
+        backward = torch._C._current_graph_task_id() != -1
+        if backward:
+            node = torch._C._current_autograd_node()
+            owner = self._owner_of(node._sequence_nr()) if node is not None else ""
+            if not self.open:
+                self._fill_backward(owner)
+        else:
             owner = self.stack[-1] if self.stack else self.outside
         op = str(func.overloadpacket)
         try:
@@ -315,7 +360,9 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                         with torch.enable_grad():
                             output = model(*args)
                             counter.outside = LOSS
+                            counter.open_interval(LOSS)
                             total = _loss_of(output, loss)
+                            counter.close_interval()
                             if total is None:
                                 notes.append("no output depends on a trainable parameter: nothing to back-propagate, "
                                              "backward counts are 0")

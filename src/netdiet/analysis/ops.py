@@ -353,6 +353,31 @@ def _native_mha(call: OpCall) -> OpCost:
     return OpCost(macs=macs, flops=flops)
 
 
+@register_formula([aten._transformer_encoder_layer_fwd], unit="macs",
+                  macs="B·L·D·3D + B·L²·2D + B·L·D² (self-attention) + 2·B·L·D·F (feed-forward)",
+                  flops="2·macs + attention biases 4·B·L·D + 6·B·H·L² (+ B·H·L² with a mask) + 2 residual adds "
+                        "+ 2 layer norms 7·B·L·D + FFN biases B·L·(F + D) + activation (relu 1, gelu 5)·B·L·F",
+                  note="nn.TransformerEncoderLayer fast path (eval, no grad, no hooks on the layer): one fused op")
+def _encoder_layer(call: OpCall) -> OpCost:
+    src = call.shape("src", 0)
+    d = int(call.arg("embed_dim", src[-1], 1))
+    h = int(call.arg("num_heads", 1, 2))
+    f = call.shape("ffn_weight_1")[0]
+    b = prod(src[:-2]) if len(src) > 2 else 1
+    length = src[-2]
+    attn_macs = b * length * d * 3 * d + b * length * length * 2 * d + b * length * d * d
+    ffn_macs = 2 * b * length * d * f
+    macs = attn_macs + ffn_macs
+    flops = 2 * macs + 4 * b * length * d + 6 * b * h * length * length
+    if call.arg("mask", None) is not None:
+        flops += b * h * length * length
+    flops += 2 * b * length * d                     # residual adds
+    flops += 2 * 7 * b * length * d                 # two affine layer norms
+    flops += b * length * (f + d)                   # feed-forward biases
+    flops += (5 if call.arg("use_gelu", False) else 1) * b * length * f
+    return OpCost(macs=macs, flops=flops)
+
+
 # ============================================================ recurrent (CPU LSTM runs as one oneDNN op per layer)
 _LSTM_CELL_FLOPS = 18       # σ(i), σ(f), σ(o): 4 each; tanh(g): 1; c' = f·c + i·g: 3; h' = o·tanh(c'): 2
 _LSTM_CELL_BACKWARD = 22    # activation grads 12 + cell grads 10, per hidden unit
