@@ -60,7 +60,7 @@ def kmeans_1d(values: torch.Tensor, k: int, method: str = "linear", iterations: 
     A centroid left without values (linear init puts some in the gap pruning leaves around zero) is moved to the
     value farthest from its centroid in the cluster with the largest squared error, so the 2**bits shared values
     are all used while there are at least that many distinct weights."""
-    values = values.detach().float().flatten()
+    values = values.detach().float().flatten().cpu()
     if values.numel() == 0:
         return torch.zeros(k), torch.zeros(0, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
@@ -101,7 +101,8 @@ def cluster_weight(weight: torch.Tensor, keep: torch.Tensor, bits: int, method: 
     k = 2 ** bits
     pinned = bool((~keep).any())
     free = k - 1 if pinned else k
-    survivors = weight.detach().flatten()[keep.flatten()]
+    keep = keep.cpu()
+    survivors = weight.detach().cpu().flatten()[keep.flatten()]
     centroids, idx = kmeans_1d(survivors, free, method, iterations, seed) if survivors.numel() else (torch.zeros(free), None)
     codebook = torch.cat([torch.zeros(1), centroids]) if pinned else centroids
     indices = torch.zeros(weight.numel(), dtype=torch.long)
@@ -136,7 +137,7 @@ class CentroidTraining(Callback):
             p, cb = self._params[name], self.codebooks[name]
             if p.grad is None:
                 continue
-            grad = torch.zeros_like(cb).scatter_add_(0, indices.flatten(), p.grad.detach().flatten().to(cb.dtype))
+            grad = torch.zeros_like(cb).scatter_add_(0, indices.flatten(), p.grad.detach().flatten().to("cpu", cb.dtype))
             if pinned:
                 grad[0] = 0.0  # the zero centroid holds pruned weights: it stays exactly 0
             cb.grad = grad
@@ -157,7 +158,7 @@ class CentroidTraining(Callback):
     def _write(self, model: nn.Module) -> None:
         for name, (_, indices, _) in self.layers.items():
             p = self._params[name]
-            p.copy_(self.codebooks[name].detach()[indices].to(p.dtype))
+            p.copy_(self.codebooks[name].detach()[indices].to(device=p.device, dtype=p.dtype))
 
     def result(self) -> dict[str, torch.Tensor]:
         return {n: cb.detach().clone() for n, cb in self.codebooks.items()}
@@ -230,7 +231,7 @@ class WeightClustering(Technique):
             codebook, indices = cluster_weight(p, keep, bits[name], o["init"], int(o["iterations"]), ctx.seed + i)
             layers[name] = (codebook, indices, bool((~keep).any()))
             with torch.no_grad():
-                p.copy_(codebook[indices].to(p.dtype))
+                p.copy_(codebook[indices].to(device=p.device, dtype=p.dtype))
 
         cfg: TrainConfig | None = ctx.finetune if ctx.finetune is not None and ctx.finetune.epochs > 0 else None
         finetune_result = None

@@ -54,7 +54,7 @@ def keep_count(numel: int, sparsity: float) -> int:
 
 def _scores(param: torch.Tensor, old_mask: torch.Tensor | None) -> torch.Tensor:
     # weights pruned earlier rank below every live weight, so sparsity only ever grows
-    score = param.detach().abs().flatten().float()
+    score = param.detach().abs().flatten().float().cpu()  # masks live on the CPU (state, archive)
     if old_mask is not None:
         score = torch.where(old_mask.flatten(), score, torch.full_like(score, -1.0))
     return score
@@ -97,7 +97,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, mask in masks.items():
         p = params.get(name)
         if p is not None and p.shape == mask.shape:
-            p.mul_(mask.to(p.dtype))
+            p.mul_(mask.to(device=p.device, dtype=p.dtype))
 
 
 def sparsity_report(model: nn.Module, names: list[str]) -> dict[str, Any]:
