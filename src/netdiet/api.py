@@ -7,10 +7,47 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["continual", "list_models", "create_model", "get_dataset", "load_model", "report", "demo_summary", "profile", "largest_batch_within",
-           "compress", "list_recipes", "load_recipe", "evaluate", "train", "sweep"]
+           "compress", "list_recipes", "load_recipe", "evaluate", "train", "sweep",
+           "list_datasets", "describe_data", "estimate_memory", "measure_memory", "measure_latency", "weight_storage"]
 
 
 # ==================================================================== models and data
+def list_datasets() -> list[tuple[str, str]]:
+    """(name, description) of every registered dataset."""
+    from netdiet.data.registry import list_datasets as _list
+    return _list()
+
+
+def describe_data(name: str, data_dir: str | None = None, seed: int = 0, samples: int = 5, repeats: int = 7) -> dict:
+    """`netdiet data NAME`: sizes, classes, samples, dense vs CSR bytes, preprocessing cost (netdiet.data/1)."""
+    from netdiet.analysis.storage import data_report
+    return data_report(name, data_dir=data_dir, seed=seed, samples=samples, repeats=repeats)
+
+
+def estimate_memory(model, inputs, **kwargs: Any):
+    """Training/inference memory predicted on the meta device (analysis.memory.estimate_memory)."""
+    from netdiet.analysis.memory import estimate_memory as _estimate
+    return _estimate(model, inputs, **kwargs)
+
+
+def measure_memory(model, inputs, **kwargs: Any) -> dict:
+    """Measured steady-state training peak of real steps (analysis.memory.measure_memory)."""
+    from netdiet.analysis.memory import measure_memory as _measure
+    return _measure(model, inputs, **kwargs)
+
+
+def measure_latency(model, inputs, **kwargs: Any):
+    """Forward and training-step latency with warm-up, median and p95 (analysis.latency.measure_latency)."""
+    from netdiet.analysis.latency import measure_latency as _latency
+    return _latency(model, inputs, **kwargs)
+
+
+def weight_storage(model) -> dict:
+    """Per-parameter sparsity and dense / CSR / bitmask bytes (analysis.storage.weight_storage)."""
+    from netdiet.analysis.storage import weight_storage as _storage
+    return _storage(model)
+
+
 def list_models() -> list[dict[str, Any]]:
     """One row per zoo model: name, parameters, default input, description."""
     import torch
@@ -55,7 +92,7 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
             optimizer: str = "adam", depth: int | None = None, measure: bool = False, force: bool = False,
             dtype: Any = None, amp: bool = False, checkpointing: bool = False, batch_sizes: Any = None,
             max_batch_for: Any = None, dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
-            warmup: int = 2, repeats: int = 10, progress: bool = True):
+            warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None):
     """Every cost figure of `model` (an nn.Module or a spec such as "resnet", "pkg.mod:fn", "file.py:fn").
 
     `inputs` is a tensor, a tuple of tensors, a shape such as (1, 3, 32, 32) or a list of shapes; zoo specs
@@ -65,7 +102,7 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
     return _profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
                     measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
                     batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
-                    seed=seed, warmup=warmup, repeats=repeats, progress=progress)
+                    seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights)
 
 
 def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any, dtype: Any, budget_bytes: Any, *,
@@ -128,10 +165,9 @@ def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, la
     Runtime when the archive carries an int8 ONNX model) of a model or a .ndz archive; an `EvaluateResult`
     (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split)."""
     from netdiet.compress.evaluate import evaluate as _evaluate
-    if isinstance(data, str):
-        data = get_dataset(data, data_dir=data_dir)
     return _evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
-                     model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats)
+                     model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats,
+                     data_dir=data_dir)
 
 
 # ==================================================================== train / sweep

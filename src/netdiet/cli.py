@@ -70,6 +70,36 @@ def _run_models(args: argparse.Namespace) -> int:
 
 # ==================================================================== data
 # (the data command is added in the analysis section below)
+@command
+def _data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="a dataset: samples, shapes, classes, dense vs CSR bytes, preprocessing cost")
+    p.add_argument("name", nargs="?", help="dataset name (`netdiet data --list`)")
+    p.add_argument("--list", action="store_true", help="list the datasets")
+    p.add_argument("--data-dir", default=None, help="folder with IDX files for mnist / fashion-mnist")
+    p.add_argument("--samples", type=int, default=5, help="how many samples to show (default 5)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats of each preprocessing step (default 7)")
+    add_seed_option(p)
+    add_json_option(p)
+    p.set_defaults(func=_run_data)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.report.data_tables import data_tables, datasets_table
+    if args.list or not args.name:
+        if not args.list:
+            raise NetdietError("give a dataset name, e.g. `netdiet data mnist5k`, or --list to see them")
+        rows = api.list_datasets()
+        console.print(datasets_table(rows))
+        write_json(args, {"schema": "netdiet.datasets/1", "datasets": [{"name": n, "description": d} for n, d in rows]})
+        return 0
+    if args.repeats < 1:
+        raise NetdietError(f"--repeats must be 1 or more, got {args.repeats}")
+    doc = api.describe_data(args.name, data_dir=args.data_dir, seed=args.seed, samples=args.samples, repeats=args.repeats)
+    console.print(data_tables(doc))
+    write_json(args, doc)
+    return 0
+
 
 # ==================================================================== profile
 @command
@@ -78,8 +108,8 @@ def _profile(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--input", action="append", default=[], metavar="SHAPE",
                    help="input shape, batch first (repeatable for several inputs), e.g. 1,3,32,32; zoo models have a default")
-    p.add_argument("--batch-size", type=int, default=None, help="replace dim 0 of every input")
-    p.add_argument("--depth", type=int, default=None, help="module tree depth to show (default: all)")
+    p.add_argument("--batch-size", default=None, help="replace dim 0 of every input")
+    p.add_argument("--depth", default=None, help="module tree depth to show and keep (default: 3 shown, all kept in --json)")
     p.add_argument("--optimizer", default="adam", help="sgd|momentum|adam|adamw|none (default adam)")
     p.add_argument("--measure", action="store_true", help="also run real steps: measured memory peak and latency")
     p.add_argument("--force", action="store_true", help="measure even when the estimate exceeds the available RAM")
@@ -88,13 +118,27 @@ def _profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, recompute FLOPs)")
     p.add_argument("--batch-sizes", default=None, metavar="B1,B2,...", help="sweep these batch sizes and fit memory and FLOPs")
     p.add_argument("--max-batch-for", default=None, metavar="SIZE", help="largest batch whose training peak fits, e.g. 4GiB")
-    p.add_argument("--dataset-size", type=int, default=None, help="samples per epoch, for total training FLOPs and time")
-    p.add_argument("--epochs", type=int, default=None, help="epochs, with --dataset-size")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs before timing (with --measure)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs (with --measure)")
+    p.add_argument("--dataset-size", default=None, help="samples per epoch, for total training FLOPs and time")
+    p.add_argument("--epochs", default=None, help="epochs, with --dataset-size")
+    p.add_argument("--warmup", default="2", help="untimed warm-up runs before timing (with --measure; default 2)")
+    p.add_argument("--repeats", default="10", help="timed runs (with --measure; default 10)")
+    p.add_argument("--weights", default=None, metavar="PATH", help="load trained/pruned weights (safetensors) first")
     add_json_option(p)
     add_seed_option(p)
     p.set_defaults(func=_run_profile)
+
+
+def _profile_int(value: str | None, flag: str, minimum: int) -> int | None:
+    """Integer options parsed here, not by argparse, so a typo is one line (exit 2) like every bad input."""
+    if value is None:
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise NetdietError(f"{flag} {value!r} is not an integer >= {minimum}; e.g. {flag} {max(minimum, 8)}")
+    return number
 
 
 def _run_profile(args: argparse.Namespace) -> int:
@@ -105,13 +149,17 @@ def _run_profile(args: argparse.Namespace) -> int:
     budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
     inputs = [parse_shape(s) for s in args.input] or None
-    result = api.profile(args.model, inputs, model_kw=parse_model_kw(args.model_kw), batch_size=args.batch_size,
-                         optimizer=args.optimizer, depth=args.depth, measure=args.measure, force=args.force,
-                         dtype=args.dtype, amp=args.amp, checkpointing=args.checkpointing, batch_sizes=batch_sizes,
-                         max_batch_for=budget, dataset_size=args.dataset_size, epochs=args.epochs, seed=args.seed,
-                         warmup=args.warmup, repeats=args.repeats)
+    depth = _profile_int(args.depth, "--depth", 0)
+    result = api.profile(args.model, inputs, model_kw=parse_model_kw(args.model_kw),
+                         batch_size=_profile_int(args.batch_size, "--batch-size", 1), optimizer=args.optimizer,
+                         depth=depth, measure=args.measure, force=args.force, dtype=args.dtype, amp=args.amp,
+                         checkpointing=args.checkpointing, batch_sizes=batch_sizes, max_batch_for=budget,
+                         dataset_size=_profile_int(args.dataset_size, "--dataset-size", 1),
+                         epochs=_profile_int(args.epochs, "--epochs", 1), seed=args.seed,
+                         warmup=_profile_int(args.warmup, "--warmup", 0), repeats=_profile_int(args.repeats, "--repeats", 1),
+                         weights=args.weights)
     doc = result.to_dict()
-    console.print(profile_report(doc, args.depth))
+    console.print(profile_report(doc, depth if depth is not None else 3))  # the JSON keeps every module
     write_json(args, doc)
     return 0
 
@@ -132,6 +180,8 @@ def _compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
                    help="override every stage's fine-tune epochs (0 = no fine-tuning)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement of each stage")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads for training and timing (default: torch's own choice)")
     add_json_option(p)
     add_seed_option(p)
     p.set_defaults(func=_run_compress)
@@ -141,6 +191,12 @@ def _run_compress(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
     from netdiet.report.compress_tables import compress_table
+    if args.threads is not None:
+        if args.threads < 1:
+            from netdiet.errors import NetdietError
+            raise NetdietError(f"--threads {args.threads} must be at least 1")
+        import torch
+        torch.set_num_threads(args.threads)
     result = api.compress(args.model, args.recipe, data=args.data, data_dir=args.data_dir, out=args.out,
                           weights=args.weights, model_kwargs=parse_model_kw(args.model_kw), seed=args.seed,
                           baseline_epochs=args.baseline_epochs, finetune_epochs=args.finetune_epochs,
@@ -274,6 +330,9 @@ def _run_train(args: argparse.Namespace) -> int:
                     config=cfg, nproc=args.nproc, memory_budget=args.memory_budget, val_fraction=args.val_fraction,
                     log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
     doc = run.to_dict()
+    import os
+    if os.environ.get("RANK", "0") != "0":   # under torchrun only rank 0 reports and writes
+        return 0
     console.print(train_history_table(doc))
     for line in train_summary_lines(doc):
         console.print(line)
@@ -341,7 +400,7 @@ def _continual(sub: argparse._SubParsersAction) -> None:
 def _run_continual(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.continual_tables import matrix_table, summary_table
+    from netdiet.report.continual_tables import matrix_table, stopped_lines, summary_table
     result = api.continual(args.scenario, args.data, args.setting, args.strategy, model=args.model,
                            model_kw=parse_model_kw(args.model_kw) or None, budget=args.budget, seed=args.seed,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -354,6 +413,8 @@ def _run_continual(args: argparse.Namespace) -> int:
             if s["status"] == "ok":
                 console.print(matrix_table(s))
     console.print(summary_table(doc))
+    for line in stopped_lines(doc):
+        console.print(f"[red]{line}[/red]")
     if doc.get("flops_note"):
         console.print(f"[dim]{doc['flops_note']}[/dim]")
     write_json(args, doc)
