@@ -78,9 +78,12 @@ def test_resume_with_another_model_is_refused_and_leaves_the_run_untouched(tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and "incompatible" in err and "widths" in err and len(err.splitlines()) == 1
     assert {p.name: _sha(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
-    # a fresh run into the same folder without --resume would overwrite it: refused as well
+    # a fresh run into a folder whose run is unfinished (checkpoint, no final train.json) would lose it: refused
+    (out / "train.json").unlink()
+    before.pop("train.json")
     assert main(base) == 2
-    assert "already holds a training run" in capsys.readouterr().err
+    assert "unfinished training run" in capsys.readouterr().err
+    assert {p.name: _sha(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):

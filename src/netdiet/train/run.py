@@ -174,9 +174,24 @@ def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
         probe.unlink()
     except OSError as exc:
         raise NetdietError(f"output folder {out} is not writable ({exc.strerror}); choose a writable --out") from None
-    if not resume and (has_checkpoint(out / "checkpoint") or (out / "model.safetensors").exists()):
-        raise NetdietError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
+    if not resume and _unfinished(out):
+        raise NetdietError(f"{out} holds an unfinished training run; pass --resume to continue it or choose a new --out")
     return out
+
+
+def _unfinished(out: Path) -> bool:
+    """A checkpoint newer than the run's final train.json: resumable work a fresh run would overwrite.
+    (A finished run is replaced by a new one, file by file, atomically.)"""
+    import json
+    from netdiet.train.checkpoint import INDEX, has_checkpoint
+    if not has_checkpoint(out / "checkpoint"):
+        return False
+    try:
+        ck = json.loads((out / "checkpoint" / INDEX).read_text())
+        final = json.loads((out / "train.json").read_text())
+        return int(final.get("steps", -1)) != int(ck.get("step", -2))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 # ---------------------------------------------------------------- the run (one process, or each DDP worker)
