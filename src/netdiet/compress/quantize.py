@@ -255,26 +255,29 @@ def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str,
         pname = name[:-len("_quantized")]
         if init.data_type != onnx.TensorProto.INT8 or f"{pname}_scale" not in inits:
             continue
-        codes = torch.from_numpy(numpy_helper.to_array(init).copy())
+        raw = torch.from_numpy(numpy_helper.to_array(init).copy())
         shape = tuple(tensors[pname].shape)
-        transpose = False
-        if tuple(codes.shape) != shape:
-            if codes.dim() == 2 and tuple(codes.shape[::-1]) == shape:
-                codes, transpose = codes.t().contiguous(), True
-            else:
-                continue
         scale = torch.from_numpy(numpy_helper.to_array(inits[f"{pname}_scale"]).copy()).float().reshape(-1)
         zp_init = inits.get(f"{pname}_zero_point")
         zp = torch.from_numpy(numpy_helper.to_array(zp_init).astype(np.int64)).reshape(-1) if zp_init is not None else None
-        if scale.numel() not in (1, shape[0]):
+        if scale.numel() not in (1, shape[0] if shape else 1):
             continue
         if zp is not None and not torch.any(zp != 0):
             zp = None
-        enc = Encoding(kind="quant", bits=8, q=codes.to(torch.int8), scale=scale, zero_point=zp, axis=0)
-        # the codes must be a rounding of *this* parameter: the exporter may have folded BatchNorm into a conv
-        # weight under the conv's name, and those codes then belong to the ONNX graph alone
-        step = scale.view([-1] + [1] * (codes.dim() - 1))
-        if not torch.all((enc.dequantize() - tensors[pname].float()).abs() <= step * 0.5001 + 1e-7):
+        # MatMul keeps the weight as (in, out), Gemm/Conv as PyTorch does; a square matrix fits both ways, so
+        # each layout is tried and kept only if its codes are a rounding of *this* parameter (the exporter may
+        # also have folded BatchNorm into a conv weight under the conv's name: those codes stay in the graph)
+        candidates = [(raw, False)] if tuple(raw.shape) == shape else []
+        if raw.dim() == 2 and tuple(raw.shape[::-1]) == shape:
+            candidates.append((raw.t().contiguous(), True))
+        enc = None
+        for codes, transpose in candidates:
+            trial = Encoding(kind="quant", bits=8, q=codes.to(torch.int8), scale=scale, zero_point=zp, axis=0)
+            step = scale.view([-1] + [1] * (codes.dim() - 1))
+            if torch.all((trial.dequantize() - tensors[pname].float()).abs() <= step * 0.5001 + 1e-7):
+                enc = trial
+                break
+        if enc is None:
             continue
         encodings[pname] = enc
         fill.append({"init": name, "param": pname, "transpose": transpose})
@@ -350,6 +353,11 @@ class Quantize(Technique):
         if mode in ("dynamic", "static"):
             self._report["onnx_int8_bytes"] = len(state.artifacts["onnx_int8"]["model"])
             self._report["exporter_ops"] = state.artifacts["onnx_int8"]["ops"]
+            self._report["onnx_only_int8_weights"] = self._onnx_only
+            if self._onnx_only:
+                self._report["note"] = (f"{len(self._onnx_only)} int8 weight(s) exist only in the ONNX graph (the exporter "
+                                        "folded BatchNorm or reshaped them), so the archive also keeps their fp32 "
+                                        "weights; mode static keeps BatchNorm unfolded and stores convnets compactly")
         return model
 
     # -- fp16 / bf16
@@ -453,7 +461,14 @@ class Quantize(Technique):
                 state.encodings[pname] = enc
                 layers[pname] = {"params": p.numel(), "bits": 8, "channels": int(enc.scale.numel())}
         import onnx
-        ops = sorted({n.op_type for n in onnx.load_from_string(int8).graph.node})
+        graph = onnx.load_from_string(int8).graph
+        ops = sorted({n.op_type for n in graph.node})
+        # int8 weights ORT made that are not a rounding of a model parameter (e.g. BatchNorm folded into a conv
+        # by the exporter) live only in the ONNX graph: the archive stores them there, next to the fp32 weight
+        onnx_only = sorted(i.name[:-len("_quantized")] for i in graph.initializer
+                           if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8
+                           and i.name[:-len("_quantized")] not in encodings)
+        self._onnx_only = onnx_only
         state.artifacts["onnx_int8"] = {"model": int8, "fill": fill, "mode": mode, "ops": ops,
                                         "input_shape": list(example.shape[1:]), "input_dtype": str(example.dtype).replace("torch.", "")}
         return layers
