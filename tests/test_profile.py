@@ -144,7 +144,9 @@ def test_lenet300_totals_are_the_hand_counts(lenet300_doc):
     assert t["param_bytes"] == 4 * LENET300_PARAMS and t["buffer_bytes"] == 0
     assert t["macs"] == LENET300_MACS
     # training step = forward + backward + the optimizer step, the last by formula over every parameter
-    assert t["train_flops"] == t["flops"] + t["backward_flops"] + t["optimizer_flops"]
+    assert t["train_flops"] == t["train_forward_flops"] + t["backward_flops"] + t["optimizer_flops"]
+    # the training forward adds only the loss (sum over 10 logits: 9 adds) to the inference forward here
+    assert t["train_forward_flops"] == t["flops"] + 9
     assert t["optimizer"] == "adam" and t["optimizer_flops"] > 0
     # backward of the three Linears: grad-input for the 2nd and 3rd (the 1st's input needs none) + grad-weight for all
     assert t["backward_macs"] == LENET300_MACS + (300 * 100 + 100 * 10)
@@ -365,7 +367,7 @@ def test_dtype_and_optimizer_reach_the_memory_and_flop_figures():
     assert bf16.memory["dtype"] == "bf16" and bf16.memory["weights"] == 2 * LENET300_PARAMS
     assert bf16.totals["param_bytes"] == 4 * LENET300_PARAMS  # totals describe the model as given (fp32)
     assert bf16.totals["optimizer_flops"] == 0 and bf16.memory["optimizer_state"] == 0
-    assert bf16.totals["train_flops"] == bf16.totals["flops"] + bf16.totals["backward_flops"]
+    assert bf16.totals["train_flops"] == bf16.totals["train_forward_flops"] + bf16.totals["backward_flops"]
 
 
 def test_error_raised_by_the_models_own_forward_is_one_line(capsys):

@@ -310,8 +310,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _module_rows(counts: Any, estimate: Any, depth: int | None) -> list[dict[str, Any]]:
-    """One row per module (to `depth`). Costs are inclusive of submodules, as the counter reports them;
+def _module_rows(counts: Any, estimate: Any, depth: int | None, inference: Any = None) -> list[dict[str, Any]]:
+    """One row per module (to `depth`). Forward MACs/FLOPs are the inference (eval-mode) pass when `inference`
+    is given, backward figures come from the training step. Costs are inclusive of submodules, as the counter reports them;
     the memory engine attributes each saved activation to the one module that saved it, so its figures are
     summed over each module's subtree here to be inclusive too (`activation_bytes_self` keeps the own part)."""
     own = dict(getattr(estimate, "module_activations", None) or {})
@@ -329,14 +330,17 @@ def _module_rows(counts: Any, estimate: Any, depth: int | None) -> list[dict[str
         for i in range(len(parts) + 1):
             key = ".".join(parts[:i])
             inclusive[key] = inclusive.get(key, 0) + int(nbytes)
+    forward = {m.name: m for m in inference.modules} if inference is not None else {}
     rows = []
     for m in counts.modules:
         if depth is not None and m.depth > depth:
             continue
+        fwd = forward.get(m.name, m)
         rows.append({
             "name": m.name, "type": m.type, "depth": m.depth,
             "params": int(m.params), "param_bytes": int(m.param_bytes),
-            "macs": int(m.macs), "flops": int(m.flops),
+            "macs": int(fwd.macs), "flops": int(fwd.flops),
+            "train_forward_flops": int(m.flops),
             "backward_macs": int(m.backward_macs), "backward_flops": int(m.backward_flops),
             "activation_bytes": inclusive.get(m.name, 0) if not m.name.startswith("<") else int(own.get(m.name, 0)),
             "activation_bytes_self": int(own.get(m.name, 0)),
@@ -467,6 +471,9 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         was_training = net.training
         with input_fit_check(net, x):
             counts = count_ops(net, x, train=True, optimizer=optimizer)
+            # Forward figures are reported for inference (eval mode), as papers and peers report them:
+            # in training mode batch norm computes batch statistics and dropout draws masks, which costs more.
+            inference_counts = count_ops(net, x, train=False)
         for p in net.parameters():
             p.grad = None
         tick()
@@ -550,7 +557,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
     totals = parameter_totals(net)
     totals.update({
-        "macs": int(counts.macs), "flops": int(counts.flops),
+        "macs": int(inference_counts.macs), "flops": int(inference_counts.flops),
+        "train_forward_flops": int(counts.flops),
         "backward_macs": int(counts.backward_macs), "backward_flops": int(counts.backward_flops),
         "optimizer": counts.optimizer, "optimizer_flops": int(counts.optimizer_flops),
         "train_flops": int(counts.train_flops),
@@ -562,7 +570,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         depth=None if depth is None else int(depth),
         totals=totals,
         memory=_memory_section(estimate, measured),
-        modules=_module_rows(counts, estimate, depth),
+        modules=_module_rows(counts, estimate, depth, inference_counts),
         operators=_operators(counts),
         uncounted={op: int(n) for op, n in sorted(counts.uncounted.items())},
         storage=storage,
