@@ -67,7 +67,7 @@ def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num
     from netdiet.models import create_model, resolve
     _, entry = resolve(spec)
     if entry is not None and entry.task != "classification":
-        raise NetdietError(f"model '{spec}' is a {entry.task} model; netdiet train fits classifiers on image datasets "
+        raise NetdietError(f"model '{spec}' is made for the '{entry.task}' task; netdiet train fits classifiers on image datasets "
                            "(choose lenet300, lenet5, mlp, cnn, resnet or mobilenet)")
     kwargs = dict(kwargs)
     model = create_model(spec, **kwargs)
