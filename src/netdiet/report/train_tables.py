@@ -54,6 +54,11 @@ def train_summary_lines(doc: dict) -> list[str]:
         if rc.get("recompute_flops_per_sample") is not None:
             line += f"; recompute adds {format_count(rc['recompute_flops_per_sample'])} FLOPs per sample"
         lines.append(line)
+    pe = doc.get("precision_effect")
+    if pe:
+        lines.append(f"{pe['precision']} autocast: activations kept for backward at batch {pe['batch']}: "
+                     f"{format_bytes(pe['activations_fp32'])} in fp32 -> {format_bytes(pe['activations'])} "
+                     f"(x{pe['activations_ratio']:.2f}; includes autocast's bf16 weight copies)")
     if doc.get("budget"):
         lines.append(doc["budget"].get("explanation", ""))
     lines.append(f"peak memory is {doc.get('memory_method')}: process peak RSS during the epoch, and that minus RSS at epoch start")

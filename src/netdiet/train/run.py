@@ -42,6 +42,7 @@ class TrainRun:
     early_stopping: dict | None = None
     recompute: dict | None = None
     budget: dict | None = None
+    precision_effect: dict | None = None
     train_flops_per_sample: int | None = None
     flops_method: str | None = None
     memory_method: str = "rss_delta"
@@ -57,6 +58,7 @@ class TrainRun:
                 "test_acc": self.test_acc, "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
                 "resumed_from_epoch": self.resumed_from_epoch, "projection": self.projection,
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "budget": self.budget,
+                "precision_effect": self.precision_effect,
                 "train_flops_per_sample": self.train_flops_per_sample, "flops_method": self.flops_method,
                 "out": self.out, "files": self.files}
 
@@ -158,6 +160,17 @@ def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, o
     return out
 
 
+def precision_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, checkpointing: bool) -> dict:
+    """Activation bytes kept for backward in fp32 and in `precision` (measured, live tensors, one forward each).
+    The time effect is in the per-epoch samples/s (and benchmarks/train_memory.py runs both side by side)."""
+    from netdiet.train.budget import measure_activation_bytes
+    x, y = x.clone(), y.clone()
+    fp32 = measure_activation_bytes(model, x, y, precision="fp32", checkpointing=checkpointing)
+    low = measure_activation_bytes(model, x, y, precision=precision, checkpointing=checkpointing)
+    return {"batch": len(x), "precision": precision, "activations_fp32": fp32, "activations": low,
+            "activations_ratio": low / fp32 if fp32 else None}
+
+
 def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     """Create/validate the output folder before any work; refuse to overwrite an earlier run."""
     from netdiet.train.checkpoint import has_checkpoint
@@ -228,7 +241,8 @@ def execute(params: dict, dataset=None) -> dict:
                    world_size=world, out=str(out) if out else None, resumed_from_epoch=res.resumed_from_epoch,
                    projection=res.projection, early_stopping=res.early_stopping,
                    recompute={**res.recompute, **(params.get("recompute_effect") or {})} if res.recompute else None,
-                   budget=params.get("budget"), train_flops_per_sample=flops, flops_method=flops_method,
+                   budget=params.get("budget"), precision_effect=params.get("precision_effect"),
+                   train_flops_per_sample=flops, flops_method=flops_method,
                    memory_method=res.memory_method)
     if out is not None and rank == 0:
         from netdiet.train.recompute import disable_checkpointing
@@ -282,9 +296,13 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     if cfg.checkpointing:
         n = min(cfg.batch_size, len(dataset.x_train))
         recompute = recompute_report(model, dataset.x_train[:n], dataset.y_train[:n], cfg.optimizer, cfg.precision)
+    precision_effect = None
+    if cfg.precision == "bf16" and torch.device(cfg.device if cfg.device != "auto" else "cpu").type == "cpu":
+        n = min(cfg.batch_size, len(dataset.x_train))
+        precision_effect = precision_report(model, dataset.x_train[:n], dataset.y_train[:n], cfg.precision, cfg.checkpointing)
     params = {"spec": spec, "kwargs": kwargs, "data": data, "data_dir": data_dir, "out": out, "config": cfg.to_dict(),
               "val_fraction": val_fraction, "budget": budget, "train_flops_per_sample": flops, "flops_method": flops_method,
-              "recompute_effect": recompute}
+              "recompute_effect": recompute, "precision_effect": precision_effect}
     if launched_by_torchrun():
         init_from_env()
         doc = execute(params, dataset)
