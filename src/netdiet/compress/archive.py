@@ -168,7 +168,8 @@ def huffman_decode(data: bytes, n: int) -> np.ndarray:
 
 def _zstd_compress(data: bytes) -> bytes:
     import zstandard
-    return zstandard.ZstdCompressor(level=19 if len(data) < (16 << 20) else 3).compress(data)
+    # level 19 where it is cheap (small models, where every byte counts); 9 for big streams keeps writes quick
+    return zstandard.ZstdCompressor(level=19 if len(data) < (1 << 20) else 9).compress(data)
 
 
 def _zstd_decompress(data: bytes, size: int) -> bytes:
