@@ -165,6 +165,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     net = wrap_ddp(model, device) if world > 1 else model
     opt = optimizer or make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    scheduled = cfg.schedule != "constant" or cfg.warmup_steps > 0
     scaler = grad_scaler(cfg.precision, device)
     early = EarlyStopping(cfg.patience, cfg.monitor, cfg.min_delta, cfg.restore_best) if cfg.patience else None
     if early:
@@ -217,7 +218,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
             if last_micro:
-                for g, base in zip(opt.param_groups, base_lrs):
+                for g, base in zip(opt.param_groups, base_lrs if scheduled else []):   # constant: leave the LR alone
                     g["lr"] = lr_at(step, base_lr=base, schedule=cfg.schedule, total_steps=total_steps,
                                     warmup_steps=cfg.warmup_steps, steps_per_epoch=steps_per_epoch,
                                     step_epochs=cfg.step_epochs, gamma=cfg.gamma)
