@@ -158,13 +158,7 @@ def test_iterative_pruning_finetunes_between_steps(mnist5k):
     assert steps[0]["macs"] > steps[1]["macs"] == 1_031_744
 
 
-def test_taylor_importance_uses_data_and_refuses_without_it(mnist5k):
-    data = SimpleNamespace(x_train=mnist5k.x_train[:256], y_train=mnist5k.y_train[:256])
-    torch.manual_seed(0)
-    model = create_model("cnn")
-    tech = create_technique("structured", ratio=0.5, importance="taylor")
-    tech.apply(model, CompressionState(), StageContext(data=data))
-    assert model[0].out_channels == 16 and all(p.grad is None for p in model.parameters())
+def test_taylor_importance_without_data_is_bad_input():
     with pytest.raises(NetdietError, match="taylor importance needs data"):
         create_technique("structured", importance="taylor").apply(
             create_model("cnn"), CompressionState(), StageContext(example_inputs=torch.rand(1, 1, 28, 28)))
@@ -246,3 +240,29 @@ def test_round_to_keeps_channel_counts_multiples():
     # 32 * 0.7 = 22.4 and 64 * 0.7 = 44.8 channels, rounded to multiples of 8
     assert model[0].out_channels % 8 == 0 and model[4].out_channels % 8 == 0
     assert model[0].out_channels in (16, 24) and model[4].out_channels in (40, 48)
+
+
+def test_taylor_importance_removes_neurons_that_do_not_affect_the_loss_even_with_large_weights(mnist5k):
+    # neurons of layer 3 whose outgoing weights are zero get zero gradient, so |w * dL/dw| = 0 for their whole group,
+    # although their incoming weights are ten times larger than the others (magnitude would keep them)
+    data = SimpleNamespace(x_train=mnist5k.x_train[:512], y_train=mnist5k.y_train[:512])
+    dead = torch.tensor([i % 4 == 0 for i in range(100)])
+    def build():
+        torch.manual_seed(0)
+        model = create_model("lenet300")
+        with torch.no_grad():
+            model[3].weight[dead] *= 10
+            model[3].bias[dead] *= 10
+            model[3].bias[~dead] = 1.0   # the live neurons fire on every image (no accidental zero gradients)
+            model[5].weight[:, dead] = 0
+        return model
+    taylor = build()
+    create_technique("structured", ratio=0.25, importance="taylor", ignore=["1"]).apply(
+        taylor, CompressionState(), StageContext(data=data, example_inputs=data.x_train[:1]))
+    kept = build()[3].weight[~dead]
+    assert taylor[3].out_features == 75 and torch.equal(taylor[3].weight, kept)
+    assert all(p.grad is None for p in taylor.parameters())  # the gradients it used are not left behind
+    magnitude = build()
+    create_technique("structured", ratio=0.25, importance="magnitude", ignore=["1"]).apply(
+        magnitude, CompressionState(), StageContext(example_inputs=data.x_train[:1]))
+    assert not torch.equal(magnitude[3].weight, kept)
