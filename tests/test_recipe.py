@@ -142,3 +142,16 @@ stages:
     from netdiet.train import evaluate_accuracy
     assert evaluate_accuracy(loaded.model, data.x_test, data.y_test) == pytest.approx(cluster.accuracy)
     assert set(doc["pareto"]) >= {"cluster"}
+
+
+@pytest.mark.slow
+def test_builtin_deep_compression_reaches_50x_on_lenet300_without_losing_accuracy(mnist5k, tmp_path):
+    recipe = load_recipe("deep-compression")
+    torch.manual_seed(0)
+    model = create_model("lenet300")
+    result = run_recipe(model, recipe, mnist5k, spec={"spec": "lenet300", "kwargs": {}}, seed=0,
+                        out=tmp_path / "dc.ndz", latency=False, progress=False)
+    dense = result.baseline["bytes_on_disk"]
+    size = (tmp_path / "dc.ndz").stat().st_size
+    assert dense / size >= 50
+    assert result.stages[-1].accuracy >= result.baseline["accuracy"] - 0.003
