@@ -266,3 +266,14 @@ def test_taylor_importance_removes_neurons_that_do_not_affect_the_loss_even_with
     create_technique("structured", ratio=0.25, importance="magnitude", ignore=["1"]).apply(
         magnitude, CompressionState(), StageContext(example_inputs=data.x_train[:1]))
     assert not torch.equal(magnitude[3].weight, kept)
+
+
+def test_global_pruning_removes_the_ratio_of_all_channels_but_not_evenly_per_layer():
+    torch.manual_seed(0)
+    model = create_model("cnn")
+    create_technique("structured", ratio=0.5, global_pruning=True).apply(
+        model, CompressionState(), StageContext(example_inputs=torch.rand(1, 1, 28, 28)))
+    widths = (model[0].out_channels, model[4].out_channels)
+    assert sum(widths) == (32 + 64) // 2          # half of all 96 channels
+    assert widths != (16, 32)                     # ranked across layers, not half of each
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
