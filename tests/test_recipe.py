@@ -58,6 +58,7 @@ stages:
     ("stages:\n  - technique: [prune\n", 3, "not valid YAML"),
     ("name: x\nstages: []\n", 2, "non-empty list"),
     ("name: x\n", 1, "no `stages:`"),
+    ("stages:\n  - technique: prune\n  - technique: distill\n    options: {student: mlp}\n", 3, "distill trains the student"),
 ])
 def test_validation_errors_name_the_yaml_line(text, line, fragment):
     with pytest.raises(NetdietError) as err:

@@ -198,6 +198,8 @@ def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
         if not (isinstance(fnode, yaml.ScalarNode) and doc.value(fnode) in (None, False)):
             finetune = _train_settings(doc, fnode, "finetune")
             finetune.setdefault("epochs", 1)
+    if technique == "distill" and not (finetune and finetune.get("epochs", 0) >= 1):
+        raise doc.error(snode, "distill trains the student: give the stage `finetune: {epochs: N}` with N >= 1")
     evaluate = True
     if "evaluate" in fields:
         evaluate = doc.value(fields["evaluate"][1])
