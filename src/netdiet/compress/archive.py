@@ -307,6 +307,18 @@ def _best_relidx_bits(positions: np.ndarray) -> tuple[int, int]:
 
 
 # ================================================================== encoding tensors
+_SEARCH_MAX_NUMEL = 1 << 21
+
+
+def _relidx_neighbours(choice: tuple, positions: np.ndarray) -> list[int]:
+    best = choice[2][0] if choice[0] == "relidx" else _best_relidx_bits(positions)[0]
+    return [b for b in (best - 1, best, best + 1, best + 2) if 1 <= b <= 16]
+
+
+def _add_positions(payload: _Payload, method: str, bits: int | None, keep: torch.Tensor, positions: np.ndarray) -> dict:
+    if method == "bitmask":
+        return payload.add_bytes(np.packbits(keep.numpy(), bitorder="little").tobytes())
+    return payload.add_symbols(_relidx_codes(positions, bits), bits)
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
@@ -391,14 +403,20 @@ def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch
         sel = torch.arange(numel)
         entry["pos"] = {"method": "all"}
         nnz = numel
-    elif method == "bitmask":
-        sel = torch.from_numpy(positions)
-        entry["pos"] = {"method": "bitmask", "stream": payload.add_bytes(np.packbits(keep.numpy(), bitorder="little").tobytes())}
     else:
-        b, _ = choice[2]
         sel = torch.from_numpy(positions)
-        entry["pos"] = {"method": "relidx", "bits": b, "stream": payload.add_symbols(_relidx_codes(positions, b), b)}
-        entry["pos"]["count"] = entry["pos"]["stream"]["n"]
+        # the raw-size estimate picked the method; after entropy coding a neighbour can be smaller, so for
+        # tensors of moderate size the candidates are coded and the smallest is kept (measured: ~1 % on LeNet)
+        candidates = [("bitmask", None)] + ([("relidx", b) for b in _relidx_neighbours(choice, positions)] if nnz else [])
+        if len(candidates) > 1 and numel <= _SEARCH_MAX_NUMEL:
+            scratch = _Payload()
+            sizes = [(_add_positions(scratch, m, b, keep, positions)["len"], i) for i, (m, b) in enumerate(candidates)]
+            method, b = candidates[min(sizes)[1]]
+        else:
+            method, b = (method, choice[2][0] if method == "relidx" else None)
+        entry["pos"] = {"method": method, "stream": _add_positions(payload, method, b, keep, positions)}
+        if method == "relidx":
+            entry["pos"].update(bits=b, count=entry["pos"]["stream"]["n"])
     entry["nnz"] = int(nnz)
 
     if kind == "dense":
