@@ -138,3 +138,12 @@ def test_bad_arguments_are_one_line_netdiet_errors():
         estimate_memory(model, torch.randn(2, 784), dtype="int3")
     with pytest.raises(NetdietError, match="forward failed"):
         estimate_memory(model, torch.randn(2, 5))
+
+
+def test_bf16_convnet_estimate_includes_the_im2col_buffers_and_matches_measurement():
+    model = create_model("cnn")
+    x = torch.randn(8, 1, 28, 28)
+    est = estimate_memory(model, x, optimizer="sgd", amp=True)
+    meas = measure_memory(model, x, optimizer="sgd", amp=True)
+    assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02
+    assert abs(est.inference_peak - meas["inference_peak_measured"]) / meas["inference_peak_measured"] < 0.02

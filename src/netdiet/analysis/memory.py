@@ -279,11 +279,48 @@ def _cpu_workspace(func, args: tuple) -> int:
     within 2 %, except YOLO at batch 1 (13 % high: there oneDNN skips the weight scratch).
     """
     if func is torch.ops.aten.convolution_backward.default and len(args) >= 10:
-        grad_out, inp, weight, groups = args[0], args[1], args[2], args[9]
-        if (isinstance(inp, torch.Tensor) and inp.dtype == torch.float32 and inp.dim() == 4 and groups == 1
-                and torch.backends.mkldnn.is_available()):
+        grad_out, inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[2], args[4],
+                                                                                args[5], args[6], args[7], args[9])
+        if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or groups != 1 or transposed:
+            return 0
+        if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return max(2 * max(_nbytes(inp), _nbytes(grad_out)), _nbytes(weight))
+        if _slow_conv_path(inp.dtype):
+            return _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
+    if func is torch.ops.aten.convolution.default and len(args) >= 9:
+        inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[3], args[4], args[5],
+                                                                      args[6], args[8])
+        if (isinstance(inp, torch.Tensor) and inp.dim() == 4 and groups == 1 and not transposed
+                and _slow_conv_path(inp.dtype)):
+            out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
+            return _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
     return 0
+
+
+def _slow_conv_path(dtype: torch.dtype) -> bool:
+    """bf16 / fp16 2-D convolutions run PyTorch's im2col kernel (thnn_conv2d) on CPUs oneDNN cannot serve."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def _conv_out_shape(inp, weight, stride, padding, dilation) -> tuple[int, ...]:
+    n, _, h, w = inp.shape
+    kh, kw = weight.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, weight.shape[0], oh, ow)
+
+
+def _im2col_bytes(inp, weight, out, stride, padding, dilation) -> int:
+    """The im2col column buffer, N x (C k_h k_w) x (H' W') elements; a 1x1/stride-1/no-pad conv needs none."""
+    kh, kw = weight.shape[2:]
+    if kh == 1 and kw == 1 and all(s == 1 for s in stride) and all(p == 0 for p in padding):
+        return 0
+    n, c = inp.shape[:2]
+    return n * c * kh * kw * out.shape[2] * out.shape[3] * inp.element_size()
 
 
 class _ModuleStack:
