@@ -29,3 +29,26 @@ def test_two_process_ddp_run_equals_one_process_with_the_same_global_batch(tmp_p
     assert two.test_acc == one.test_acc
     # only rank 0 wrote: one set of files
     assert sorted(p.name for p in (tmp_path / "n2").iterdir()) == ["checkpoint", "model.json", "model.safetensors", "train.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_launch_trains_two_ranks_and_matches_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    common = ["train", "mlp", "--data", "digits", "--model-kw", "widths=[32]", "--val-fraction", "0.15", "--epochs", "1",
+              "--optimizer", "sgd", "--lr", "0.1", "--projection-steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "netdiet", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "netdiet", *common,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    a = json.loads((tmp_path / "one" / "train.json").read_text())
+    b = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert b["history"][0]["loss"] == pytest.approx(a["history"][0]["loss"], rel=1e-6)
+    assert b["test_acc"] == a["test_acc"]
+    assert two.stdout.count("test accuracy") == 1                       # only rank 0 reports
