@@ -61,6 +61,13 @@ def test_evaluate_api_times_both_runtimes_of_an_int8_onnx_archive(tmp_path, mnis
     assert result.latency_batch == 16
 
 
+def test_evaluate_on_data_that_does_not_fit_the_model_exits_2(tmp_path, capsys):
+    model = create_model("mlp", widths=[8], in_features=64)
+    archive.write(tmp_path / "d.ndz", model, CompressionState(spec={"spec": "mlp", "kwargs": {"widths": [8], "in_features": 64}}))
+    assert main(["evaluate", str(tmp_path / "d.ndz"), "--data", "synthetic", "--no-latency"]) == 2
+    assert "cannot run on synthetic inputs" in capsys.readouterr().err
+
+
 def test_evaluate_missing_or_corrupted_archive_exits_2_with_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.ndz")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -130,6 +130,12 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
         return result
     x, y = data.x_test, data.y_test
     result.dataset, result.samples = getattr(data, "name", None), len(y)
+    try:
+        with torch.inference_mode():
+            model(x[:1])
+    except Exception as exc:  # noqa: BLE001 - a model/data mismatch is bad input, not an internal error
+        raise NetdietError(f"the model cannot run on {result.dataset} inputs of shape {list(x.shape[1:])} "
+                           f"({type(exc).__name__}: {str(exc)[:120]}); pass the dataset it was trained on with --data") from None
     result.accuracy_pytorch = evaluate_accuracy(model, x, y, batch_size)
     if session is None and onnx:
         session = ort_session(export_onnx(model, x[:1]).SerializeToString())
