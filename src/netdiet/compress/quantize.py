@@ -350,6 +350,9 @@ class Quantize(Technique):
         self._report = {"mode": mode, "bits": self.bits if mode not in ("fp16", "bf16") else 16,
                         "layers": layers, "param_bytes_fp32": before,
                         "quantized_params": int(sum(r["params"] for r in layers.values()))}
+        if mode == "qat":
+            # without fine-tune epochs there is nothing to be aware of: the result is int<b>-weight PTQ
+            self._report["finetune"] = self._qat_history
         if mode in ("dynamic", "static"):
             self._report["onnx_int8_bytes"] = len(state.artifacts["onnx_int8"]["model"])
             self._report["exporter_ops"] = state.artifacts["onnx_int8"]["ops"]
@@ -420,8 +423,7 @@ class Quantize(Technique):
                     if parametrize.is_parametrized(mod, pn):
                         parametrize.remove_parametrizations(mod, pn, leave_parametrized=False)
         layers = self._weight_only(model, state)
-        if trained is not None:
-            self._report_history = trained.history
+        self._qat_history = trained.history if trained is not None else None
         return layers
 
     # -- ONNX Runtime int8 (dynamic / static)
