@@ -314,3 +314,11 @@ def test_fuzz_reseal_helper_reproduces_a_readable_archive(small_archive):
     header, payload = archive.read_header(small_archive)
     loaded = archive.read(_seal(header, payload))
     assert loaded.header["tensors"] == header["tensors"]
+
+
+def test_breakdown_rows_add_up_to_the_archive_size():
+    model, state = _pruned_small()
+    create_technique("quantize", mode="int4-weight").apply(model, state, StageContext())
+    rows = archive.breakdown(model, state)
+    assert sum(r["bytes"] for r in rows) == len(archive.encode(model, state))
+    assert rows[-1]["name"] == "header+framing" and 0 < rows[-1]["bytes"] < 2048

@@ -608,7 +608,7 @@ def _dense_baseline_bytes(model: nn.Module, state: CompressionState) -> int:
         return dense_fp32_bytes(model)
 
 
-def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tuple[bytes, list[dict]]:
+def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tuple[bytes, list[dict], dict]:
     from netdiet.fileio import dumps_json
 
     payload, warnings = _Payload(), []
@@ -643,7 +643,7 @@ def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tu
     })
     head = _zstd_compress(dumps_json(doc).encode("utf-8"))
     data = MAGIC + struct.pack("<I", len(head)) + head + body
-    return data + hashlib.sha256(data).digest(), entries
+    return data + hashlib.sha256(data).digest(), entries, artifacts
 
 
 def encode(model: nn.Module, state: CompressionState, *, header: dict | None = None) -> bytes:
@@ -660,8 +660,9 @@ def write(path: str | Path, model: nn.Module, state: CompressionState, *, header
 
 
 def breakdown(model: nn.Module, state: CompressionState) -> list[dict]:
-    """Per tensor: encoding, bits, elements, nonzero, bytes in the archive, position method and stream codecs."""
-    _, entries = _build(model, state, None)
+    """Per tensor: encoding, bits, elements, nonzero, bytes in the archive, position method and stream codecs;
+    then one row per artefact and one for the header and framing, so the rows add up to the file size."""
+    data, entries, artifacts = _build(model, state, None)
     rows = []
     for e in entries:
         streams = [e.get("values"), e.get("scale"), e.get("zero_point"), e.get("codebook"), e["pos"].get("stream")]
@@ -671,6 +672,11 @@ def breakdown(model: nn.Module, state: CompressionState) -> list[dict]:
                      "bits": bits, "numel": math.prod(e["shape"]), "nonzero": e["nnz"],
                      "positions": e["pos"]["method"], "bytes": sum(s["len"] for s in streams),
                      "codecs": sorted({s["codec"] for s in streams})})
+    for name, art in artifacts.items():  # e.g. the int8 ONNX graph (its weights are the tensors above)
+        rows.append({"name": f"artifact:{name}", "encoding": "onnx", "bits": None, "numel": 0, "nonzero": 0,
+                     "positions": "-", "bytes": art["stream"]["len"], "codecs": [art["stream"]["codec"]]})
+    rows.append({"name": "header+framing", "encoding": "json+zstd", "bits": None, "numel": 0, "nonzero": 0,
+                 "positions": "-", "bytes": len(data) - sum(r["bytes"] for r in rows), "codecs": ["zstd"]})
     return rows
 
 

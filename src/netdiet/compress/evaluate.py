@@ -175,4 +175,9 @@ def _tensor_rows(header: dict) -> list[dict]:
                      "bits": e.get("bits") or _STORE_BITS.get(str(e.get("store")), 32), "numel": numel, "nonzero": e.get("nnz"),
                      "positions": (e.get("pos") or {}).get("method"), "bytes": sum(int(s.get("len", 0)) for s in streams),
                      "codecs": sorted({str(s.get("codec")) for s in streams})})
+    for name, art in (header.get("artifacts") or {}).items():
+        stream = art.get("stream") if isinstance(art, dict) else None
+        if isinstance(stream, dict):
+            rows.append({"name": f"artifact:{name}", "encoding": "onnx", "bits": None, "numel": 0, "nonzero": 0,
+                         "positions": "-", "bytes": int(stream.get("len", 0)), "codecs": [str(stream.get("codec"))]})
     return rows

@@ -48,7 +48,7 @@ def tensors_table(doc: dict) -> Table:
                       ("nonzero", "right"), ("positions", "left"), ("bytes", "right"), ("codecs", "left")):
         t.add_column(col, justify=just)
     for r in doc.get("tensors") or []:
-        t.add_row(escape(str(r["name"])), str(r["encoding"]), str(r["bits"]), f"{r['numel']:,}", f"{r['nonzero']:,}",
+        t.add_row(escape(str(r["name"])), str(r["encoding"]), str(r["bits"] or "-"), f"{r['numel']:,}", f"{r['nonzero']:,}",
                   str(r["positions"]), f"{r['bytes']:,}", ", ".join(r["codecs"]))
     return t
 
