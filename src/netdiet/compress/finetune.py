@@ -1,8 +1,8 @@
 """Fine-tuning inside a compression stage: the one trainer, with the masks of earlier stages held.
 
 Low-rank and distillation both train after they change the model; if an earlier stage pruned weights, those
-weights must stay zero, so the keep-masks in `state.masks` are re-applied after every optimizer step
-(through C1's `MaskHold` when it is available).
+weights must stay zero, so the keep-masks in `state.masks` are held by prune's `MaskHold` (gradients of pruned
+weights zeroed before each optimizer step, weights re-zeroed after it).
 """
 from __future__ import annotations
 
@@ -17,38 +17,10 @@ from netdiet.errors import NetdietError
 from netdiet.train.loop import Callback, TrainResult, fit
 
 
-class _HoldMasks(Callback):
-    """Fallback used only when prune.MaskHold cannot be imported: zero the pruned weights after each step."""
-
-    def __init__(self, params: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-        self.params = params
-
-    @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
-        for p, keep in self.params.values():
-            p.mul_(keep.to(p.dtype))
-
-
 def live_masks(model: nn.Module, state: CompressionState) -> dict[str, torch.Tensor]:
     """Masks whose parameter still exists in `model` with the same shape (a later edit may have replaced it)."""
     params = dict(model.named_parameters())
     return {n: m for n, m in state.masks.items() if n in params and tuple(params[n].shape) == tuple(m.shape)}
-
-
-def mask_hold_callback(model: nn.Module, masks: dict[str, torch.Tensor]) -> Callback | None:
-    if not masks:
-        return None
-    try:
-        from netdiet.compress.prune import MaskHold
-    except ImportError:
-        MaskHold = None  # noqa: N806
-    if MaskHold is not None:
-        try:
-            return MaskHold(masks)
-        except TypeError:
-            pass
-    params = dict(model.named_parameters())
-    return _HoldMasks({n: (params[n], m.bool()) for n, m in masks.items()})
 
 
 def finetune(model: nn.Module, state: CompressionState, ctx: StageContext, *, description: str,
@@ -64,11 +36,11 @@ def finetune(model: nn.Module, state: CompressionState, ctx: StageContext, *, de
     cfg = replace(cfg, description=description, seed=ctx.seed)
     callbacks = list(extra_callbacks or [])
     masks = live_masks(model, state)
-    hold = mask_hold_callback(model, masks)
-    if hold is not None:
+    if masks:
+        from netdiet.compress.prune import MaskHold
         with torch.no_grad():  # start from the masked weights, not just after the first step
             params = dict(model.named_parameters())
             for n, m in masks.items():
                 params[n].mul_(m.to(params[n].dtype))
-        callbacks.append(hold)
+        callbacks.append(MaskHold(masks))
     return fit(model, ctx.data.x_train, ctx.data.y_train, cfg, callbacks=callbacks, loss_fn=loss_fn)
