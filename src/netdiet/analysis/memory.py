@@ -23,6 +23,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -889,13 +890,32 @@ def _peak_in(events: list[tuple[int, int]], start: int, end: int) -> tuple[int, 
     return peak, at_start
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native code prints start/stop lines straight to fd 2; keep them off the user's terminal."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
     import gc
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()  # garbage of earlier work must not be freed inside the measured steps
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for step in range(steps):
             with record_function(f"netdiet_step_{step}"):
                 _train_step(net, x, opt, amp_ctx, loss_fn, lambda _p: None)
