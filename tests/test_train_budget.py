@@ -24,6 +24,8 @@ def test_tracker_counts_weights_grads_and_adam_state_of_a_linear_layer_by_hand()
     ("lenet300", {}, 7 << 20, 128), ("mlp", {}, 8 << 20, 128), ("lenet5", {}, 11 << 20, 32),
     pytest.param("mlp", {"widths": [512] * 4}, 22 << 20, 256, marks=pytest.mark.slow),  # the optimizer step sets the peak
     pytest.param("cnn", {"channels": [8, 16]}, 2 << 20, 32, marks=pytest.mark.slow),   # escalates to recompute + bf16
+    pytest.param("resnet", {"in_channels": 1, "depth": 8}, 8 << 20, 16, marks=pytest.mark.slow),
+    pytest.param("mobilenet", {"in_channels": 1}, 8 << 20, 16, marks=pytest.mark.slow),
 ])
 def test_budget_picker_choice_measures_within_the_budget_on_zoo_models(mnist5k, spec, kw, budget, batch):
     torch.manual_seed(0)
