@@ -147,3 +147,17 @@ def test_bf16_convnet_estimate_includes_the_im2col_buffers_and_matches_measureme
     meas = measure_memory(model, x, optimizer="sgd", amp=True)
     assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02
     assert abs(est.inference_peak - meas["inference_peak_measured"]) / meas["inference_peak_measured"] < 0.02
+
+
+def test_frozen_layers_get_no_gradients_or_optimizer_state():
+    model = create_model("mlp")
+    first = model[1]                                  # Linear(784, 256)
+    for p in first.parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() for p in first.parameters()) * 4
+    est = estimate_memory(model, torch.randn(4, 784), optimizer="adam")
+    assert est.gradients == est.weights - frozen
+    assert est.optimizer_state == 2 * (est.weights - frozen) + 4 * 4   # 4 trainable tensors left
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert estimate_memory(model, torch.randn(4, 784), optimizer="adam").gradients == 0

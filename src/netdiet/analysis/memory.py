@@ -595,7 +595,8 @@ def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[s
         out = model(*inputs)
         loss = loss_fn(out)
     marks("backward")
-    loss.backward()
+    if loss.requires_grad:  # a fully frozen model has nothing to differentiate
+        loss.backward()
     marks("optimizer")
     if opt is not None:
         opt.step()
