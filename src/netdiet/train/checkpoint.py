@@ -83,6 +83,8 @@ def save_checkpoint(folder: str | os.PathLike, ck: Checkpoint) -> Path:
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp"):        # half-written temp files of a run killed while saving
+        stale.unlink(missing_ok=True)
     return folder / INDEX
 
 
