@@ -10,7 +10,7 @@ backward and which module was running when it saved them.
 
 The step simulated is netdiet's trainer step (`train/loop.py`): zero_grad(set_to_none) -> forward -> loss ->
 backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
-Step 3 repeats step 2 to take a snapshot of what is alive at the peak (`peak_breakdown`).
+During step 2 the tracker also keeps a copy of what is alive at each new high (`peak_breakdown`).
 
 The measurement runs the same step on a real copy of the model and reads the allocator: on CPU the
 profiler's memory events (every allocation and free of the c10 CPU allocator, `profile_memory=True`), on
@@ -201,8 +201,9 @@ class _StorageTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self._next_uid = 0
-        self.snapshot_at: int | None = None     # take a snapshot of live uids when current first reaches this
+        self.snapshot_on = False                # while on, keep a copy of the live set at every new high
         self.snapshot: dict[int, int] | None = None
+        self.snapshot_total = -1
         # bytes a kernel allocates and frees inside one op (invisible at the dispatch level): see _cpu_workspace
         self.workspace_fn: Callable[[Any, tuple], int] | None = None
 
@@ -223,9 +224,15 @@ class _StorageTracker(TorchDispatchMode):
         weakref.finalize(s, self._free, key, uid)
         if self.current > self.peak:
             self.peak = self.current
-        if self.snapshot_at is not None and self.snapshot is None and self.current >= self.snapshot_at:
-            self.snapshot = dict(self.live.values())
+        if self.snapshot_on and self.current > self.snapshot_total:
+            self.take_snapshot(self.current)
         return uid
+
+    def take_snapshot(self, total: int, workspace: int = 0) -> None:
+        self.snapshot_total = total
+        self.snapshot = dict(self.live.values())
+        if workspace:
+            self.snapshot[-1] = workspace   # uid -1: a kernel's own workspace (a temporary)
 
     def uids(self, tensors: Iterable[Any]) -> dict[int, int]:
         """uid -> nbytes of the (tracked) storages of `tensors`, each storage once."""
@@ -258,9 +265,8 @@ class _StorageTracker(TorchDispatchMode):
             extra = self.workspace_fn(func, args)
             if extra and self.current + extra > self.peak:
                 self.peak = self.current + extra
-                if self.snapshot_at is not None and self.snapshot is None and self.peak >= self.snapshot_at:
-                    self.snapshot = dict(self.live.values())
-                    self.snapshot[-1] = extra   # uid -1: the kernel's own workspace (a temporary)
+            if self.snapshot_on and self.current + extra > self.snapshot_total:
+                self.take_snapshot(self.current + extra, extra)
         return out
 
 
@@ -678,16 +684,19 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     per_step: list[dict[str, Any]] = []
     try:
         with tr, policy:
-            for step in range(3):
+            for step in range(2):
                 saved.clear()
                 state.clear()
                 state["peaks"] = {}
-                if step == 2:
-                    tr.snapshot_at = max(per_step[1]["peaks"].values())
+                if step == 1:
+                    tr.snapshot_on = True
+                    tr.take_snapshot(tr.current)
                 with saved.context():
                     _train_step(meta, x, opt, amp_ctx, loss_fn, marks)
+                tr.snapshot_on = False
                 per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
-                                 "saved": state.get("saved", {}), "grads": state.get("grads", {})})
+                                 "saved": state.get("saved", {}), "saved_all": dict(saved.saved),
+                                 "grads": state.get("grads", {})})
     except NetdietError:
         raise
     except Exception as exc:
@@ -715,10 +724,9 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     weights, buffer_bytes, input_bytes = (sum(d.values()) for d in (weight_uids, buffer_uids, input_uids))
 
     breakdown: dict[str, int] = {}
-    if tr.snapshot is not None:
-        third = per_step[2]
+    if tr.snapshot is not None and tr.snapshot_total == peak:
         parts = {"weights": weight_uids, "buffers": buffer_uids, "inputs": input_uids, "optimizer_state": state_uids,
-                 "gradients": third["grads"], "activations": third["saved"]}
+                 "gradients": steady["grads"], "activations": steady["saved_all"]}
         breakdown = {k: 0 for k in list(parts) + ["temporaries"]}
         for uid, n in tr.snapshot.items():
             part = next((name for name, uids in parts.items() if uid in uids), "temporaries")
