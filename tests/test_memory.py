@@ -27,7 +27,8 @@ def test_estimate_within_5_percent_of_measured_steady_state_peak(name, kw, batch
     for batch in batches:
         x = _input(name, batch)
         est = estimate_memory(model, x, optimizer=optimizer)
-        meas = measure_memory(model, x, optimizer=optimizer, steps=3)
+        meas = measure_memory(model, x, optimizer=optimizer, steps=3, estimate=est)
+        assert est.peak_measured == meas["peak_measured"]
         err = abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"]
         assert err < 0.05, (name, batch, optimizer, est.peak_estimated, meas["peak_measured"])
         assert meas["method"].startswith("torch.profiler")

@@ -787,8 +787,10 @@ def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | N
 # ------------------------------------------------------------------ measurement
 def measure_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", steps: int = 3,
                    dtype: str | torch.dtype | None = None, amp: bool = False, checkpointing: bool = False,
-                   loss_fn: Callable[[Any], torch.Tensor] | None = None) -> dict:
+                   loss_fn: Callable[[Any], torch.Tensor] | None = None, estimate: MemoryEstimate | None = None) -> dict:
     """Run `steps` real trainer steps on a copy of the model and report the steady-state peak (steps 2+).
+
+    Given `estimate` (from estimate_memory), its `peak_measured` is filled in too.
 
     Peaks are the model's own bytes (weights, buffers, the input batch) plus everything the allocator hands
     out during the step. CPU: the profiler's allocator events; CUDA: torch.cuda.max_memory_allocated.
@@ -813,8 +815,12 @@ def measure_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", st
     amp_ctx = lambda: _autocast(amp, device)  # noqa: E731
     try:
         if device.type == "cuda":
-            return _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base)
-        return _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base)
+            result = _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base)
+        else:
+            result = _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base)
+        if estimate is not None:
+            estimate.peak_measured = result["peak_measured"]
+        return result
     except NetdietError:
         raise
     except Exception as exc:
