@@ -13,6 +13,11 @@ def test_data_digits_json_has_counts_bytes_and_preprocessing(tmp_path):
     assert train["samples"] + test["samples"] == 1797 and sum(train["class_counts"]) == train["samples"]
     assert train["storage"]["dense_bytes"] == train["samples"] * 64 * 4
     assert len(doc["samples"]) == 3
+    from netdiet.data import get_dataset
+    first = get_dataset("digits").x_train[0, 0]
+    pixels = doc["preview"]["pixels"]
+    assert len(pixels) == 8 and len(pixels[0]) == 8
+    assert abs(pixels[3][4] - float(first[3, 4])) < 1e-3 and doc["preview"]["label"] == doc["samples"][0]["label"]
     flops = {r["step"]: r["flops_per_sample"] for r in doc["preprocessing"]}
     assert flops["standardise: fit"] == 4 * 64 and flops["standardise: apply"] == 2 * 64
     assert all(r["ns_per_sample"] >= 0 for r in doc["preprocessing"])

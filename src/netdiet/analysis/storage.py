@@ -148,9 +148,16 @@ def data_report(name: str, *, data_dir: str | None = None, seed: int = 0, sample
                      "class": ds.classes[yi] if yi < len(ds.classes) else str(yi),
                      "min": float(xi.min()), "max": float(xi.max()), "mean": float(xi.mean()),
                      "density": float((xi != 0).float().mean())})
+    preview = None
+    x0 = ds.x_train[0] if len(ds.x_train) else None
+    if x0 is not None and x0.dim() == 3 and x0.shape[1] <= 32 and x0.shape[2] <= 32:
+        # the first training image (channel mean), values as stored: what the model sees
+        preview = {"index": 0, "label": int(ds.y_train[0]),
+                   "pixels": [[round(float(v), 3) for v in row] for row in x0.float().mean(0)]}
     return {
         "schema": "netdiet.data/1",
         "summary": ds.summary(),
+        "preview": preview,
         "description": ds.description,
         "splits": splits,
         "samples": rows,

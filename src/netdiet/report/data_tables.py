@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from netdiet.units import format_bytes, format_count
 
@@ -54,7 +55,25 @@ def data_tables(doc: dict) -> Group:
     for r in doc["preprocessing"]:
         prep.add_row(escape(r["step"]), f"{r['ns_per_sample']:.1f}", format_count(r["flops_per_sample"]),
                      f"{r['total_ms']:.2f}", str(r["threads"]))
-    return Group(head, store, samples, prep)
+    parts = [head, store, samples, prep]
+    if doc.get("preview"):
+        parts.insert(3, preview_text(doc["preview"]))
+    return Group(*parts)
+
+
+_SHADES = " .:-=+*#%@"
+
+
+def preview_text(preview: dict) -> Text:
+    """The first image as text: ten shades between the image's own minimum and maximum, two characters a pixel."""
+    pixels = preview["pixels"]
+    lo = min(min(r) for r in pixels)
+    hi = max(max(r) for r in pixels)
+    span = (hi - lo) or 1.0
+    lines = [f"sample {preview['index']} (label {preview['label']}):"]
+    for row in pixels:
+        lines.append("".join(_SHADES[min(9, int((v - lo) / span * 9.999))] * 2 for v in row))
+    return Text("\n".join(lines))
 
 
 def memory_table(est: dict) -> Table:
