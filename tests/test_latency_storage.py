@@ -82,3 +82,24 @@ def test_measure_latency_reports_throughput_and_leaves_model_unchanged():
     assert r.forward_ms_p95 >= r.forward_ms_median > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert set(r.to_dict()) >= {"forward_ms_median", "train_step_ms_p95", "threads", "warmup", "repeats"}
+
+
+def test_layout_bytes_follow_the_formulas_for_random_sparse_matrices():
+    hypothesis = pytest.importorskip("hypothesis")
+    sparse = pytest.importorskip("scipy.sparse")
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=25, deadline=None)
+    @given(rows=st.integers(1, 12), cols=st.integers(1, 40), density=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+    def check(rows, cols, density, seed):
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randn(rows, cols, generator=g)
+        t[torch.rand(rows, cols, generator=g) >= density] = 0
+        s = tensor_storage(t)
+        m = sparse.csr_matrix(t.numpy())
+        assert s["nonzero"] == m.nnz
+        assert s["csr_bytes"] == m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+        assert s["bitmask_bytes"] == -(-rows * cols // 8) + 4 * m.nnz
+        assert s["best_bytes"] == min(s["dense_bytes"], s["csr_bytes"], s["bitmask_bytes"])
+
+    check()
