@@ -284,6 +284,11 @@ def _cpu_workspace(func, args: tuple) -> int:
     results. Found with the profiler's allocator events on torch 2.13 CPU (ResNet: the reorders; a YOLO
     head conv with a large weight: the scratch). Without it ResNet-8 was 11 % low; with it the zoo is
     within 2 %, except YOLO at batch 1 (13 % high: there oneDNN skips the weight scratch).
+
+    oneDNN's fp32 convolution forward computes into its blocked layout (output channels padded to a multiple
+    of 8) and copies the result out: one padded-output-sized scratch. Without it the inference peaks of
+    LeNet-5, MobileNet and YOLO were 8-17 % low; with it they match, except MobileNet at batch 8 (14 % high).
+    bf16/fp16 convolutions on CPUs without oneDNN bf16/fp16 run PyTorch's im2col kernel instead (below).
     """
     if func is torch.ops.aten.convolution_backward.default and len(args) >= 10:
         grad_out, inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[2], args[4],
@@ -297,10 +302,15 @@ def _cpu_workspace(func, args: tuple) -> int:
     if func is torch.ops.aten.convolution.default and len(args) >= 9:
         inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[3], args[4], args[5],
                                                                       args[6], args[8])
-        if (isinstance(inp, torch.Tensor) and inp.dim() == 4 and groups == 1 and not transposed
-                and _slow_conv_path(inp.dtype)):
+        if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or transposed:
+            return 0
+        if groups == 1 and _slow_conv_path(inp.dtype):
             out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
             return _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
+        if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # oneDNN computes into its own blocked layout (channels padded to a multiple of 8), then copies out
+            n, c_out, oh, ow = _conv_out_shape(inp, weight, stride, padding, dilation)
+            return n * (-(-c_out // 8) * 8) * oh * ow * 4
     return 0
 
 
