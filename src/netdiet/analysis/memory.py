@@ -470,8 +470,9 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
         elif self.amp_on and name in _FP32_FUNCS:
             args = self._cast(args, torch.float32, False)
             kwargs = {k: self._cast(v, torch.float32, False) for k, v in kwargs.items()}
-        if name == "scaled_dot_product_attention" and self.target.type in ("cpu", "meta"):
-            routed = _cpu_flash_attention(*args, **kwargs)
+        if name == "scaled_dot_product_attention":
+            routed = (_cuda_efficient_attention(*args, **kwargs) if self.target.type == "cuda"
+                      else _cpu_flash_attention(*args, **kwargs))
             if routed is not None:
                 return routed
         return func(*args, **kwargs)
@@ -479,6 +480,20 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
 
 _ACTIVE_POLICY: list[_MetaPolicy] = []
+
+
+def _cuda_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False):
+    """For a CUDA model: the fused kernels (flash / memory-efficient) keep the output and the log-sum-exp, not the
+    T x T matrix; the memory-efficient op has meta support, so it stands in for both (not verified on a GPU here)."""
+    ok = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and not enable_gqa
+          and query.dtype in (torch.float32, torch.bfloat16, torch.float16) and query.dtype == key.dtype == value.dtype)
+    if not ok:
+        return None
+    kw = {"scale": scale} if scale is not None else {}
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, need_lse, float(dropout_p), bool(is_causal), **kw)[0]
 
 
 def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
