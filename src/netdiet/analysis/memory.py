@@ -26,7 +26,7 @@ import os
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +126,6 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype | None, device: str | torch.
     if torch.device(device).type == "meta":
         return torch.empty(x.shape, dtype=target, device="meta")
     return x.detach().to(device=device, dtype=target)
-
-
-def _check_optimizer_name(optimizer: str) -> str:
-    return normalise_optimizer(optimizer)
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
