@@ -162,3 +162,17 @@ def test_frozen_layers_get_no_gradients_or_optimizer_state():
     for p in model.parameters():
         p.requires_grad_(False)
     assert estimate_memory(model, torch.randn(4, 784), optimizer="adam").gradients == 0
+
+
+def test_transformer_checkpointing_per_block_matches_measurement():
+    model = create_model("transformer")
+    x = torch.randint(0, 1000, (4, 64))
+    est = estimate_memory(model, x, optimizer="adam", checkpointing=True, amp=True)
+    assert est.checkpointed_blocks == ["blocks.0", "blocks.1"] and est.checkpointing_saved > 0
+    meas = measure_memory(model, x, optimizer="adam", checkpointing=True, amp=True)
+    assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02
+
+
+def test_checkpointing_a_model_without_sequential_blocks_is_bad_input():
+    with pytest.raises(NetdietError, match="Sequential"):
+        estimate_memory(create_model("lenet5"), torch.randn(2, 1, 28, 28), checkpointing=True)
