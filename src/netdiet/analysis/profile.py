@@ -361,6 +361,9 @@ def _memory_section(estimate: Any, measured: dict | None) -> dict[str, Any]:
     keys = ("batch_size", "optimizer", "dtype", "amp", "checkpointing", "weights", "buffers", "gradients",
             "optimizer_state", "activations", "temporaries", "peak_estimated", "inference_peak")
     out = {k: _plain(getattr(estimate, k, None)) for k in keys}
+    breakdown = getattr(estimate, "peak_breakdown", None)
+    out["peak_breakdown"] = {k: int(v) for k, v in breakdown.items()} if breakdown else None
+    out["peak_phase"] = getattr(estimate, "peak_phase", None)
     for extra in ("recompute_flops", "checkpointing_saved"):
         if hasattr(estimate, extra):
             out[extra] = _plain(getattr(estimate, extra))

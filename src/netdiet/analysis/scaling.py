@@ -86,6 +86,9 @@ class ScalingPoint:
     optimizer_state: int | None = None
     temporaries: int | None = None
     peak_fitted: int | None = None
+    # what is alive at the moment of the estimated peak (sums to peak_estimated; activations here are the
+    # saved tensors still alive then, which during backward is fewer than all saved at the end of forward)
+    peak_breakdown: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -190,6 +193,8 @@ def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_si
         for part in ("weights", "gradients", "optimizer_state", "temporaries"):
             if getattr(est, part, None) is not None:
                 setattr(point, part, int(getattr(est, part)))
+        if getattr(est, "peak_breakdown", None):
+            point.peak_breakdown = {k: int(v) for k, v in est.peak_breakdown.items()}
         if count_flops:
             counts = counter(model, x, train=True, optimizer=optimizer)
             point.macs, point.flops, point.train_flops = int(counts.macs), int(counts.flops), int(counts.train_flops)

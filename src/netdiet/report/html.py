@@ -144,11 +144,19 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
     points = get(doc, "scaling.points") or []
     if points and all(isinstance(p, dict) for p in points):
         cats = [str(p.get("batch_size")) for p in points]
-        series = {k: [p.get(k) or 0 for p in points] for k in parts if any(p.get(k) for p in points)}
+        if all(isinstance(p.get("peak_breakdown"), dict) for p in points):
+            # what is alive at the estimated peak: the stack's height is the peak itself
+            keys = [k for k in ("weights", "buffers", "inputs", "gradients", "optimizer_state", "activations", "temporaries")
+                    if any(p["peak_breakdown"].get(k) for p in points)]
+            series = {k.replace("_", " "): [p["peak_breakdown"].get(k) or 0 for p in points] for k in keys}
+        else:
+            series = {k: [p.get(k) or 0 for p in points] for k in parts if any(p.get(k) for p in points)}
         fitted = [p.get("peak_fitted") for p in points]
         line = (fitted, "fitted fixed + per-sample") if all(v is not None for v in fitted) else None
         if series:
-            page.image(plots.stacked_bars(cats, series, title="training memory vs batch size", ylabel="bytes", line=line,
+            measured = [p.get("peak_measured") for p in points]
+            page.image(plots.stacked_bars(cats, series, title="training peak vs batch size (alive at the peak)", ylabel="bytes",
+                                          line=line, points=(measured, "measured peak") if all(measured) else None,
                                           budget=get(doc, "scaling.budget_bytes")), "memory across batch sizes")
         fit = get(doc, "scaling.fit") or {}
         if fit:
@@ -158,10 +166,17 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
                                       title="training memory breakdown", ylabel="bytes"), "memory breakdown")
     ops = doc.get("operators") or {}
     if ops:
-        rows = sorted(ops.items(), key=lambda kv: -((kv[1] or {}).get("flops") or 0))
+        def work(v: dict) -> int:
+            return (v.get("flops") or 0) + (v.get("backward_flops") or 0)
+        rows = sorted(ops.items(), key=lambda kv: -work(kv[1] or {}))
         page.add("<h3>Operators</h3>")
-        page.table(["operator", "calls", "MACs", "FLOPs"],
-                   [[op, fmt(v.get("count")), fmt(v.get("macs"), "count"), fmt(v.get("flops"), "count")] for op, v in rows])
+        page.table(["operator", "calls", "MACs", "FLOPs", "backward calls", "backward MACs", "backward FLOPs"],
+                   [[op, fmt(v.get("count")), fmt(v.get("macs"), "count"), fmt(v.get("flops"), "count"),
+                     fmt(v.get("backward_count")), fmt(v.get("backward_macs"), "count"), fmt(v.get("backward_flops"), "count")]
+                    for op, v in rows if work(v)])
+        free = [op for op, v in rows if not work(v)]
+        if free:
+            page.add("<p class='muted'>No arithmetic (views, copies, bookkeeping): " + esc(", ".join(free)) + "</p>")
     unc = doc.get("uncounted") or {}
     if unc:
         page.add("<p class='warn'>Operators without a formula (not counted): " +

@@ -33,7 +33,8 @@ def hbar(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: 
 
 
 def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], *, title: str, ylabel: str,
-                 line: tuple[Sequence[float], str] | None = None, budget: float | None = None) -> str:
+                 line: tuple[Sequence[float], str] | None = None, budget: float | None = None,
+                 points: tuple[Sequence[float], str] | None = None) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
     bottom = [0.0] * len(categories)
     x = list(range(len(categories)))
@@ -42,12 +43,14 @@ def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
         bottom = [b + v for b, v in zip(bottom, vals)]
     if line is not None:
         ax.plot(x, line[0], "k--", marker="o", label=line[1])
+    if points is not None:
+        ax.scatter(x, points[0], marker="D", color="black", zorder=4, label=points[1])
     if budget is not None:
         ax.axhline(budget, color="#c94f5d", linewidth=2, label="budget")
     ax.set_xticks(x, labels=categories)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _to_data_uri(fig)
 
