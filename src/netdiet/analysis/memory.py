@@ -279,7 +279,9 @@ def _cpu_workspace(func, args: tuple) -> int:
     allocates the returned weight gradient: max(2 * max(input, grad_output), weight) bytes above the op's
     results. Found with the profiler's allocator events on torch 2.13 CPU (ResNet: the reorders; a YOLO
     head conv with a large weight: the scratch). Without it ResNet-8 was 11 % low; with it the zoo is
-    within 2 %, except YOLO at batch 1 (13 % high: there oneDNN skips the weight scratch).
+    within 2.4 %. A batch of one sample with a small column buffer (C k_h k_w x H' W' floats, up to 576 KiB
+    here; 11 of 11 such shapes measured) takes oneDNN's im2col + GEMM algorithm instead, forward and
+    backward, and that buffer is the scratch. The limit is oneDNN's choice on this CPU: another CPU may differ.
 
     oneDNN's fp32 convolution forward computes into its blocked layout (output channels padded to a multiple
     of 8) and copies the result out: one padded-output-sized scratch. Without it the inference peaks of
@@ -292,6 +294,9 @@ def _cpu_workspace(func, args: tuple) -> int:
         if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or groups != 1 or transposed:
             return 0
         if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            cols = _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
+            if inp.shape[0] == 1 and cols <= _ONEDNN_GEMM_COLUMNS_MAX:
+                return cols
             return max(2 * max(_nbytes(inp), _nbytes(grad_out)), _nbytes(weight))
         if _slow_conv_path(inp.dtype):
             return _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
@@ -305,9 +310,17 @@ def _cpu_workspace(func, args: tuple) -> int:
             return _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
         if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # oneDNN computes into its own blocked layout (channels padded to a multiple of 8), then copies out
-            n, c_out, oh, ow = _conv_out_shape(inp, weight, stride, padding, dilation)
+            out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
+            if inp.shape[0] == 1 and groups == 1:
+                cols = _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
+                if cols <= _ONEDNN_GEMM_COLUMNS_MAX:
+                    return cols
+            n, c_out, oh, ow = out_shape
             return n * (-(-c_out // 8) * 8) * oh * ow * 4
     return 0
+
+
+_ONEDNN_GEMM_COLUMNS_MAX = 589_824   # largest column buffer measured to take the GEMM path (smallest direct: 921,600)
 
 
 def _slow_conv_path(dtype: torch.dtype) -> bool:
