@@ -277,6 +277,9 @@ def demo_summary(result_paths: list[str]) -> dict:
                 st.get("average_accuracy"), "pct", "continual.json")
             bpt = st.get("bytes_per_task") or []
             if bpt:
-                add(f"continual {st.get('name')}: most bytes kept (budget {cont.get('budget')})", max(bpt), "bytes", "continual.json")
+                from netdiet.units import format_bytes
+                budget = cont.get("budget")
+                add(f"continual {st.get('name')}: most bytes kept"
+                    + (f" (budget {format_bytes(budget)})" if isinstance(budget, int) else ""), max(bpt), "bytes", "continual.json")
     return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs)}
 
