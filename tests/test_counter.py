@@ -409,3 +409,33 @@ def test_tensors_passed_as_keyword_arguments_are_attributed_to_the_caller():
     own = c.module("").backward_flops - c.module("pre").backward_flops - c.module("child").backward_flops
     assert own == 12
     assert c.module("child").backward_flops == c.module("child.lin").backward_flops
+
+
+def _checkpointed_transformer_counts(device: str) -> tuple:
+    from netdiet.train.recompute import enable_checkpointing
+    x = torch.zeros(2, 32, dtype=torch.int64, device=device)
+    with torch.device(device):
+        plain_model, ckpt_model = create_model("transformer"), create_model("transformer")
+    enable_checkpointing(ckpt_model)
+    return count_ops(plain_model, x, train=True), count_ops(ckpt_model, x, train=True)
+
+
+def test_checkpointed_transformer_on_meta_counts_the_full_recomputed_forward_in_backward():
+    # regression: the meta attention routing was off during the recompute inside backward, so the recomputed
+    # SDPA took the math path and torch.utils.checkpoint refused the mismatching saved tensors
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    with set_checkpoint_early_stop(False):   # recompute every op of the blocks, so the extra is their forward
+        plain, ckpt = _checkpointed_transformer_counts("meta")
+    assert ckpt.flops == plain.flops
+    assert ckpt.backward_flops == plain.backward_flops + plain.module("blocks").flops
+    assert ckpt.module("blocks").backward_flops == plain.module("blocks").backward_flops + plain.module("blocks").flops
+
+
+def test_checkpointed_transformer_counts_on_meta_equal_the_cpu_counts():
+    # default early stop: the recompute ends once every saved tensor is back, so the last block's output Linear
+    # and residual add (B·T·(2·512·128 + 2·128) = 8,404,992 FLOPs) are not recomputed
+    meta_plain, meta_ckpt = _checkpointed_transformer_counts("meta")
+    cpu_plain, cpu_ckpt = _checkpointed_transformer_counts("cpu")
+    assert (meta_ckpt.flops, meta_ckpt.backward_flops) == (cpu_ckpt.flops, cpu_ckpt.backward_flops)
+    extra = meta_ckpt.backward_flops - meta_plain.backward_flops
+    assert extra == meta_plain.module("blocks").flops - 2 * 32 * (2 * 512 * 128 + 2 * 128)

@@ -12,6 +12,8 @@ How attribution works:
   beside the root), so totals = root + "<loss>".
 - On the meta device PyTorch has no fused attention kernel and would decompose SDPA into the full (non-causal)
   math path; the counter routes it to the CPU flash operator (it has meta support) so meta and CPU counts agree.
+  Function modes are not active inside backward, where torch.utils.checkpoint recomputes a checkpointed forward,
+  so the counter re-enters the routing around every module call made during backward (see `_Counter._pre`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -182,8 +184,12 @@ class _Counter:
                inputs or outputs to require grad.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, meta_routing: bool = False) -> None:
         self.tally = _Tally()
+        # meta attention routing re-entered around module calls made inside backward (checkpoint recomputes):
+        # function modes entered around the step are not active there; (module, mode) pairs, innermost last
+        self.meta_routing = meta_routing
+        self.rerouted: list[tuple[nn.Module, _MetaAttentionMode]] = []
         self.names: dict[int, str] = {}
         for name, mod in model.named_modules(remove_duplicate=True):
             self.names.setdefault(id(mod), name)
@@ -208,6 +214,8 @@ class _Counter:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        while self.rerouted:   # a recompute that raised before its module's post hook
+            self.rerouted.pop()[1].__exit__(None, None, None)
 
     # ---- attribution
     def _ancestry(self, name: str) -> tuple[str, ...]:
@@ -263,6 +271,11 @@ class _Counter:
         return owner
 
     def _pre(self, mod: nn.Module, args: tuple) -> None:
+        if (self.meta_routing and torch._C._current_graph_task_id() != -1
+                and not any(isinstance(m, _MetaAttentionMode) for m in _get_current_function_mode_stack())):
+            mode = _MetaAttentionMode()
+            mode.__enter__()
+            self.rerouted.append((mod, mode))
         name = self.names.get(id(mod))
         if name is None:
             return
@@ -270,6 +283,8 @@ class _Counter:
         self.open_interval(name)
 
     def _post(self, mod: nn.Module, args: tuple, output: Any) -> None:
+        if self.rerouted and self.rerouted[-1][0] is mod:
+            self.rerouted.pop()[1].__exit__(None, None, None)
         name = self.names.get(id(mod))
         if name is None:
             return
@@ -340,7 +355,7 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)])
     modes = [(m, m.training) for m in model.modules()]   # restored one by one: mixed modes are kept
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-    counter = _Counter(model)
+    counter = _Counter(model, meta_routing=on_meta)
     notes: list[str] = []
     saved_grads: dict = {}
     try:
