@@ -176,3 +176,18 @@ def test_transformer_checkpointing_per_block_matches_measurement():
 def test_checkpointing_a_model_without_sequential_blocks_is_bad_input():
     with pytest.raises(NetdietError, match="Sequential"):
         estimate_memory(create_model("lenet5"), torch.randn(2, 1, 28, 28), checkpointing=True)
+
+
+def test_transformer_recompute_flops_come_from_count_ops_and_equal_a_cpu_count():
+    # regression: count_ops failed on the checkpointed meta copy, so the figure silently came from
+    # torch.utils.flop_counter (matmul/attention only); now it is count_ops' and equals a count on real CPU tensors
+    from netdiet.analysis.counter import count_ops
+    from netdiet.analysis.memory import apply_checkpointing
+    model = create_model("transformer")
+    x = torch.randint(0, 1000, (2, 32))
+    est = estimate_memory(model, x, optimizer="sgd", checkpointing=True)
+    assert est.recompute_flops_method.startswith("netdiet.analysis.counter.count_ops")
+    ckpt = create_model("transformer")
+    apply_checkpointing(ckpt)
+    cpu_extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(model, x, train=True).backward_flops
+    assert est.recompute_flops == cpu_extra > 0

@@ -781,41 +781,22 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
 
 
 def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | None, str | None]:
-    """FLOPs the backward spends recomputing checkpointed forwards: backward FLOPs with minus without."""
-    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+    """FLOPs the backward spends recomputing checkpointed forwards: count_ops' backward FLOPs with minus without.
 
-    def copies() -> tuple[nn.Module, nn.Module]:
+    count_ops routes meta-device attention to the CPU flash op in the recompute too, so the figure is the one a
+    CPU run gives (FLOPs do not depend on the dtype, so amp/bf16 runs are counted in the copies' dtype). Only the
+    ops up to the last tensor backward needs are recomputed (torch.utils.checkpoint's early stop).
+    """
+    from netdiet.analysis.counter import count_ops
+
+    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+    try:
         plain, ckpt = _meta_copy(model, dt), _meta_copy(model, dt)
         apply_checkpointing(ckpt)
-        return plain, ckpt
-
-    try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        count_ops = None
-    if count_ops is not None:
-        try:
-            plain, ckpt = copies()
-            extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(plain, x, train=True).backward_flops
-            return int(extra), "netdiet.analysis.counter.count_ops: backward FLOPs with checkpointing minus without"
-        except Exception:  # fall back to PyTorch's counter below
-            pass
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def backward_flops(net: nn.Module) -> int:
-        with _MetaPolicy(_model_device(model)) as policy, policy.amp(amp):
-            loss = loss_fn(net(*x))
-        counter = FlopCounterMode(display=False)
-        with _MetaPolicy(_model_device(model)), counter:
-            loss.backward()
-        return int(counter.get_total_flops())
-
-    try:
-        plain, ckpt = copies()
-        return (backward_flops(ckpt) - backward_flops(plain),
-                "torch.utils.flop_counter: matmul/conv/attention FLOPs (2 per MAC) of the recomputed forwards")
-    except Exception:  # the figure is an extra; the memory estimate stands without it
+        extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(plain, x, train=True).backward_flops
+    except NetdietError:   # the figure is an extra; the memory estimate stands without it
         return None, None
+    return int(extra), "netdiet.analysis.counter.count_ops: backward FLOPs with checkpointing minus without"
 
 
 # ------------------------------------------------------------------ measurement
