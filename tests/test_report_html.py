@@ -43,7 +43,16 @@ def _lookup(doc, path):
 
 
 def _results(tmp_path: Path) -> list[Path]:
-    """Real results written by netdiet commands (whatever this build has), so the page shows true numbers."""
+    """Real results written by netdiet commands, so the page shows true numbers.
+
+    NETDIET_REPORT_FROM=<folder> renders that folder's results instead (e.g. `netdiet-demo/`): that is how the
+    README's screenshot is made, by this test and under its checks:
+    NETDIET_REPORT_FROM=netdiet-demo NETDIET_SCREENSHOT=docs/report.png pytest tests/test_report_html.py
+    """
+    if os.environ.get("NETDIET_REPORT_FROM"):
+        folder = Path(os.environ["NETDIET_REPORT_FROM"])
+        first = [folder / "demo.json"] if (folder / "demo.json").exists() else []
+        return first + sorted(p for p in folder.glob("*.json") if p.name != "demo.json")
     made = []
     for name, argv in [("models.json", ["models"]),
                        ("profile.json", ["profile", "lenet5", "--batch-sizes", "1,8,32"]),
