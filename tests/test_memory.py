@@ -191,3 +191,30 @@ def test_transformer_recompute_flops_come_from_count_ops_and_equal_a_cpu_count()
     apply_checkpointing(ckpt)
     cpu_extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(model, x, train=True).backward_flops
     assert est.recompute_flops == cpu_extra > 0
+
+
+def test_peak_breakdown_names_the_output_backward_buffers_and_adam_update_temporaries_of_a_2_layer_mlp():
+    # regression: what is alive at the peak beyond weights/state/grads/activations was all "temporaries".
+    # Linear(100 -> 200) -> ReLU -> Linear(200 -> 10), batch 64; weights 100·200 + 200 + 200·10 + 10 floats
+    model = nn.Sequential(nn.Linear(100, 200), nn.ReLU(), nn.Linear(200, 10))
+    x = torch.randn(64, 100)
+    weights, outputs = (20_000 + 200 + 2_000 + 10) * 4, 64 * 10 * 4 + 4      # logits + the scalar loss
+    sgd = estimate_memory(model, x, optimizer="sgd")
+    b = sgd.peak_breakdown
+    # SGD peaks in backward at ReLU's backward: the gradient arriving at the ReLU output and the one it
+    # returns (64 x 200 floats each) plus autograd's 4-byte seed dloss/dloss; fc2's gradients exist by then
+    assert sgd.peak_phase == "backward"
+    assert b["backward_buffers"] == 2 * 64 * 200 * 4 + 4
+    assert b["outputs"] == outputs and b["activations"] == 64 * 200 * 4 and b["gradients"] == (2_000 + 10) * 4
+    assert b["temporaries"] == b["workspace"] == b["optimizer_temporaries"] == 0
+    assert sgd.peak_estimated == weights + 64 * 100 * 4 + b["gradients"] + b["activations"] + outputs + b["backward_buffers"]
+    assert sgd.temporaries == outputs + b["backward_buffers"]
+    adam = estimate_memory(model, x, optimizer="adam")
+    b = adam.peak_breakdown
+    # Adam peaks in its update of the largest tensor (fc1.weight): sqrt(v) and sqrt(v) / bias_correction,
+    # two 100 x 200 temporaries; the logits and the loss are still alive, as in netdiet's trainer
+    assert adam.peak_phase == "optimizer"
+    assert b["optimizer_temporaries"] == 2 * 100 * 200 * 4
+    assert b["outputs"] == outputs and b["backward_buffers"] == 0 and b["temporaries"] == 0
+    assert sum(b.values()) == adam.peak_estimated
+    assert abs(adam.peak_estimated - measure_memory(model, x, optimizer="adam")["peak_measured"]) <= 64

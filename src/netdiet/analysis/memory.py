@@ -202,6 +202,9 @@ class _StorageTracker(TorchDispatchMode):
         self.snapshot_total = -1
         # bytes a kernel allocates and frees inside one op (invisible at the dispatch level): see _cpu_workspace
         self.workspace_fn: Callable[[Any, tuple], int] | None = None
+        # where storages were created, for peak_breakdown: uid -> "backward" | "optimizer" | "recomputed"
+        self.phase: str | None = None
+        self.origin: dict[int, str] = {}
 
     def register(self, t: torch.Tensor) -> int | None:
         try:
@@ -217,6 +220,10 @@ class _StorageTracker(TorchDispatchMode):
         self._next_uid += 1
         self.live[key] = (uid, n)
         self.current += n
+        if _RECOMPUTING[0] and self.phase == "backward":
+            self.origin[uid] = "recomputed"
+        elif self.phase in ("backward", "optimizer"):
+            self.origin[uid] = self.phase
         weakref.finalize(s, self._free, key, uid)
         if self.current > self.peak:
             self.peak = self.current
@@ -319,6 +326,9 @@ def _cpu_workspace(func, args: tuple) -> int:
             return n * (-(-c_out // 8) * 8) * oh * ow * 4
     return 0
 
+
+# parts of peak_breakdown beside weights/buffers/inputs/optimizer_state/gradients/activations/outputs
+_TRANSIENT_PARTS = ["backward_buffers", "recomputed", "workspace", "optimizer_temporaries", "temporaries"]
 
 _ONEDNN_GEMM_COLUMNS_MAX = 589_824   # largest column buffer measured to take the GEMM path (smallest direct: 921,600)
 
@@ -489,6 +499,7 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
 
 _ACTIVE_POLICY: list[_MetaPolicy] = []
+_RECOMPUTING = [0]   # > 0 while a checkpointed forward is being recomputed inside backward (estimate only)
 
 
 def _cuda_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -539,8 +550,12 @@ def _run_checkpointed(fn: Callable, *args, **kwargs):
             from torch.overrides import _get_current_function_mode_stack
             # The recompute runs inside backward, where function modes entered around the step are not active.
             active = policy in _get_current_function_mode_stack()
-            with (contextlib.nullcontext() if active else policy), policy.amp(amp_on):
-                return inner(*a, **k)
+            _RECOMPUTING[0] += 0 if active else 1
+            try:
+                with (contextlib.nullcontext() if active else policy), policy.amp(amp_on):
+                    return inner(*a, **k)
+            finally:
+                _RECOMPUTING[0] -= 0 if active else 1
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
@@ -623,8 +638,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # ------------------------------------------------------------------ the simulated step
-def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[str], None]):
-    """One trainer step; `marks(phase)` is called at each phase boundary. Returns nothing (all freed)."""
+def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[str], None],
+                on_output: Callable[[Any, Any], None] | None = None):
+    """One trainer step; `marks(phase)` is called at each phase boundary, `on_output(output, loss)` once both
+    exist. Returns nothing (all freed). Like the trainer, the output and the loss stay alive to the end."""
     if opt is not None:
         opt.zero_grad(set_to_none=True)
     else:
@@ -634,6 +651,8 @@ def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[s
     with amp_ctx_factory():
         out = model(*inputs)
         loss = loss_fn(out)
+    if on_output is not None:
+        on_output(out, loss)
     marks("backward")
     if loss.requires_grad:  # a fully frozen model has nothing to differentiate
         loss.backward()
@@ -713,7 +732,11 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
         if phase == "optimizer":
             state["grads"] = tr.uids(p.grad for p in trainable if p.grad is not None)
         state["phase"] = phase
+        tr.phase = phase
         tr.reset_peak()
+
+    def on_output(out: Any, loss: Any) -> None:
+        state["outputs"] = tr.uids(tree_leaves((out, loss)))
 
     per_step: list[dict[str, Any]] = []
     try:
@@ -726,11 +749,12 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
                     tr.snapshot_on = True
                     tr.take_snapshot(tr.current)
                 with saved.context():
-                    _train_step(meta, x, opt, amp_ctx, loss_fn, marks)
+                    _train_step(meta, x, opt, amp_ctx, loss_fn, marks, on_output)
                 tr.snapshot_on = False
+                tr.phase = None
                 per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
                                  "saved": state.get("saved", {}), "saved_all": dict(saved.saved),
-                                 "grads": state.get("grads", {})})
+                                 "grads": state.get("grads", {}), "outputs": state.get("outputs", {})})
     except NetdietError:
         raise
     except Exception as exc:
@@ -760,13 +784,17 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     breakdown: dict[str, int] = {}
     if tr.snapshot is not None and tr.snapshot_total == peak:
         parts = {"weights": weight_uids, "buffers": buffer_uids, "inputs": input_uids, "optimizer_state": state_uids,
-                 "gradients": steady["grads"], "activations": steady["saved_all"]}
-        breakdown = {k: 0 for k in list(parts) + ["temporaries"]}
+                 "gradients": steady["grads"], "activations": steady["saved_all"], "outputs": steady["outputs"]}
+        by_origin = {"backward": "backward_buffers", "recomputed": "recomputed", "optimizer": "optimizer_temporaries"}
+        breakdown = {k: 0 for k in list(parts) + _TRANSIENT_PARTS}
         for uid, n in tr.snapshot.items():
-            part = next((name for name, uids in parts.items() if uid in uids), "temporaries")
+            part = next((name for name, uids in parts.items() if uid in uids), None)
+            if part is None:
+                part = "workspace" if uid == -1 else by_origin.get(tr.origin.get(uid, ""), "temporaries")
             breakdown[part] += n
     if "temporaries" in breakdown:
-        temporaries = breakdown["temporaries"]
+        # the field keeps its meaning: everything at the peak that is none of the long-lived parts
+        temporaries = sum(breakdown[k] for k in ["outputs"] + _TRANSIENT_PARTS)
     else:
         temporaries = max(0, peak - weights - buffer_bytes - input_bytes - state_bytes - activations - gradients)
 
