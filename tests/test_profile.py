@@ -386,3 +386,21 @@ def test_non_integer_options_are_one_line(capsys):
     assert_one_line_exit_2(code, err, "--batch-size 'eight' is not an integer >= 1")
     code, _, err = run_cli(capsys, "profile", "lenet300", "--depth", "-1")
     assert_one_line_exit_2(code, err, "--depth '-1' is not an integer >= 0")
+
+
+def test_measure_ram_check_adds_the_deep_copy_of_the_weights_to_the_estimated_peak(capsys, monkeypatch, tmp_path):
+    # regression: the check used the estimated peak alone, but measure_memory trains a deep copy, so the
+    # caller's weights stay allocated too. lenet300: (784·300 + 300 + 300·100 + 100 + 100·10 + 10) floats
+    import netdiet.analysis.memory as memory
+    code, _, err = run_cli(capsys, "profile", "lenet300", "--json", str(tmp_path / "p.json"))
+    assert code == 0, err
+    peak = json.loads((tmp_path / "p.json").read_text())["memory"]["peak_estimated"]
+    asked = []
+    monkeypatch.setattr(memory, "check_fits_in_ram", lambda estimate_bytes, override: asked.append(estimate_bytes))
+
+    def stop(*_a, **_k):
+        raise NetdietError("stopped after the RAM check; nothing to measure in this test")
+    monkeypatch.setattr(memory, "measure_memory", stop)
+    code, _, err = run_cli(capsys, "profile", "lenet300", "--measure")
+    assert code == 2 and "stopped after the RAM check" in err
+    assert asked and set(asked) == {peak + 266_610 * 4}   # checked before materialising and before measuring

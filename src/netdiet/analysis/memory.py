@@ -1016,6 +1016,13 @@ def available_ram() -> int | None:
         return None
 
 
+def measure_copy_bytes(model: nn.Module) -> int:
+    """Bytes a measured run needs beyond the estimated peak: measure_memory (and measure_latency's training
+    step) work on a deep copy, so the caller's weights and buffers stay allocated beside the copy's."""
+    total, _ = _unique_storage_bytes(list(model.parameters()) + list(model.buffers()))
+    return total
+
+
 def check_fits_in_ram(estimate_bytes: int, override: bool = False, *, flag: str = "--force") -> None:
     """Refuse up front a measured run whose estimated peak exceeds the RAM available now."""
     if override:

@@ -437,7 +437,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
     def before_real(meta_model: nn.Module) -> bool:
         """Keep a large spec on the meta device; refuse a --measure that would not fit before allocating it."""
-        from netdiet.analysis.memory import check_fits_in_ram, estimate_memory
+        from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes
         if not measure:
             small = sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
             return small or weights is not None
@@ -445,7 +445,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                                 torch.device("meta"), seed)
         with input_fit_check(meta_model, x_meta):
             first = estimate_memory(meta_model, x_meta, **mem_kw)
-        check_fits_in_ram(int(first.peak_estimated), force)
+        # the measured run trains a deep copy: the estimated peak plus the model's own weights and buffers
+        check_fits_in_ram(int(first.peak_estimated) + measure_copy_bytes(meta_model), force)
         early["estimate"], early["shapes"] = first, [(tuple(t.shape), t.dtype) for t in x_meta]
         return True
 
@@ -460,7 +461,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     x = prepare_inputs(inputs, spec, model_kw, batch_size, device, seed)
     batch = int(x[0].shape[0]) if x and x[0].dim() else 1
     from netdiet.analysis.counter import count_ops
-    from netdiet.analysis.memory import check_fits_in_ram, estimate_memory
+    from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes
 
     steps = (2 + (2 if measure else 0) + len(batch_sizes or []) * (2 if measure else 1)
              + (1 if budget is not None else 0))
@@ -490,7 +491,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
         measured = latency = None
         if measure:
-            check_fits_in_ram(int(estimate.peak_estimated), force)
+            check_fits_in_ram(int(estimate.peak_estimated) + measure_copy_bytes(net), force)
             from netdiet.analysis.latency import measure_latency
             from netdiet.analysis.memory import measure_memory
             measured = measure_memory(net, x, **mem_kw)
@@ -526,7 +527,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                 net, x, batch_sizes, measure=False, counter=count_at, estimator=estimate_at,
                 on_point=lambda _p: tick(), **mem_kw)
             if measure:
-                check_fits_in_ram(max(p.peak_estimated for p in sweep.points), force)
+                check_fits_in_ram(max(p.peak_estimated for p in sweep.points) + measure_copy_bytes(net), force)
                 from netdiet.analysis.memory import measure_memory
                 for point in sweep.points:
                     m = measurements.get(point.batch_size) or measure_memory(
