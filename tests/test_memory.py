@@ -218,3 +218,37 @@ def test_peak_breakdown_names_the_output_backward_buffers_and_adam_update_tempor
     assert b["outputs"] == outputs and b["backward_buffers"] == 0 and b["temporaries"] == 0
     assert sum(b.values()) == adam.peak_estimated
     assert abs(adam.peak_estimated - measure_memory(model, x, optimizer="adam")["peak_measured"]) <= 64
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_1x1_conv_below_batch_16_runs_single_threaded_without_output_scratch(threads):
+    # regression (MobileNet at batch 8 was 13.6 % high in inference): PyTorch sends an fp32 1x1/stride-1 conv on a
+    # batch below 16 to its native kernel when single-threaded (no scratch); otherwise oneDNN, which computes
+    # into an output-sized blocked buffer. Conv2d(16 -> 32, 1x1), batch 8 at 8x8: weight 2,048 B,
+    # input 8·16·64·4 = 32,768 B, output 8·32·64·4 = 65,536 B
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False))
+        x = torch.randn(8, 16, 8, 8)
+        est = estimate_memory(model, x, optimizer="sgd")
+        expected = 2_048 + 32_768 + 65_536 + (65_536 if threads > 1 else 0)
+        assert est.inference_peak == expected
+        assert measure_memory(model, x, optimizer="sgd")["inference_peak_measured"] == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mobilenet_batch_8_inference_peak_matches_measurement():
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = create_model("mobilenet")
+        x = torch.randn(8, 3, 32, 32)
+        est = estimate_memory(model, x, optimizer="sgd")
+        meas = measure_memory(model, x, optimizer="sgd")
+        assert abs(est.inference_peak - meas["inference_peak_measured"]) / meas["inference_peak_measured"] < 0.005
+        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02
+    finally:
+        torch.set_num_threads(before)

@@ -292,7 +292,8 @@ def _cpu_workspace(func, args: tuple) -> int:
 
     oneDNN's fp32 convolution forward computes into its blocked layout (output channels padded to a multiple
     of 8) and copies the result out: one padded-output-sized scratch. Without it the inference peaks of
-    LeNet-5, MobileNet and YOLO were 8-17 % low; with it they match, except MobileNet at batch 8 (14 % high).
+    LeNet-5, MobileNet and YOLO were 8-17 % low; with it they match. Single-threaded, a 1x1 stride-1 conv on a
+    batch below 16 skips oneDNN (see _native_1x1): without that rule MobileNet at batch 8 was 13.6 % high.
     bf16/fp16 convolutions on CPUs without oneDNN bf16/fp16 run PyTorch's im2col kernel instead (below).
     """
     if func is torch.ops.aten.convolution_backward.default and len(args) >= 10:
@@ -300,6 +301,8 @@ def _cpu_workspace(func, args: tuple) -> int:
                                                                                 args[5], args[6], args[7], args[9])
         if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or groups != 1 or transposed:
             return 0
+        if _native_1x1(inp, weight, stride, dilation):
+            return _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
         if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             cols = _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
             if inp.shape[0] == 1 and cols <= _ONEDNN_GEMM_COLUMNS_MAX:
@@ -312,7 +315,7 @@ def _cpu_workspace(func, args: tuple) -> int:
                                                                       args[6], args[8])
         if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or transposed:
             return 0
-        if groups == 1 and _slow_conv_path(inp.dtype):
+        if groups == 1 and (_slow_conv_path(inp.dtype) or _native_1x1(inp, weight, stride, dilation)):
             out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
             return _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
         if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
@@ -331,6 +334,14 @@ def _cpu_workspace(func, args: tuple) -> int:
 _TRANSIENT_PARTS = ["backward_buffers", "recomputed", "workspace", "optimizer_temporaries", "temporaries"]
 
 _ONEDNN_GEMM_COLUMNS_MAX = 589_824   # largest column buffer measured to take the GEMM path (smallest direct: 921,600)
+
+
+def _native_1x1(inp, weight, stride, dilation) -> bool:
+    """PyTorch's own rule (ConvParams::use_mkldnn, torch 2.13): an fp32 1x1 convolution with stride 1 and no
+    dilation on a batch below 16 runs single-threaded on its native kernel, not oneDNN ("THNN is faster when
+    single-threaded"). That kernel needs no output scratch, and no column buffer unless padded."""
+    return (inp.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1) and all(v == 1 for v in stride)
+            and all(v == 1 for v in dilation) and inp.shape[0] < 16 and torch.get_num_threads() == 1)
 
 
 def _slow_conv_path(dtype: torch.dtype) -> bool:
