@@ -17,18 +17,32 @@ def _num(v, fmt: str = "{:.4f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _short_bytes(n) -> str:
+    """Bytes with three significant digits ('415 MiB', '4.94 MiB', '32.0 KiB') so nine columns fit 80 characters."""
+    text = format_bytes(n)
+    if n is None or " " not in text or text.endswith(" B"):
+        return text
+    value, unit = text.split(" ")
+    v = float(value)
+    return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.1f} {unit}" if abs(v) >= 10 else f"{v:.2f} {unit}"
+
+
 def train_history_table(doc: dict) -> Table:
     """One row per epoch of a netdiet.train/1 document."""
     model = doc.get("model", {})
     t = Table(title=f"netdiet train {escape(str(model.get('spec', '')))} on {escape(str(doc.get('data', {}).get('name', '')))}"
                     f" ({doc.get('world_size', 1)} process{'es' if doc.get('world_size', 1) > 1 else ''})")
-    for col in ("epoch", "loss", "train", "val", "s", "samples/s", "wait", "peak RSS", "+RSS"):
-        t.add_column(col, justify="right", no_wrap=True)
+    # short headers and 3-4 significant digits: nine columns must fit an 80-column terminal without an ellipsis
+    for col in ("ep", "loss", "train", "val", "s", "smp/s", "wait", "peak RSS", "+RSS"):
+        t.add_column(col, justify="right", overflow="fold")
+    t.show_edge = False
+    pct1 = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for h in doc.get("history", []):
-        t.add_row(str(h.get("epoch")), _num(h.get("loss")), _pct(h.get("train_acc")), _pct(h.get("val_acc")),
-                  _num(h.get("seconds"), "{:.2f}"), _num(h.get("samples_per_s"), "{:,.0f}"),
-                  _pct(h.get("data_wait_fraction")), format_bytes(h.get("peak_rss")), format_bytes(h.get("peak_rss_delta")))
-    t.caption = "train/val = accuracy; wait = share of epoch time waiting for the next batch; +RSS = peak RSS above the epoch's start"
+        t.add_row(str(h.get("epoch")), _num(h.get("loss"), "{:.3f}"), pct1(h.get("train_acc")), pct1(h.get("val_acc")),
+                  _num(h.get("seconds"), "{:.1f}"), _num(h.get("samples_per_s"), "{:.0f}"),
+                  pct1(h.get("data_wait_fraction")), _short_bytes(h.get("peak_rss")), _short_bytes(h.get("peak_rss_delta")))
+    t.caption = ("ep = epoch; train/val = accuracy; s = seconds; smp/s = samples per second; wait = share of epoch time "
+                 "waiting for the next batch; +RSS = peak RSS above the epoch's start")
     return t
 
 
@@ -71,12 +85,13 @@ def sweep_table(doc: dict) -> Table:
     """Train and validation error against complexity, one row per knob value; the chosen row marked."""
     t = Table(title=f"netdiet sweep {escape(str(doc.get('model', {}).get('spec', '')))}: {doc.get('knob')} "
                     f"({doc.get('k')}-fold cross-validation)")
-    for col, just in ((doc.get("knob", "value"), "left"), ("params", "right"), ("FLOPs/sample", "right"),
-                      ("train error", "right"), ("val error", "right"), ("val error sd", "right"), ("", "left")):
-        t.add_column(escape(str(col)), justify=just)
+    for col, just in ((doc.get("knob", "value"), "left"), ("params", "right"), ("FLOPs", "right"),
+                      ("train err", "right"), ("val err", "right"), ("val sd", "right"), ("", "left")):
+        t.add_column(escape(str(col)), justify=just, overflow="fold")
     for i, p in enumerate(doc.get("points", [])):
         mark = "<- chosen" if i == doc.get("chosen_index") else ""
         t.add_row(escape(json.dumps(p.get("value"))), format_count(p.get("params")), format_count(p.get("flops")),
                   _pct(p.get("train_error")), _pct(p.get("val_error")), _pct(p.get("val_error_std")), mark,
                   style="bold" if mark else None)
+    t.caption = "FLOPs = forward FLOPs per sample; err = error (mean over the folds); val sd = its standard deviation"
     return t
