@@ -8,11 +8,11 @@ from netdiet.units import format_bytes, format_count
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _signed_pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:+.2f}"
+    return "-" if v is None else f"{100 * v:+.1f}"
 
 
 def summary_table(doc: dict) -> Table:
@@ -21,20 +21,23 @@ def summary_table(doc: dict) -> Table:
     budget = doc.get("budget")
     title = (f"continual: {sc['name']} {sc['dataset']}, {doc['setting']}-incremental, {sc['num_tasks']} tasks"
              + (f", budget {format_bytes(budget)} ({budget} B)" if budget is not None else ", no budget"))
-    t = Table(title=title)
-    for col, just in (("strategy", "left"), ("avg acc %", "right"), ("BWT %", "right"), ("forgetting %", "right"),
-                      ("FWT %", "right"), ("bytes kept (last task)", "right"), ("max bytes", "right"),
-                      ("exemplars", "right"), ("train FLOPs", "right")):
-        t.add_column(col, justify=just)
+    # short headers, one decimal and the maximum folded under the last-task bytes: fits 80 columns with no ellipsis
+    t = Table(title=title, caption="acc = average accuracy after the last task; fgt = forgetting; kept = bytes kept "
+                                   "after the last task (and the maximum over tasks when larger); ex = exemplars kept; "
+                                   "FLOPs = training FLOPs over all tasks")
+    for col, just in (("strategy", "left"), ("acc %", "right"), ("BWT %", "right"), ("fgt %", "right"),
+                      ("FWT %", "right"), ("kept", "right"), ("ex", "right"), ("FLOPs", "right")):
+        t.add_column(col, justify=just, overflow="fold")
     for s in doc["strategies"]:
         if s["status"] != "ok":
-            t.add_row(s["name"], "[red]stopped[/red]", "", "", "", "over budget: see below", "", "", "")
+            t.add_row(f"{escape(s['name'])}\n[red]stopped[/red]", "-", "-", "-", "-", "over budget (below)", "-", "-")
             continue
         flops = s["train_flops_per_task"]
         total_flops = None if not flops or any(f is None for f in flops) else sum(flops)
         ex = s.get("exemplars_per_task")
         t.add_row(s["name"], _pct(s["average_accuracy"]), _signed_pct(s["bwt"]), _pct(s["forgetting"]), _signed_pct(s["fwt"]),
-                  format_bytes(s["bytes_per_task"][-1]), format_bytes(max(s["bytes_per_task"])),
+                  format_bytes(s["bytes_per_task"][-1]) + (f"\nmax {format_bytes(max(s['bytes_per_task']))}"
+                                                           if max(s["bytes_per_task"]) > s["bytes_per_task"][-1] else ""),
                   "-" if not ex else str(ex[-1]), format_count(total_flops))
     return t
 
