@@ -177,7 +177,7 @@ def storage_table(doc: dict) -> Table | None:
         return None
     rows = [r for r in st.get("parameters", []) if len(r.get("shape") or []) >= 2]
     t = _table("weight storage: dense vs sparse layouts")
-    t.add_column("parameter", overflow="ellipsis")
+    t.add_column("parameter", overflow="fold")
     for col in ("numel", "sparsity", "dense", "CSR", "bitmask", "best"):
         t.add_column(col, justify="right", no_wrap=True)
     for row in rows[:STORAGE_ROWS]:
