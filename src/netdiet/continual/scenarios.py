@@ -126,7 +126,7 @@ def _split(ds, setting: str, num_tasks: int | None, cpt: int | None, order_seed:
     if cpt is None:
         cpt = n // num_tasks if num_tasks else 2
     if num_tasks is None:
-        num_tasks = n // cpt
+        num_tasks = n // cpt if cpt >= 1 else 0
     if cpt < 1 or num_tasks < 2 or num_tasks * cpt > n:
         raise NetdietError(f"cannot split {n} classes into {num_tasks} tasks of {cpt}; "
                            f"need at least 2 tasks and tasks x classes-per-task <= {n}")
