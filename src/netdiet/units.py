@@ -55,7 +55,7 @@ def format_count(n: float | int | None) -> str:
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' -> (1, 3, 224, 224)."""
     try:
-        shape = tuple(int(p) for p in str(text).replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in str(text).replace("x", ",").split(","))  # an empty part ('1,,3', '1,x') is an error
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
