@@ -23,6 +23,15 @@ def _check_dir(path: Path) -> None:
         raise NetdietError(f"folder {parent} is not writable; choose a writable output path")
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early (one line, exit 2) when `path` cannot become a file: a folder is there, or its folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise NetdietError(f"{path} is a folder, not a file; give a file path (e.g. {path / ('result' + (path.suffix or '.json'))})")
+    _check_dir(path)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -30,8 +39,7 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    _check_dir(path)
+    path = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a result file should get the usual permissions
