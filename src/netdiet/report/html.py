@@ -146,8 +146,9 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
         cats = [str(p.get("batch_size")) for p in points]
         if all(isinstance(p.get("peak_breakdown"), dict) for p in points):
             # what is alive at the estimated peak: the stack's height is the peak itself
-            keys = [k for k in ("weights", "buffers", "inputs", "gradients", "optimizer_state", "activations", "temporaries")
-                    if any(p["peak_breakdown"].get(k) for p in points)]
+            order = ["weights", "buffers", "inputs", "gradients", "optimizer_state", "activations"]
+            seen = [k for p in points for k in p["peak_breakdown"]]
+            keys = [k for k in order + sorted(set(seen) - set(order)) if any(p["peak_breakdown"].get(k) for p in points)]
             series = {k.replace("_", " "): [p["peak_breakdown"].get(k) or 0 for p in points] for k in keys}
         else:
             series = {k: [p.get(k) or 0 for p in points] for k in parts if any(p.get(k) for p in points)}
