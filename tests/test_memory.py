@@ -94,7 +94,7 @@ def test_amp_and_bf16_transformer_estimates_match_measurement():
     for kw in ({"amp": True}, {"dtype": "bf16"}):
         est = estimate_memory(model, x, optimizer="adam", **kw)
         meas = measure_memory(model, x, optimizer="adam", **kw)
-        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02, kw
+        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.001, kw
     bf16 = estimate_memory(model, x, optimizer="adam", dtype="bf16")
     fp32 = estimate_memory(model, x, optimizer="adam")
     assert bf16.weights * 2 == fp32.weights
@@ -239,7 +239,8 @@ def test_1x1_conv_below_batch_16_runs_single_threaded_without_output_scratch(thr
         torch.set_num_threads(before)
 
 
-def test_mobilenet_batch_8_inference_peak_matches_measurement():
+def test_mobilenet_batch_8_inference_and_training_peaks_match_measurement():
+    # training was -0.8 % until the depthwise backward scratch (input + grad_output bytes) was modelled
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -249,6 +250,6 @@ def test_mobilenet_batch_8_inference_peak_matches_measurement():
         est = estimate_memory(model, x, optimizer="sgd")
         meas = measure_memory(model, x, optimizer="sgd")
         assert abs(est.inference_peak - meas["inference_peak_measured"]) / meas["inference_peak_measured"] < 0.005
-        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.02
+        assert abs(est.peak_estimated - meas["peak_measured"]) / meas["peak_measured"] < 0.001
     finally:
         torch.set_num_threads(before)
