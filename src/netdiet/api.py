@@ -152,6 +152,9 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
         rec.stages = [dataclasses.replace(s, finetune={**s.finetune, "epochs": finetune_epochs} if s.finetune else None)
                       for s in rec.stages]
     dataset = get_dataset(data, data_dir=data_dir, seed=seed)
+    from netdiet.train.run import build_classifier, zoo_kwargs_for
+    kwargs = zoo_kwargs_for(model, kwargs, dataset.input_shape)  # like train: mlp in_features etc. from the data
+    build_classifier(model, kwargs, dataset.input_shape, dataset.num_classes)  # a shape mismatch is one line, exit 2
     torch.manual_seed(seed)
     net = load_model(model, weights, **kwargs)
     return run_recipe(net, rec, dataset, spec={"spec": model, "kwargs": kwargs}, trained=weights is not None, seed=seed,
