@@ -197,6 +197,9 @@ def _run_compress(args: argparse.Namespace) -> int:
             raise NetdietError(f"--threads {args.threads} must be at least 1")
         import torch
         torch.set_num_threads(args.threads)
+    if args.out:  # fail before training, not after
+        from netdiet.fileio import check_writable
+        check_writable(args.out)
     result = api.compress(args.model, args.recipe, data=args.data, data_dir=args.data_dir, out=args.out,
                           weights=args.weights, model_kwargs=parse_model_kw(args.model_kw), seed=args.seed,
                           baseline_epochs=args.baseline_epochs, finetune_epochs=args.finetune_epochs,
@@ -434,6 +437,8 @@ def _report(sub: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from netdiet import api
+    from netdiet.fileio import check_writable
+    check_writable(args.out)
     info = api.report(args.results, args.out, title=args.title)
     console.print(f"wrote [bold]{info['out']}[/bold] ({info['bytes']:,} bytes) from {len(info['sources'])} result(s)")
     write_json(args, info)
@@ -447,6 +452,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="netdiet-demo", help="folder for every JSON, archive and report.html (default netdiet-demo)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     add_seed_option(p)
+    add_json_option(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -516,6 +522,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     summary = api.demo_summary([str(f) for f in results])
     from netdiet.fileio import atomic_write_json
     atomic_write_json(out / "demo.json", summary)
+    write_json(args, summary)  # --json: the same netdiet.demo/1 summary, where the user wants it
     info = api.report([str(out / "demo.json"), *results], str(out / "report.html"), title="netdiet demo: LeNets on MNIST-5k")
     console.print(demo_summary_table(summary))
     console.print(f"wrote [bold]{info['out']}[/bold] and {len(results) + 1} JSON results in {out}/ "
@@ -542,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if getattr(args, "json", None):  # a bad --json path fails now, not after minutes of work
+            from netdiet.fileio import check_writable
+            check_writable(args.json)
         return int(args.func(args) or 0)
     except NetdietError as exc:
         if debug:
