@@ -70,6 +70,8 @@ BAD_INPUTS = [
     ("profile-bad-model-kw", ["profile", "mlp", "--model-kw", "foo"], "key=value"),
     ("compress-unknown-recipe-suggests", ["compress", "mlp", "--recipe", "int9", "--data", "digits"], "did you mean 'int8'"),
     ("compress-recipe-not-yaml-mapping", ["compress", "mlp", "--recipe", "{d}/list.json", "--data", "digits"], "recipe"),
+    ("compress-zero-baseline-epochs-without-weights", ["compress", "mlp", "--recipe", "int8", "--data", "digits",
+                                                       "--baseline-epochs", "0"], "--baseline-epochs 0 needs --weights"),
     ("compress-zero-threads", ["compress", "mlp", "--recipe", "int8", "--threads", "0"], "--threads"),
     # fails before the baseline is trained: the single stderr line proves no training log came first
     ("compress-out-is-a-folder", ["compress", "mlp", "--recipe", "int8", "--data", "digits", "--out", "{d}/adir"], "is a folder"),

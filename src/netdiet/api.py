@@ -146,6 +146,9 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
     for value, what in ((baseline_epochs, "baseline_epochs"), (finetune_epochs, "finetune_epochs")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise NetdietError(f"{what} {value!r} must be an integer >= 0")
+    if baseline_epochs == 0 and weights is None:
+        raise NetdietError("--baseline-epochs 0 needs --weights (trained dense weights); without them the dense "
+                           "baseline is trained first, for at least 1 epoch")
     if baseline_epochs is not None:
         rec.baseline = {**rec.baseline, "epochs": baseline_epochs}
     if finetune_epochs is not None:
