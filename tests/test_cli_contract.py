@@ -239,3 +239,11 @@ def test_sweep_table_fits_80_columns(docs):
 def test_python_dash_m_netdiet_help_works():
     res = subprocess.run([sys.executable, "-m", "netdiet", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "continual" in res.stdout and "demo" in res.stdout
+
+
+def test_evaluate_tensor_table_fits_80_columns(docs):
+    from netdiet.report.evaluate_tables import tensors_table
+    doc = json.loads((docs / "evaluate.json").read_text())
+    assert doc["tensors"], "the int8 archive lists its tensors"
+    text = _no_ellipsis(tensors_table(doc))
+    assert "numel" in text and f"{doc['tensors'][0]['bytes']:,}" in text

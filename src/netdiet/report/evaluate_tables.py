@@ -43,10 +43,12 @@ def evaluate_table(doc: dict) -> Table:
 
 
 def tensors_table(doc: dict) -> Table:
-    t = Table(title="storage per tensor")
-    for col, just in (("tensor", "left"), ("encoding", "left"), ("bits", "right"), ("elements", "right"),
-                      ("nonzero", "right"), ("positions", "left"), ("bytes", "right"), ("codecs", "left")):
-        t.add_column(col, justify=just)
+    # short headers and folding cells: eight columns at 80 characters without cutting a name or number to '…'
+    t = Table(title="storage per tensor", caption="numel = elements; nnz = nonzero elements; pos = how the nonzero "
+                                                  "positions are stored; bytes = bytes in the archive")
+    for col, just in (("tensor", "left"), ("encoding", "left"), ("bits", "right"), ("numel", "right"),
+                      ("nnz", "right"), ("pos", "left"), ("bytes", "right"), ("codecs", "left")):
+        t.add_column(col, justify=just, overflow="fold")
     for r in doc.get("tensors") or []:
         t.add_row(escape(str(r["name"])), str(r["encoding"]), str(r["bits"] or "-"), f"{r['numel']:,}", f"{r['nonzero']:,}",
                   str(r["positions"]), f"{r['bytes']:,}", ", ".join(r["codecs"]))
