@@ -247,3 +247,15 @@ def test_evaluate_tensor_table_fits_80_columns(docs):
     assert doc["tensors"], "the int8 archive lists its tensors"
     text = _no_ellipsis(tensors_table(doc))
     assert "numel" in text and f"{doc['tensors'][0]['bytes']:,}" in text
+
+
+def test_profile_module_table_folds_long_types_instead_of_cutting(docs):
+    """The mlp's module types (Sequential, Flatten) were cut to 'Sequenti…' at 80 columns."""
+    from netdiet.report.profile_tables import module_table
+    doc = json.loads((docs / "profile.json").read_text())
+    doc["modules"][1] = dict(doc["modules"][1], type="CausalSelfAttention", depth=3, params=201_380_000,
+                             macs=429_510_000_000, flops=859_790_000_000, backward_flops=1_740_000_000_000,
+                             activation_bytes=512 * 2**20, output_shape=[1, 2048, 32000])
+    text = _no_ellipsis(module_table(doc, 3))
+    assert "Sequential" in text and "bwd" in text and "1x2048x32000" in text and "512 MiB" in text
+    assert "CausalSelfAttentio" in text  # folded onto a second line when narrow, never cut

@@ -42,11 +42,21 @@ def header(doc: dict) -> str:
     return f"[bold]{escape(str(name))}[/bold]{escape(f'({kw})') if kw else ''} ({escape(m.get('class') or '')}) input {inputs}{where}"
 
 
+def _bytes3(n) -> str:
+    """Bytes to three significant digits ('512 MiB', '16.1 GiB'): leaves the module names room at 80 columns."""
+    text = format_bytes(n)
+    if " " not in text or text.endswith(" B"):
+        return text
+    value, unit = text.split(" ")
+    v = float(value)
+    return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.1f} {unit}" if abs(v) >= 10 else f"{v:.2f} {unit}"
+
+
 def module_table(doc: dict, depth: int | None = None) -> Table:
     """The module tree as an indented table: params, forward MACs/FLOPs, backward FLOPs, saved activations."""
-    t = _table("modules: forward MACs/FLOPs, backward FLOPs, activations saved for backward (inclusive)")
-    t.add_column("module (type)", overflow="ellipsis", max_width=34)
-    for col in ("params", "MACs", "FLOPs", "bwd FLOPs", "saved"):
+    t = _table("modules: forward MACs/FLOPs, backward FLOPs (bwd), activations saved for backward (inclusive)")
+    t.add_column("module (type)", overflow="fold", max_width=34)  # folded, never cut to '…'
+    for col in ("params", "MACs", "FLOPs", "bwd", "saved"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("output", overflow="fold", min_width=11)
     hidden = 0
@@ -54,14 +64,14 @@ def module_table(doc: dict, depth: int | None = None) -> Table:
         if depth is not None and row["depth"] > depth:
             hidden += 1
             continue
-        indent = "  " * row["depth"]
+        indent = " " * row["depth"]
         name = row["name"] or "(model)"
         short = name.rsplit(".", 1)[-1] if row["depth"] > 1 else name
-        cell = Text(indent + short, no_wrap=True, overflow="ellipsis")
+        cell = Text(indent + short, overflow="fold")
         cell.append(" " + row["type"], style="dim")
         t.add_row(cell, format_count(row["params"]),
                   format_count(row["macs"]), format_count(row["flops"]), format_count(row["backward_flops"]),
-                  format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
+                  _bytes3(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
                   escape(_shape(row["output_shape"])))
     if hidden:
         t.caption = f"{hidden} deeper modules not shown: --depth {depth + 1} or more shows them, --json keeps them all"
