@@ -259,3 +259,9 @@ def test_profile_module_table_folds_long_types_instead_of_cutting(docs):
     text = _no_ellipsis(module_table(doc, 3))
     assert "Sequential" in text and "bwd" in text and "1x2048x32000" in text and "512 MiB" in text
     assert "CausalSelfAttentio" in text  # folded onto a second line when narrow, never cut
+
+
+def test_debug_flag_after_the_command_shows_the_traceback(capsys):
+    """Errors say 'rerun with --debug'; appending it to the command line must work, not be a usage error."""
+    code, _, err = _run(capsys, ["profile", "nosuch", "--debug"])
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("netdiet: error: unknown model")

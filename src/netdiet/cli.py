@@ -546,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if debug:  # accepted anywhere ('netdiet profile x --debug'), as the error messages suggest
+        argv = ["--debug", *[a for a in argv if a != "--debug"]]
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
