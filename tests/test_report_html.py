@@ -101,3 +101,14 @@ def test_report_renders_a_result_with_missing_optional_parts(tmp_path):
     assert main(["report", str(partial), "-o", str(out)]) == 0
     text = out.read_text()
     assert 'data-path="totals.params"' in text and "Operators" not in text
+
+
+def test_report_renders_listings_and_its_own_receipt(tmp_path):
+    """`netdiet report *.json` in a folder that also holds listings or a report receipt must not fail."""
+    recipes, receipt = tmp_path / "recipes.json", tmp_path / "receipt.json"
+    assert main(["recipes", "--json", str(recipes)]) == 0
+    assert main(["report", str(recipes), "-o", str(tmp_path / "a.html"), "--json", str(receipt)]) == 0
+    out = tmp_path / "b.html"
+    assert main(["report", str(recipes), str(receipt), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "deep-compression" in text and "<h2>Report" in text

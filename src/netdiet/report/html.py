@@ -17,7 +17,7 @@ from netdiet.report import plots
 from netdiet.units import format_bytes, format_count
 
 KNOWN_SCHEMAS = {"profile": {1}, "compress": {1}, "evaluate": {1}, "train": {1}, "sweep": {1}, "continual": {1},
-                 "data": {1}, "models": {1}, "demo": {1}}
+                 "data": {1}, "models": {1}, "demo": {1}, "datasets": {1}, "recipes": {1}, "report": {1}}
 
 
 # ------------------------------------------------------------------ loading
@@ -301,10 +301,23 @@ def _section_demo(page: Page, src: str, doc: dict) -> None:
                              if isinstance(r, dict)])
 
 
+def _section_listing(page: Page, src: str, doc: dict) -> None:
+    """Listings (datasets, recipes) and report receipts: shown as a small table, nothing to plot."""
+    kind = doc["schema"].split("/")[0].split(".", 1)[1]
+    page.add(f"<h2>{esc(kind.capitalize())} · {esc(src)}</h2>")
+    rows = next((v for v in doc.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)), None)
+    if rows:
+        keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))][:5]
+        page.table(keys, [[fmt(r.get(k)) for k in keys] for r in rows])
+    else:
+        page.table(["field", "value"], [[k, fmt(v)] for k, v in doc.items() if not isinstance(v, (dict, list)) and k != "schema"])
+
+
 SECTIONS: dict[str, Callable[[Page, str, dict], None]] = {
     "demo": _section_demo, "profile": _section_profile, "train": _section_train, "sweep": _section_sweep,
     "compress": _section_compress, "evaluate": _section_evaluate, "continual": _section_continual,
     "data": _section_data, "models": _section_models,
+    "datasets": _section_listing, "recipes": _section_listing, "report": _section_listing,
 }
 ORDER = list(SECTIONS)
 
