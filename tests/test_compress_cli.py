@@ -10,12 +10,8 @@ from netdiet.models import create_model
 from netdiet.train import TrainConfig, evaluate_accuracy, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # sklearn's 8x8 digits and a 64-32-10 MLP keep these end-to-end runs to seconds on a loaded machine

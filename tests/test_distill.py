@@ -14,12 +14,8 @@ from netdiet.models import create_model
 from netdiet.train import TrainConfig, evaluate_accuracy, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

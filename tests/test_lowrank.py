@@ -10,13 +10,8 @@ from netdiet.models import create_model
 from netdiet.train import TrainConfig, evaluate_accuracy, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two threads fight with the other jobs on a shared 2-core machine; one is faster and deterministic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lenet300(seed=0):

@@ -10,12 +10,8 @@ from netdiet.fileio import dumps_json
 from netdiet.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_four_builtin_recipes_parse_into_their_stages():

@@ -44,6 +44,21 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "mnist5k"
     p.add_argument("--data-dir", default=None, help="folder with IDX files for mnist / fashion-mnist")
 
 
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (and ONNX Runtime) compute and timing (default: torch's own choice)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op threads from --threads (fewer threads give steadier timings on a busy machine)."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise NetdietError(f"--threads {args.threads} must be at least 1")
+    import torch
+    torch.set_num_threads(args.threads)
+
+
 def write_json(args: argparse.Namespace, doc: dict) -> None:
     if getattr(args, "json", None):
         from netdiet.fileio import atomic_write_json
@@ -123,6 +138,7 @@ def _profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", default="2", help="untimed warm-up runs before timing (with --measure; default 2)")
     p.add_argument("--repeats", default="10", help="timed runs (with --measure; default 10)")
     p.add_argument("--weights", default=None, metavar="PATH", help="load trained/pruned weights (safetensors) first")
+    add_threads_option(p)
     add_json_option(p)
     add_seed_option(p)
     p.set_defaults(func=_run_profile)
@@ -145,6 +161,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
     from netdiet.report.profile_tables import profile_report
+    apply_threads(args)
     from netdiet.units import parse_int_list, parse_size, parse_shape
     budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
@@ -180,8 +197,7 @@ def _compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
                    help="override every stage's fine-tune epochs (0 = no fine-tuning)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement of each stage")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads for training and timing (default: torch's own choice)")
+    add_threads_option(p)
     add_json_option(p)
     add_seed_option(p)
     p.set_defaults(func=_run_compress)
@@ -191,12 +207,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
     from netdiet.report.compress_tables import compress_table
-    if args.threads is not None:
-        if args.threads < 1:
-            from netdiet.errors import NetdietError
-            raise NetdietError(f"--threads {args.threads} must be at least 1")
-        import torch
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.out:  # fail before training, not after
         from netdiet.fileio import check_writable
         check_writable(args.out)
@@ -245,7 +256,7 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--onnx", action="store_true", help="also time an fp32 ONNX Runtime export when the archive has no int8 ONNX model")
     p.add_argument("--tensors", action="store_true", help="also print the storage of every tensor")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: torch's)")
+    add_threads_option(p)
     add_json_option(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -253,11 +264,7 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.report.evaluate_tables import evaluate_report
-    if args.threads is not None:
-        if args.threads < 1:
-            raise NetdietError(f"--threads {args.threads} must be at least 1")
-        import torch
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     result = api.evaluate(args.archive, args.data, data_dir=args.data_dir, batch_size=args.batch_size,
                           latency=not args.no_latency, onnx=True if args.onnx else None, model_spec=args.model,
                           latency_batch=args.latency_batch, repeats=args.repeats)
@@ -316,6 +323,7 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP over gloo on CPU; default 1)")
     p.add_argument("--memory-budget", metavar="SIZE", help="fit training into SIZE (e.g. 512MiB): batch, then checkpointing, then bf16")
     p.add_argument("--projection-steps", type=int, default=5, help="steps measured for the run-time projection (0 = off)")
+    add_threads_option(p)
     add_seed_option(p)
     add_json_option(p)
     p.set_defaults(func=_run_train)
@@ -325,6 +333,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
     from netdiet.report.train_tables import train_history_table, train_summary_lines
+    apply_threads(args)
     cfg = _train_config(args, checkpointing=args.checkpointing, checkpoint_segments=args.segments, workers=args.workers,
                         prefetch=args.prefetch, pin_memory=args.pin_memory, patience=args.patience, monitor=args.monitor,
                         min_delta=args.min_delta, restore_best=not args.no_restore_best,
