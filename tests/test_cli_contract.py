@@ -265,3 +265,11 @@ def test_debug_flag_after_the_command_shows_the_traceback(capsys):
     """Errors say 'rerun with --debug'; appending it to the command line must work, not be a usage error."""
     code, _, err = _run(capsys, ["profile", "nosuch", "--debug"])
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("netdiet: error: unknown model")
+
+
+def test_mistyped_command_suggests_the_closest_in_one_line(capsys):
+    from netdiet.cli import main as cli_main
+    assert cli_main(["proflie", "lenet5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["netdiet: error: unknown command 'proflie'; did you mean 'profile'? `netdiet --help` lists the commands"]
+    assert cli_main(["--debug", "models"]) == 0

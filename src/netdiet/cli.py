@@ -552,6 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_command_name(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A mistyped command gets one line with the closest command, not argparse's usage and list of choices."""
+    import difflib
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or any(a in ("-h", "--help", "--version") for a in argv[:argv.index(words[0])]):
+        return
+    commands = list(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse keeps them here
+    if words[0] not in commands:
+        close = difflib.get_close_matches(words[0], commands, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise NetdietError(f"unknown command '{words[0]}'; {hint}`netdiet --help` lists the commands")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -559,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--debug", *[a for a in argv if a != "--debug"]]
     try:
         parser = build_parser()
+        _check_command_name(parser, argv)
         args = parser.parse_args(argv)
         if getattr(args, "json", None):  # a bad --json path fails now, not after minutes of work
             from netdiet.fileio import check_writable
