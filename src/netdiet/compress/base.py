@@ -14,6 +14,7 @@ replayed on the factory's model to rebuild it without pickle.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -188,6 +189,26 @@ def prunable_parameters(model: nn.Module, include_bias: bool = False) -> dict[st
             if include_bias and getattr(mod, "bias", None) is not None:
                 out[prefix + "bias"] = mod.bias
     return out
+
+
+def check_name_patterns(technique: str, options: dict[str, Any], keys: tuple[str, ...] = ("layers", "exclude")) -> None:
+    """`layers` / `exclude` options are None or lists of glob patterns over parameter names."""
+    for key in keys:
+        v = options[key]
+        if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v)):
+            raise NetdietError(f"{technique}: {key} must be a list of parameter-name patterns, got {v!r}")
+
+
+def select_by_patterns(technique: str, params: dict[str, torch.nn.Parameter], layers: list[str] | None,
+                       exclude: list[str]) -> dict[str, torch.nn.Parameter]:
+    """Keep the parameters matching any `layers` pattern (all when None) and none of the `exclude` patterns."""
+    if layers is not None:
+        params = {n: p for n, p in params.items() if any(fnmatch.fnmatchcase(n, pat) for pat in layers)}
+    params = {n: p for n, p in params.items() if not any(fnmatch.fnmatchcase(n, pat) for pat in exclude)}
+    if not params:
+        raise NetdietError(f"{technique}: no parameter matches; check `layers`/`exclude` "
+                           "(names as in model.named_parameters())")
+    return params
 
 
 def _import_all() -> None:

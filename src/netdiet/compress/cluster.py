@@ -12,15 +12,14 @@ Fine-tuning trains the centroids: the gradients of all weights sharing a centroi
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
-                                   register_technique)
+from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, check_name_patterns,
+                                   prunable_parameters, register_technique, select_by_patterns)
 from netdiet.errors import NetdietError
 from netdiet.train.loop import Callback, TrainConfig, fit, make_optimizer
 
@@ -198,22 +197,13 @@ class WeightClustering(Technique):
         it = o["iterations"]
         if not isinstance(it, int) or isinstance(it, bool) or it < 0:
             raise NetdietError(f"cluster: iterations must be a non-negative integer, got {it!r}")
-        for key in ("layers", "exclude"):
-            v = o[key]
-            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v)):
-                raise NetdietError(f"cluster: {key} must be a list of parameter-name patterns, got {v!r}")
+        check_name_patterns("cluster", o)
         self.codebooks: dict[str, torch.Tensor] = {}
         self.indices: dict[str, torch.Tensor] = {}
 
     def select(self, model: nn.Module) -> dict[str, torch.nn.Parameter]:
         o = self.options
-        params = prunable_parameters(model)
-        if o["layers"] is not None:
-            params = {n: p for n, p in params.items() if any(fnmatch.fnmatchcase(n, pat) for pat in o["layers"])}
-        params = {n: p for n, p in params.items() if not any(fnmatch.fnmatchcase(n, pat) for pat in o["exclude"])}
-        if not params:
-            raise NetdietError("cluster: no parameter matches; check `layers`/`exclude` (names as in model.named_parameters())")
-        return params
+        return select_by_patterns("cluster", prunable_parameters(model), o["layers"], o["exclude"])
 
     def bits_for(self, model: nn.Module, name: str) -> int:
         o = self.options

@@ -16,7 +16,6 @@ sparsity is reached exactly (TF-MOT misses it when (end - begin) is not a multip
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import replace
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, Technique, prunable_parameters, register_technique
+from netdiet.compress.base import (CompressionState, StageContext, Technique, check_name_patterns, prunable_parameters,
+                                   register_technique, select_by_patterns)
 from netdiet.errors import NetdietError
 from netdiet.train.loop import Callback, TrainConfig, fit
 
@@ -237,10 +237,7 @@ class MagnitudePruning(Technique):
             raise NetdietError(f"prune: end_step {o['end_step']} is before begin_step {o['begin_step']}")
         if not isinstance(o["power"], (int, float)) or isinstance(o["power"], bool) or o["power"] <= 0:
             raise NetdietError(f"prune: power must be a positive number, got {o['power']!r}")
-        for key in ("layers", "exclude"):
-            v = o[key]
-            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v)):
-                raise NetdietError(f"prune: {key} must be a list of parameter-name patterns, got {v!r}")
+        check_name_patterns("prune", o)
         self.masks: dict[str, torch.Tensor] = {}
 
     # -- schedule value
@@ -253,13 +250,7 @@ class MagnitudePruning(Technique):
     def select(self, model: nn.Module) -> dict[str, torch.nn.Parameter]:
         """The parameters this technique prunes, by the `layers` / `exclude` patterns."""
         o = self.options
-        params = prunable_parameters(model, include_bias=o["include_bias"])
-        if o["layers"] is not None:
-            params = {n: p for n, p in params.items() if any(fnmatch.fnmatchcase(n, pat) for pat in o["layers"])}
-        params = {n: p for n, p in params.items() if not any(fnmatch.fnmatchcase(n, pat) for pat in o["exclude"])}
-        if not params:
-            raise NetdietError("prune: no parameter matches; check `layers`/`exclude` (names as in model.named_parameters())")
-        return params
+        return select_by_patterns("prune", prunable_parameters(model, include_bias=o["include_bias"]), o["layers"], o["exclude"])
 
     def apply(self, model: nn.Module, state: CompressionState, ctx: StageContext) -> nn.Module:
         o = self.options
