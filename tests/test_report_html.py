@@ -112,3 +112,16 @@ def test_report_renders_listings_and_its_own_receipt(tmp_path):
     assert main(["report", str(recipes), str(receipt), "-o", str(out)]) == 0
     text = out.read_text()
     assert "deep-compression" in text and "<h2>Report" in text
+
+
+def test_section_titles_name_the_scenario_and_archive_not_their_json(tmp_path):
+    cont = tmp_path / "c.json"
+    cont.write_text(json.dumps({"schema": "netdiet.continual/1", "scenario": {"name": "split", "tasks": []},
+                                "setting": "class", "budget": 262144, "strategies": []}))
+    ev = tmp_path / "e.json"
+    ev.write_text(json.dumps({"schema": "netdiet.evaluate/1", "source": "model.ndz", "accuracy": 0.5}))
+    out = tmp_path / "r.html"
+    assert main(["report", str(cont), str(ev), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "<h2>Continual learning · split · class-incremental · budget 256.00 KiB</h2>" in text
+    assert "<h2>Evaluation · model.ndz</h2>" in text

@@ -216,7 +216,7 @@ def _section_compress(page: Page, src: str, doc: dict) -> None:
 
 
 def _section_evaluate(page: Page, src: str, doc: dict) -> None:
-    page.add(f"<h2>Evaluation · {esc(doc.get('archive') or get(doc, 'model.spec', ''))}</h2>")
+    page.add(f"<h2>Evaluation · {esc(doc.get('source') or get(doc, 'model.spec', ''))}</h2>")
     page.headline(src, doc, [("accuracy", "accuracy", "pct"), ("bytes on disk", "bytes_on_disk", "bytes"),
                              ("dense fp32 file", "dense_fp32_bytes", "bytes"), ("reduction", "ratio", "ratio"),
                              ("MACs", "macs", "count"), ("latency PyTorch", "latency_ms.pytorch", "ms"),
@@ -226,13 +226,9 @@ def _section_evaluate(page: Page, src: str, doc: dict) -> None:
 def _section_train(page: Page, src: str, doc: dict) -> None:
     page.add(f"<h2>Training · {esc(get(doc, 'model.spec', ''))}</h2>")
     hist = [h for h in (doc.get("history") or doc.get("epochs") or []) if isinstance(h, dict)]
-    n = len(hist)
-    items = []
-    if n:
-        items = [("epochs", "__n__", ""), (f"final val accuracy", f"history.{n - 1}.val_acc", "pct"),
-                 ("final train accuracy", f"history.{n - 1}.train_acc", "pct")]
-        items = [i for i in items if i[1] != "__n__"]
-    page.headline(src, doc, items + [("peak memory", "peak_memory_bytes", "bytes")])
+    last = f"history.{len(hist) - 1}"
+    items = [("final val accuracy", f"{last}.val_acc", "pct"), ("final train accuracy", f"{last}.train_acc", "pct")] if hist else []
+    page.headline(src, doc, items + [("test accuracy", "test_acc", "pct"), ("peak memory", "peak_memory_bytes", "bytes")])
     if hist:
         x = [h.get("epoch", i + 1) for i, h in enumerate(hist)]
         page.image(plots.lines(x, {"train accuracy": [h.get("train_acc") for h in hist],
@@ -258,7 +254,9 @@ def _section_sweep(page: Page, src: str, doc: dict) -> None:
 
 
 def _section_continual(page: Page, src: str, doc: dict) -> None:
-    page.add(f"<h2>Continual learning · {esc(doc.get('scenario', ''))} · {esc(doc.get('setting', ''))}-incremental"
+    scenario = doc.get("scenario")
+    scenario = get(scenario, "name", "") if isinstance(scenario, dict) else (scenario or "")
+    page.add(f"<h2>Continual learning · {esc(scenario)} · {esc(doc.get('setting', ''))}-incremental"
              f"{' · budget ' + format_bytes(doc['budget']) if isinstance(doc.get('budget'), int) else ''}</h2>")
     strategies = [s for s in doc.get("strategies", []) if isinstance(s, dict)]
     rows = []
