@@ -1,19 +1,34 @@
-# Each target creates/uses .venv itself. torch is pinned to the CPU build that lies on this machine's disk;
-# the package itself only requires torch>=2.3.
+# Each target creates/uses its venv itself. `make demo` / `make test` install the exact versions in
+# requirements/lock.txt (see requirements/README.md); pyproject keeps honest ranges for library users and
+# requires torch>=2.3. torch is the CPU build that lies on this machine's disk (pip install torch==2.13.0).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+LOCK := requirements/lock.txt
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+LATEST := .venv-latest
+PIP_QUIET := --progress-bar off --no-color --disable-pip-version-check
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow test-latest bench lock clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[data,onnx,dev]'
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "netdiet: installing into $(VENV) from $(LOCK) (about a minute on a fresh machine)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[1/4] pip $(PIP_VERSION)"
+	@$(PY) -m pip install -q $(PIP_QUIET) pip==$(PIP_VERSION)
+	@echo "[2/4] torch 2.13.0 (CPU build, 190 MB)"
+	@$(PY) -m pip install -q $(PIP_QUIET) torch==2.13.0
+	@echo "[3/4] the locked dependencies ($$(grep -c '==' $(LOCK)) packages)"
+	@$(PY) -m pip install $(PIP_QUIET) -r $(LOCK) | { grep --line-buffered -E '^(Collecting|Successfully)' | cut -c1-100 || true; }
+	@echo "[4/4] netdiet (editable)"
+	@$(PY) -m pip install -q $(PIP_QUIET) --no-deps --no-build-isolation -e .
+	@$(PY) -m pip check >/dev/null || { $(PY) -m pip check; exit 1; }
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/netdiet demo
@@ -24,9 +39,25 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
+# The newest release of every dependency pyproject admits (torch kept at the CPU file): shows drift early.
+test-latest:
+	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade pip
+	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) torch==2.13.0
+	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[data,onnx,dev]'
+	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|onnx|onnxruntime|onnxscript|numpy|scikit-learn|mlxtend|torch-pruning|safetensors|rich|matplotlib|zstandard)==' | tr '\n' ' '; echo
+	$(LATEST)/bin/python -m pytest
+
+# Re-resolve requirements/lock.txt from pyproject's ranges (see requirements/README.md).
+lock:
+	@test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(PIP_QUIET) pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION); }
+	.venv-lock/bin/pip-compile -q --upgrade --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		--extra data --extra onnx --extra dev -c requirements/torch-cpu.txt \
+		-o $(LOCK) pyproject.toml requirements/build.in
+
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q $(PIP_QUIET) -e '.[bench]'
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock build *.egg-info src/*.egg-info
