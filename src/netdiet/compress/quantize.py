@@ -6,7 +6,7 @@ One technique, `quantize`, with `mode`:
   is rounded per output channel to a symmetric grid, value = q * scale with q in [-(2^(b-1)-1), 2^(b-1)-1] and
   scale = max|w| / (2^(b-1)-1) (b = 1: value = +-mean|w|, q in {0, 1}, zero point 0.5). The model keeps
   computing in fp32 with exactly the dequantized values; the archive stores q at b bits plus the scales.
-- `dynamic`, `static`: int8 post-training quantization on ONNX Runtime. The model is exported with
+- `dynamic`, `static`: int8 post-training quantization on ONNX Runtime (compress/onnxrt.py). The model is exported with
   torch.onnx.export (the torch.export-based exporter; the TorchScript one as a fallback), quantized with
   onnxruntime.quantization.quantize_dynamic (activations quantized at run time) or quantize_static (activation
   scales from calibration batches of the training data, QDQ format, per-channel weights). The int8 codes ORT
@@ -21,11 +21,6 @@ Nothing here uses torch.ao.quantization (deprecated).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import tempfile
-import warnings
 from typing import Any
 
 import numpy as np
@@ -34,15 +29,14 @@ from torch import nn
 
 from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
                                    register_technique)
+from netdiet.compress.onnxrt import (EXPORTERS, LOCKED_HINT, ORT_TESTED, check_onnxruntime, export_onnx,
+                                    harvest_onnx_weights, ort_predict, ort_quantize, ort_session)
 from netdiet.errors import NetdietError
+
+__all__ = ["MODES", "Quantize", "quantize_tensor", "export_onnx", "ort_predict", "ort_session"]
 
 MODES = ("int8-weight", "int4-weight", "dynamic", "static", "qat", "fp16", "bf16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-class _SkipDynamo(Exception):
-    pass
 _DEFAULT_BITS = {"int8-weight": 8, "int4-weight": 4, "dynamic": 8, "static": 8, "qat": 8}
 
 
@@ -93,200 +87,6 @@ class _FakeQuant(nn.Module):
         # straight-through estimator: the value of wq, the gradient of w (masked: pruned weights get none)
         ste = w + (wq - w).detach()
         return ste if self.keep is None else ste * self.keep.to(w.dtype)
-
-
-# ------------------------------------------------------------------ ONNX export and ORT quantization
-@contextlib.contextmanager
-def _quiet():
-    """The exporter and the ORT quantizer log advice through `logging` and print progress: keep the CLI clean."""
-    import logging
-    loggers = [logging.getLogger(), logging.getLogger("torch.onnx"), logging.getLogger("torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, exporter: str = "auto", optimize: bool = True):
-    """The model as an onnx.ModelProto with a dynamic batch dimension (in memory, nothing written).
-
-    exporter: "dynamo" (torch.export-based, torch's default since 2.9), "torchscript" (the legacy exporter: far
-    quicker to run, deprecated by torch) or "auto" (dynamo, then torchscript if dynamo fails). optimize=False
-    keeps BatchNorm as its own node instead of folding it into the conv weight (so the conv's int8 codes stay
-    a rounding of the model's own weight).
-    """
-    import onnx
-
-    if exporter not in EXPORTERS:
-        raise NetdietError(f"unknown ONNX exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
-    model = model.eval()
-    errors = []
-    with _quiet():
-        try:
-            if exporter == "torchscript":
-                raise _SkipDynamo
-            prog = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False, optimize=optimize,
-                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
-            proto = prog.model_proto
-            # the exporter's value_info can disagree with ONNX shape inference (Gemm transB), which
-            # onnxruntime.quantization runs; shapes are re-inferred from the graph anyway
-            del proto.graph.value_info[:]
-            return proto
-        except _SkipDynamo:
-            pass
-        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter below
-            errors.append(f"torch.export-based exporter: {type(exc).__name__}: {str(exc)[:200]}")
-        if exporter == "dynamo":
-            raise NetdietError(f"cannot export the model to ONNX ({errors[0]}); try exporter torchscript or mode int8-weight")
-        try:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
-            return onnx.load_from_string(buf.getvalue())
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc)[:200]}")
-    raise NetdietError(f"cannot export the model to ONNX ({'; '.join(errors)}); use mode int8-weight instead")
-
-
-def ort_session(model_bytes: bytes, threads: int | None = None):
-    """An onnxruntime CPU session; `threads` = intra-op threads (default: torch's thread count)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or torch.get_num_threads())
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise NetdietError(f"onnxruntime cannot load the ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
-def ort_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
-    return torch.from_numpy(np.concatenate(outs))
-
-
-def _ort_quantize(proto, mode: str, calibration: list[torch.Tensor] | None, method: str) -> bytes:
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
-
-    input_name = proto.graph.input[0].name
-    with tempfile.TemporaryDirectory(prefix="netdiet-q-") as tmp, _quiet():
-        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
-        onnx.save(proto, src)
-        if mode == "dynamic":
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
-        else:
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self._it = iter([{input_name: b.numpy()} for b in calibration or []])
-
-                def get_next(self):
-                    return next(self._it, None)
-
-            calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                     "percentile": CalibrationMethod.Percentile}[method]
-            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib)
-        with open(dst, "rb") as fh:
-            return fh.read()
-
-
-def align_initializer_names(proto, model: nn.Module) -> int:
-    """Rename float initializers that are exact copies of a parameter (or of its transpose) to the parameter's
-    name, so ORT's "<name>_quantized" codes can be matched to the model (exporters name some weights val_N).
-    Returns how many were renamed."""
-    import hashlib
-
-    from onnx import numpy_helper
-
-    by_value: dict[tuple, str] = {}
-    for name, p in model.named_parameters():
-        a = p.detach().float().contiguous().numpy()
-        by_value.setdefault((a.shape, hashlib.sha1(a.tobytes()).hexdigest()), name)
-        if a.ndim == 2:
-            t = np.ascontiguousarray(a.T)
-            by_value.setdefault((t.shape, hashlib.sha1(t.tobytes()).hexdigest()), name)
-    taken = {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input} | \
-            {o for n in proto.graph.node for o in n.output}
-    renamed = 0
-    for init in proto.graph.initializer:
-        if init.data_type != 1 or init.name in dict(model.named_parameters()):
-            continue
-        a = numpy_helper.to_array(init)
-        target = by_value.get((a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()))
-        if target is None or target in taken:
-            continue
-        old = init.name
-        init.name = target
-        taken.add(target)
-        for node in proto.graph.node:
-            for k, inp in enumerate(node.input):
-                if inp == old:
-                    node.input[k] = target
-        renamed += 1
-    return renamed
-
-
-def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str, Encoding], list[dict]]:
-    """Read ORT's int8 weight codes back as PyTorch-layout Encodings, and list every initializer that the
-    archive can refill from the model (so the ONNX blob it stores holds only the graph and small constants)."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load_from_string(int8_bytes)
-    inits = {i.name: i for i in proto.graph.initializer}
-    tensors = model.state_dict()
-    encodings: dict[str, Encoding] = {}
-    fill: list[dict] = []
-    for name, init in inits.items():
-        if not name.endswith("_quantized") or name[:-len("_quantized")] not in tensors:
-            continue
-        pname = name[:-len("_quantized")]
-        if init.data_type != onnx.TensorProto.INT8 or f"{pname}_scale" not in inits:
-            continue
-        raw = torch.from_numpy(numpy_helper.to_array(init).copy())
-        shape = tuple(tensors[pname].shape)
-        scale = torch.from_numpy(numpy_helper.to_array(inits[f"{pname}_scale"]).copy()).float().reshape(-1)
-        zp_init = inits.get(f"{pname}_zero_point")
-        zp = torch.from_numpy(numpy_helper.to_array(zp_init).astype(np.int64)).reshape(-1) if zp_init is not None else None
-        if scale.numel() not in (1, shape[0] if shape else 1):
-            continue
-        if zp is not None and not torch.any(zp != 0):
-            zp = None
-        # MatMul keeps the weight as (in, out), Gemm/Conv as PyTorch does; a square matrix fits both ways, so
-        # each layout is tried and kept only if its codes are a rounding of *this* parameter (the exporter may
-        # also have folded BatchNorm into a conv weight under the conv's name: those codes stay in the graph)
-        candidates = [(raw, False)] if tuple(raw.shape) == shape else []
-        if raw.dim() == 2 and tuple(raw.shape[::-1]) == shape:
-            candidates.append((raw.t().contiguous(), True))
-        enc = None
-        for codes, transpose in candidates:
-            trial = Encoding(kind="quant", bits=8, q=codes.to(torch.int8), scale=scale, zero_point=zp, axis=0)
-            step = scale.view([-1] + [1] * (codes.dim() - 1))
-            if torch.all((trial.dequantize() - tensors[pname].float()).abs() <= step * 0.5001 + 1e-7):
-                enc = trial
-                break
-        if enc is None:
-            continue
-        encodings[pname] = enc
-        fill.append({"init": name, "param": pname, "transpose": transpose})
-    for name, init in inits.items():
-        if name in tensors and init.data_type == onnx.TensorProto.FLOAT and name not in encodings:
-            value = numpy_helper.to_array(init)
-            if tuple(value.shape) == tuple(tensors[name].shape):
-                fill.append({"init": name, "tensor": name})
-    return encodings, fill
 
 
 # ------------------------------------------------------------------ the technique
@@ -358,9 +158,8 @@ class Quantize(Technique):
             self._report["exporter_ops"] = state.artifacts["onnx_int8"]["ops"]
             self._report["onnx_only_int8_weights"] = self._onnx_only
             if self._onnx_only:
-                self._report["note"] = (f"{len(self._onnx_only)} int8 weight(s) exist only in the ONNX graph (the exporter "
-                                        "folded BatchNorm or reshaped them), so the archive also keeps their fp32 "
-                                        "weights; mode static keeps BatchNorm unfolded and stores convnets compactly")
+                self._report["note"] = (f"{len(self._onnx_only)} int8 weight(s) exist only in the ONNX graph (they round "
+                                        "no parameter of the model), so the archive also keeps their fp32 weights")
         return model
 
     # -- fp16 / bf16
@@ -437,19 +236,24 @@ class Quantize(Technique):
             calibration = [x[i:i + 32] for i in range(0, len(x), 32)]
         example = self._example(model, state, ctx)
         model.eval()
+        version = check_onnxruntime()
         from netdiet.report.progress import progress_bar
         with progress_bar(3, f"quantize {mode}: export, quantize, read back") as bar:
-            # static: keep BatchNorm unfolded so conv codes are the model's own (measured: compact archives for
-            # BN convnets); dynamic: the folded graph is what ORT's dynamic quantizer handles best
-            proto = export_onnx(model, example, self.options["exporter"], optimize=(mode == "dynamic"))
-            align_initializer_names(proto, model)
+            # BatchNorm stays its own node in both modes, so every conv's int8 codes are a rounding of the
+            # model's own weight and the archive holds each weight's codes once
+            proto = export_onnx(model, example, self.options["exporter"], optimize=False)
             bar.advance()
-            int8 = _ort_quantize(proto, mode, calibration, self.options["calibration_method"])
+            int8 = ort_quantize(proto, mode, calibration, self.options["calibration_method"])
             bar.advance()
-            encodings, fill = harvest_onnx_weights(model, int8)
+            encodings, fill, graph_only = harvest_onnx_weights(model, int8)
             bar.advance()
         if not encodings:
-            raise NetdietError(f"ONNX Runtime quantized no weight of this model in mode {mode}; use mode int8-weight")
+            if graph_only:
+                raise NetdietError(f"the {len(graph_only)} int8 weight(s) onnxruntime {version} wrote round no parameter "
+                                   f"of this model (e.g. {graph_only[0]!r}); netdiet reads ORT {ORT_TESTED}: "
+                                   f"{LOCKED_HINT}, or use mode int8-weight")
+            raise NetdietError(f"ONNX Runtime {version} quantized no weight of this model in mode {mode} (it has no "
+                               "Linear/Conv/MatMul it quantizes); use mode int8-weight")
         layers = {}
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -465,12 +269,9 @@ class Quantize(Technique):
         import onnx
         graph = onnx.load_from_string(int8).graph
         ops = sorted({n.op_type for n in graph.node})
-        # int8 weights ORT made that are not a rounding of a model parameter (e.g. BatchNorm folded into a conv
-        # by the exporter) live only in the ONNX graph: the archive stores them there, next to the fp32 weight
-        onnx_only = sorted(i.name[:-len("_quantized")] for i in graph.initializer
-                           if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8
-                           and i.name[:-len("_quantized")] not in encodings)
-        self._onnx_only = onnx_only
+        # int8 weights ORT made that are not a rounding of a model parameter live only in the ONNX graph: the
+        # archive stores them there, next to the fp32 weight
+        self._onnx_only = sorted(graph_only)
         state.artifacts["onnx_int8"] = {"model": int8, "fill": fill, "mode": mode, "ops": ops,
                                         "input_shape": list(example.shape[1:]), "input_dtype": str(example.dtype).replace("torch.", "")}
         return layers
