@@ -14,8 +14,16 @@ from rich.console import Console
 
 from netdiet.errors import NetdietError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _make_console(stderr: bool = False) -> Console:
+    """A terminal gets its own width; a pipe or a file (a CI log) gets 200 columns, so that no table is cut
+    to rich's default of 80 with '…'. Tables that fit 80 columns print the same either way."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=200)
+
+
+console = _make_console()
+err_console = _make_console(stderr=True)
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
