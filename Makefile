@@ -44,7 +44,7 @@ test-latest:
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade pip
 	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) torch==2.13.0
-	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[data,onnx,dev]'
+	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e '.[data,onnx,dev]'
 	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|onnx|onnxruntime|onnxscript|numpy|scikit-learn|mlxtend|torch-pruning|safetensors|rich|matplotlib|zstandard)==' | tr '\n' ' '; echo
 	$(LATEST)/bin/python -m pytest
 
