@@ -30,7 +30,8 @@ from torch import nn
 from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
                                    register_technique)
 from netdiet.compress.onnxrt import (EXPORTERS, LOCKED_HINT, ORT_TESTED, check_onnxruntime, export_onnx,
-                                    harvest_onnx_weights, ort_predict, ort_quantize, ort_session)
+                                    fold_initializer_shapes, harvest_onnx_weights, ort_predict, ort_quantize,
+                                    ort_session)
 from netdiet.errors import NetdietError
 
 __all__ = ["MODES", "Quantize", "quantize_tensor", "export_onnx", "ort_predict", "ort_session"]
@@ -242,6 +243,7 @@ class Quantize(Technique):
             # BatchNorm stays its own node in both modes, so every conv's int8 codes are a rounding of the
             # model's own weight and the archive holds each weight's codes once
             proto = export_onnx(model, example, self.options["exporter"], optimize=False)
+            fold_initializer_shapes(proto)
             bar.advance()
             int8 = ort_quantize(proto, mode, calibration, self.options["calibration_method"])
             bar.advance()
