@@ -287,5 +287,7 @@ def demo_summary(result_paths: list[str]) -> dict:
                 budget = cont.get("budget")
                 add(f"continual {st.get('name')}: most bytes kept"
                     + (f" (budget {format_bytes(budget)})" if isinstance(budget, int) else ""), max(bpt), "bytes", "continual.json")
-    return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs)}
+    from netdiet.environment import environment
+    # the demo process's own record; each step's record is in its result file (a reused step keeps the one it ran with)
+    return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs), "environment": environment()}
 

@@ -585,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", None):  # a bad --json path fails now, not after minutes of work
             from netdiet.fileio import check_writable
             check_writable(args.json)
-        return int(args.func(args) or 0)
+        from netdiet.environment import steady_threads
+        with steady_threads():   # a fixed OpenMP team; --threads applies to this command only, never to the next
+            return int(args.func(args) or 0)
     except NetdietError as exc:
         if debug:
             traceback.print_exc()

@@ -10,7 +10,6 @@ parameter totals; it orchestrates and turns bad input into one-line errors.
 from __future__ import annotations
 
 import contextlib
-import platform
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
 
 SCHEMA = "netdiet.profile/1"
@@ -69,7 +69,7 @@ class ProfileResult:
             "uncounted": self.uncounted,
             "storage": self.storage,
             "latency": self.latency,
-            "environment": self.environment,
+            "environment": self.environment or environment(self.device),
         }
         if self.scaling is not None:
             doc["scaling"] = self.scaling.to_dict()
@@ -297,16 +297,6 @@ def parameter_totals(model: nn.Module) -> dict[str, int]:
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
-    }
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "device": device.type,
-        "cuda_available": torch.cuda.is_available(),
     }
 
 

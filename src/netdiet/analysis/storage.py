@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.environment import environment
 from netdiet.errors import NetdietError
 
 _INT32_MAX = 2**31 - 1
@@ -162,4 +163,5 @@ def data_report(name: str, *, data_dir: str | None = None, seed: int = 0, sample
         "splits": splits,
         "samples": rows,
         "preprocessing": preprocessing_cost(ds.x_train, repeats=repeats) if len(ds.x_train) else [],
+        "environment": environment(),
     }

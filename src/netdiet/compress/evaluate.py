@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.environment import environment
 from netdiet.errors import NetdietError
 
 SCHEMA = "netdiet.evaluate/1"
@@ -43,6 +44,7 @@ class EvaluateResult:
     tensors: list[dict] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)   # netdiet.environment.environment(), set by evaluate()
 
     @property
     def sparsity(self) -> float:
@@ -59,6 +61,7 @@ class EvaluateResult:
             "macs": self.macs, "latency_ms": dict(self.latency_ms), "latency_batch": self.latency_batch,
             "latency_detail": self.latency_detail, "threads": self.threads,
             "tensors": self.tensors, "stages": self.stages, "warnings": self.warnings,
+            "environment": self.environment or environment(),
         }
 
 
@@ -160,6 +163,7 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
             name, xn = session.get_inputs()[0].name, xb.numpy()
             result.latency_detail["onnxruntime"] = _time(lambda: session.run(None, {name: xn}), warmup, repeats)
             result.latency_ms["onnxruntime"] = result.latency_detail["onnxruntime"]["median"]
+    result.environment = environment(next(model.parameters(), torch.empty(0)).device)
     return result
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.train.loop import OPTIMIZERS, TrainConfig
 
@@ -295,11 +296,13 @@ class CompressResult:
     latency_batch: int = LATENCY_BATCH
     compressed_model: Any = field(default=None, repr=False)   # the final nn.Module (not serialised)
     state: Any = field(default=None, repr=False)              # its CompressionState (not serialised)
+    environment: dict[str, Any] = field(default_factory=environment)   # what decided the numbers (netdiet.environment)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "netdiet.compress/1", "model": self.model, "data": self.data, "recipe": self.recipe,
                 "seed": self.seed, "latency_batch": self.latency_batch, "baseline": self.baseline,
-                "stages": [s.to_dict() for s in self.stages], "pareto": self.pareto, "archive": self.archive}
+                "stages": [s.to_dict() for s in self.stages], "pareto": self.pareto, "archive": self.archive,
+                "environment": self.environment or environment()}
 
 
 def measure(model, state, data, *, latency: bool = True, header: dict | None = None) -> dict[str, Any]:

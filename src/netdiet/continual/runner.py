@@ -12,6 +12,7 @@ from netdiet.continual import metrics
 from netdiet.continual.ledger import enforce, measure
 from netdiet.continual.scenarios import Scenario
 from netdiet.continual.strategies import ContinualConfig, Strategy, Work, applicable, create_strategy
+from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.train import predict
 
@@ -49,11 +50,12 @@ class ContinualResult:
     config: dict
     strategies: list[StrategyResult]
     flops_note: str = ""
+    environment: dict = field(default_factory=environment)   # what decided the numbers (netdiet.environment)
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "scenario": self.scenario, "setting": self.setting, "budget": self.budget,
                 "model": self.model, "config": self.config, "flops_note": self.flops_note,
-                "strategies": [s.to_dict() for s in self.strategies]}
+                "strategies": [s.to_dict() for s in self.strategies], "environment": self.environment or environment()}
 
 
 class FlopMeter:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netdiet.environment import steady_threads
 from netdiet.errors import NetdietError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -128,6 +129,7 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     return (predict(model, x, batch_size).argmax(1) == y).float().mean().item()
 
 
+@steady_threads()   # the loop runs on exactly torch.get_num_threads() threads, however busy the machine is
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: TrainConfig | None = None, *,
         x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
         callbacks: list[Callback] | None = None,

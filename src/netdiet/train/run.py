@@ -16,8 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from netdiet.environment import environment, steady_threads
 from netdiet.errors import NetdietError
 from netdiet.train.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.train.precision import resolve_device
 
 SCHEMA = "netdiet.train/1"
 
@@ -46,6 +48,7 @@ class TrainRun:
     train_flops_per_sample: int | None = None
     flops_method: str | None = None
     memory_method: str = "rss_delta"
+    environment: dict = field(default_factory=dict)   # netdiet.environment.environment() where the numbers were made
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -60,7 +63,7 @@ class TrainRun:
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "budget": self.budget,
                 "precision_effect": self.precision_effect,
                 "train_flops_per_sample": self.train_flops_per_sample, "flops_method": self.flops_method,
-                "out": self.out, "files": self.files}
+                "out": self.out, "files": self.files, "environment": self.environment or environment()}
 
 
 # ---------------------------------------------------------------- pieces shared with sweep and the budget picker
@@ -233,7 +236,9 @@ def execute(params: dict, dataset=None) -> dict:
     log = _logger() if rank == 0 else None
     fingerprint = {"model": ModelSpec(params["spec"], kwargs).to_dict(), "data": params["data"],
                    "val_fraction": params.get("val_fraction", 0.1)}
-    res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+    with steady_threads():   # the record below names the threads the fit really ran on
+        res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+        env = environment(resolve_device(cfg.device))
     run = TrainRun(model=ModelSpec(params["spec"], kwargs).to_dict(), data={**data.summary(), "train_used": len(tr),
                    "validation": len(va), "val_fraction": params.get("val_fraction", 0.1)},
                    config=cfg.to_dict(), history=res.history, steps=res.steps, seconds=res.seconds,
@@ -243,7 +248,7 @@ def execute(params: dict, dataset=None) -> dict:
                    recompute={**res.recompute, **(params.get("recompute_effect") or {})} if res.recompute else None,
                    budget=params.get("budget"), precision_effect=params.get("precision_effect"),
                    train_flops_per_sample=flops, flops_method=flops_method,
-                   memory_method=res.memory_method)
+                   memory_method=res.memory_method, environment=env)
     if out is not None and rank == 0:
         from netdiet.train.recompute import disable_checkpointing
         disable_checkpointing(model)

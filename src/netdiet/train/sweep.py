@@ -17,8 +17,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.train.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.train.precision import resolve_device
 
 SCHEMA = "netdiet.sweep/1"
 
@@ -52,11 +54,13 @@ class SweepResult:
     chosen_index: int
     rule: str = "lowest mean validation error; ties go to fewer parameters"
     flops_method: str | None = None
+    environment: dict = field(default_factory=environment)   # what decided the numbers (netdiet.environment)
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "knob": self.knob, "k": self.k, "data": self.data,
                 "config": self.config, "points": [p.to_dict() for p in self.points], "chosen": self.chosen,
-                "chosen_index": self.chosen_index, "rule": self.rule, "flops_method": self.flops_method}
+                "chosen_index": self.chosen_index, "rule": self.rule, "flops_method": self.flops_method,
+                "environment": self.environment or environment()}
 
 
 def parse_knob(text: str) -> tuple[str, list[Any]]:
@@ -166,4 +170,5 @@ def sweep(spec: str, knob: str, values: list[Any], *, model_kw: dict | None = No
             log(f"{knob}={value}: params {params:,}, train error {point.train_error:.4f}, val error {point.val_error:.4f}")
     best = min(range(len(points)), key=lambda i: (round(points[i].val_error, 12), points[i].params))
     return SweepResult(ModelSpec(spec, base).to_dict(), knob, k, {**dataset.summary(), "cv_samples": len(dataset.y_train)},
-                       cfg.to_dict(), points, points[best].value, best, flops_method=flops_method)
+                       cfg.to_dict(), points, points[best].value, best, flops_method=flops_method,
+                       environment=environment(resolve_device(cfg.device)))
