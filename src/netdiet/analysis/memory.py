@@ -16,6 +16,11 @@ The measurement runs the same step on a real copy of the model and reads the all
 profiler's memory events (every allocation and free of the c10 CPU allocator, `profile_memory=True`), on
 CUDA the caching allocator's `max_memory_allocated`. The two share no bookkeeping, so comparing them is a
 real check.
+
+What a CPU kernel allocates and frees inside one op (oneDNN's reorders and scratchpads, im2col columns, the
+flash-attention blocks) is invisible at the dispatch level; analysis/scratch.py has those rules, keyed by the
+capabilities this machine reports (ISA family, oneDNN bf16/fp16 support, threads, dtype). A kernel without a
+rule for this CPU is listed in MemoryEstimate.unmodelled (and `warnings`) instead of being silently 0.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from netdiet.analysis import scratch
 from netdiet.errors import NetdietError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
@@ -75,6 +81,11 @@ class MemoryEstimate:
     checkpointed_blocks: list[str] = field(default_factory=list)
     step_order: str = STEP_ORDER
     method: str = "meta-device simulation (dispatch-mode storage tracking)"
+    cpu_rules: str = ""                  # the CPU the kernel-scratch rules were chosen for (scratch.probe_cpu)
+    # kernels whose in-op scratch has no rule for this CPU / dtype / backend: {op, dtype, backend, capability,
+    # reason, calls}; their scratch is counted as 0 bytes, and `warnings` says so
+    unmodelled: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +211,7 @@ class _StorageTracker(TorchDispatchMode):
         self.snapshot_on = False                # while on, keep a copy of the live set at every new high
         self.snapshot: dict[int, int] | None = None
         self.snapshot_total = -1
-        # bytes a kernel allocates and frees inside one op (invisible at the dispatch level): see _cpu_workspace
+        # bytes a kernel allocates and frees inside one op (invisible at the dispatch level): see _CpuScratch
         self.workspace_fn: Callable[[Any, tuple], int] | None = None
         # where storages were created, for peak_breakdown: uid -> "backward" | "optimizer" | "recomputed"
         self.phase: str | None = None
@@ -277,103 +288,30 @@ def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def _cpu_workspace(func, args: tuple) -> int:
-    """Scratch memory of CPU kernels that allocate and free buffers inside one op.
+class _CpuScratch:
+    """The tracker's workspace_fn on CPU: kernel scratch from netdiet.analysis.scratch's rules for this machine.
 
-    oneDNN's fp32 convolution backward (the path PyTorch takes for dense, non-grouped 2-D convs on CPU)
-    reorders the input and the output gradient into its own layout while it computes the weight gradient
-    (two buffers the size of the larger of the two), and keeps a weight-sized scratch alive while it
-    allocates the returned weight gradient: max(2 * max(input, grad_output), weight) bytes above the op's
-    results. Found with the profiler's allocator events on torch 2.13 CPU (ResNet: the reorders; a YOLO
-    head conv with a large weight: the scratch). Without it ResNet-8 was 11 % low; with it the zoo is
-    within 2.4 %. A batch of one sample with a small column buffer (C k_h k_w x H' W' floats, up to 576 KiB
-    here; 11 of 11 such shapes measured) takes oneDNN's im2col + GEMM algorithm instead, forward and
-    backward, and that buffer is the scratch. The limit is oneDNN's choice on this CPU: another CPU may differ.
-
-    oneDNN's fp32 convolution forward computes into its blocked layout (output channels padded to a multiple
-    of 8) and copies the result out: one padded-output-sized scratch. Without it the inference peaks of
-    LeNet-5, MobileNet and YOLO were 8-17 % low; with it they match. Single-threaded, a 1x1 stride-1 conv on a
-    batch below 16 skips oneDNN (see _native_1x1): without that rule MobileNet at batch 8 was 13.6 % high.
-    bf16/fp16 convolutions on CPUs without oneDNN bf16/fp16 run PyTorch's im2col kernel instead (below).
+    Calls whose (op, dtype, backend, CPU) has no rule count 0 bytes and are collected in `unmodelled`
+    (one entry per combination, with the number of calls), so the estimate says what it could not model.
     """
-    if func is torch.ops.aten.convolution_backward.default and len(args) >= 10:
-        grad_out, inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[2], args[4],
-                                                                                args[5], args[6], args[7], args[9])
-        if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or transposed:
-            return 0
-        if groups != 1:
-            # oneDNN's fp32 depthwise backward reorders the input and the output gradient (measured: MobileNet's
-            # nine depthwise shapes at batch 8 and 32, exactly input + grad_output bytes)
-            depthwise = groups == inp.shape[1] == weight.shape[0]
-            ok = depthwise and inp.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            return _nbytes(inp) + _nbytes(grad_out) if ok else 0
-        if _native_1x1(inp, weight, stride, dilation):
-            return _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
-        if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            cols = _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
-            if inp.shape[0] == 1 and cols <= _ONEDNN_GEMM_COLUMNS_MAX:
-                return cols
-            return max(2 * max(_nbytes(inp), _nbytes(grad_out)), _nbytes(weight))
-        if _slow_conv_path(inp.dtype):
-            return _im2col_bytes(inp, weight, grad_out, stride, padding, dilation)
-    if func is torch.ops.aten.convolution.default and len(args) >= 9:
-        inp, weight, stride, padding, dilation, transposed, groups = (args[0], args[1], args[3], args[4], args[5],
-                                                                      args[6], args[8])
-        if not isinstance(inp, torch.Tensor) or inp.dim() != 4 or transposed:
-            return 0
-        if groups == 1 and (_slow_conv_path(inp.dtype) or _native_1x1(inp, weight, stride, dilation)):
-            out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
-            return _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
-        if inp.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            # oneDNN computes into its own blocked layout (channels padded to a multiple of 8), then copies out
-            out_shape = _conv_out_shape(inp, weight, stride, padding, dilation)
-            if inp.shape[0] == 1 and groups == 1:
-                cols = _im2col_bytes(inp, weight, torch.empty(out_shape, device="meta"), stride, padding, dilation)
-                if cols <= _ONEDNN_GEMM_COLUMNS_MAX:
-                    return cols
-            n, c_out, oh, ow = out_shape
-            return n * (-(-c_out // 8) * 8) * oh * ow * 4
-    return 0
+
+    def __init__(self, cap: scratch.CpuCapability) -> None:
+        self.cap = cap
+        self.unmodelled: dict[scratch.Unmodelled, int] = {}
+
+    def __call__(self, func, args: tuple) -> int:
+        extra, missing = scratch.kernel_scratch(func, args, self.cap)
+        if missing is not None:
+            self.unmodelled[missing] = self.unmodelled.get(missing, 0) + 1
+        return extra
+
+    def entries(self) -> list[dict]:
+        ordered = sorted(self.unmodelled.items(), key=lambda kv: (kv[0].op, kv[0].dtype))
+        return [{**asdict(u), "calls": n} for u, n in ordered]
 
 
 # parts of peak_breakdown beside weights/buffers/inputs/optimizer_state/gradients/activations/outputs
 _TRANSIENT_PARTS = ["backward_buffers", "recomputed", "workspace", "optimizer_temporaries", "temporaries"]
-
-_ONEDNN_GEMM_COLUMNS_MAX = 589_824   # largest column buffer measured to take the GEMM path (smallest direct: 921,600)
-
-
-def _native_1x1(inp, weight, stride, dilation) -> bool:
-    """PyTorch's own rule (ConvParams::use_mkldnn, torch 2.13): an fp32 1x1 convolution with stride 1 and no
-    dilation on a batch below 16 runs single-threaded on its native kernel, not oneDNN ("THNN is faster when
-    single-threaded"). That kernel needs no output scratch, and no column buffer unless padded."""
-    return (inp.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1) and all(v == 1 for v in stride)
-            and all(v == 1 for v in dilation) and inp.shape[0] < 16 and torch.get_num_threads() == 1)
-
-
-def _slow_conv_path(dtype: torch.dtype) -> bool:
-    """bf16 / fp16 2-D convolutions run PyTorch's im2col kernel (thnn_conv2d) on CPUs oneDNN cannot serve."""
-    if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
-
-
-def _conv_out_shape(inp, weight, stride, padding, dilation) -> tuple[int, ...]:
-    n, _, h, w = inp.shape
-    kh, kw = weight.shape[2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return (n, weight.shape[0], oh, ow)
-
-
-def _im2col_bytes(inp, weight, out, stride, padding, dilation) -> int:
-    """The im2col column buffer, N x (C k_h k_w) x (H' W') elements; a 1x1/stride-1/no-pad conv needs none."""
-    kh, kw = weight.shape[2:]
-    if kh == 1 and kw == 1 and all(s == 1 for s in stride) and all(p == 0 for p in padding):
-        return 0
-    n, c = inp.shape[:2]
-    return n * c * kh * kw * out.shape[2] * out.shape[3] * inp.element_size()
 
 
 class _ModuleStack:
@@ -708,8 +646,10 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     params = list(dict.fromkeys(meta.parameters()))
     buffers = list(dict.fromkeys(meta.buffers()))
     tr = _StorageTracker()
+    cpu_scratch = None
     if target.type in ("cpu", "meta"):
-        tr.workspace_fn = _cpu_workspace
+        cpu_scratch = _CpuScratch(scratch.probe_cpu())
+        tr.workspace_fn = cpu_scratch
     for group in (params, buffers, x):
         for t in group:
             tr.register(t)
@@ -822,7 +762,19 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
         inference_peak=inference_peak, module_activations=dict(sorted(module_acts.items(), key=lambda kv: -kv[1])),
         inputs=input_bytes, peak_phase=peak_phase, phase_peaks=peaks, peak_breakdown=breakdown,
         first_step_peak=max(per_step[0]["peaks"].values()), checkpointed_blocks=blocks,
+        cpu_rules=cpu_scratch.cap.label if cpu_scratch is not None else "",
+        unmodelled=cpu_scratch.entries() if cpu_scratch is not None else [],
+        warnings=_unmodelled_warnings(cpu_scratch),
     )
+
+
+def _unmodelled_warnings(cpu_scratch: _CpuScratch | None) -> list[str]:
+    if cpu_scratch is None or not cpu_scratch.unmodelled:
+        return []
+    kinds = sorted({f"{u.op} {u.dtype} on {u.backend}" for u in cpu_scratch.unmodelled})
+    return [f"{len(kinds)} kernel kind(s) have no scratch rule for this CPU ({cpu_scratch.cap.label}): "
+            f"{'; '.join(kinds)}. Their in-kernel scratch is counted as 0 bytes, so the peak may be low; "
+            "measure it (--measure) and see netdiet/analysis/scratch.py for how to add the rule."]
 
 
 def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | None, str | None]:
