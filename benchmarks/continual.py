@@ -20,9 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from netdiet.continual.runner import build_model_fn, run_strategy  # noqa: E402
-from netdiet.continual.scenarios import make_scenario  # noqa: E402
-from netdiet.continual.strategies import ContinualConfig  # noqa: E402
+from netdiet.incremental.runner import build_model_fn, run_strategy  # noqa: E402
+from netdiet.incremental.scenarios import make_scenario  # noqa: E402
+from netdiet.incremental.strategies import ContinualConfig  # noqa: E402
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.errors import NetdietError  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from netdiet.compress import archive  # noqa: E402
-from netdiet.compress.recipe import load_recipe, run_recipe  # noqa: E402
+from netdiet.compression import archive  # noqa: E402
+from netdiet.compression.recipe import load_recipe, run_recipe  # noqa: E402
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train import evaluate_accuracy, fit  # noqa: E402
+from netdiet.training import evaluate_accuracy, fit  # noqa: E402
 
 PAPER = {  # Han et al. 2016, Table 1 / section 6.1: compression vs the dense fp32 model after each step
     "lenet300": {"pruned": 12.0, "quantized": 32.0, "entropy": 40.0, "accuracy_drop_pt": -0.03},

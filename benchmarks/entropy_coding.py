@@ -18,12 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from netdiet.compress import archive  # noqa: E402
-from netdiet.compress.base import CompressionState, StageContext, create_technique  # noqa: E402
+from netdiet.compression import archive  # noqa: E402
+from netdiet.compression.base import CompressionState, StageContext, create_technique  # noqa: E402
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train import TrainConfig, evaluate_accuracy, fit  # noqa: E402
+from netdiet.training import TrainConfig, evaluate_accuracy, fit  # noqa: E402
 
 
 def codings(symbols: np.ndarray, bits: int) -> dict[str, int]:

@@ -25,13 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from netdiet.compress import archive  # noqa: E402
-from netdiet.compress.base import CompressionState, StageContext, create_technique  # noqa: E402
-from netdiet.compress.quantize import export_onnx, ort_predict, ort_session  # noqa: E402
+from netdiet.compression import archive  # noqa: E402
+from netdiet.compression.base import CompressionState, StageContext, create_technique  # noqa: E402
+from netdiet.compression.quantize import export_onnx, ort_predict, ort_session  # noqa: E402
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train import TrainConfig, evaluate_accuracy, fit  # noqa: E402
+from netdiet.training import TrainConfig, evaluate_accuracy, fit  # noqa: E402
 
 WIDTHS = [1024, 1024, 512]
 BATCH = 64

@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import netdiet
     from netdiet.analysis.counter import count_ops
-    from netdiet.compress.base import CompressionState, StageContext, create_technique, replay_structure
+    from netdiet.compression.base import CompressionState, StageContext, create_technique, replay_structure
     from netdiet.data import get_dataset
     from netdiet.fileio import atomic_write_json
     from netdiet.models import create_model, parse_model_kw
-    from netdiet.train import TrainConfig, evaluate_accuracy, fit
+    from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
     console = Console(width=130)
     kw = parse_model_kw(args.model_kw)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train import TrainConfig, fit  # noqa: E402
+from netdiet.training import TrainConfig, fit  # noqa: E402
 
 _K = torch.exp(-(torch.arange(5.0) - 2) ** 2 / 2)
 KERNEL = (_K[:, None] * _K[None, :] / (_K.sum() ** 2)).view(1, 1, 5, 5)

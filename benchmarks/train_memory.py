@@ -23,9 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train.budget import measure_activation_bytes, measure_training_peak  # noqa: E402
-from netdiet.train.precision import autocast  # noqa: E402
-from netdiet.train.recompute import enable_checkpointing  # noqa: E402
+from netdiet.training.budget import measure_activation_bytes, measure_training_peak  # noqa: E402
+from netdiet.training.precision import autocast  # noqa: E402
+from netdiet.training.recompute import enable_checkpointing  # noqa: E402
 
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
@@ -70,7 +70,7 @@ def main() -> None:
             rows.append(r)
     ck = {r["model"]: r["activations_saved_vs_fp32"] for r in rows if r["precision"] == "fp32" and r["checkpointing"]}
     doc = {"schema": "netdiet.benchmark/1", "name": "train_memory", "threads": 1,
-           "measurement": "live tensor storages tracked per aten op (netdiet.train.budget.LiveStorageTracker)",
+           "measurement": "live tensor storages tracked per aten op (netdiet.training.budget.LiveStorageTracker)",
            "target": "checkpointing saves >= 40 % of activation memory on the deep MLP and CNN",
            "checkpointing_activation_saving": ck,
            "target_met": all(v >= 0.40 for k, v in ck.items() if k.startswith("deep")), "results": rows,

@@ -1,4 +1,4 @@
-"""Trainer overhead: `netdiet.train.fit` against a hand-written PyTorch loop on the same model, data and batch order.
+"""Trainer overhead: `netdiet.training.fit` against a hand-written PyTorch loop on the same model, data and batch order.
 
 Both loops do the same work per step (forward, cross-entropy, zero_grad, backward, Adam step, loss.item()); the
 hand loop is what a user would write. Runs alternate (hand, fit, fit, hand, ...) so machine load hits both alike;
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
 from netdiet.models import create_model  # noqa: E402
-from netdiet.train import TrainConfig, fit  # noqa: E402
+from netdiet.training import TrainConfig, fit  # noqa: E402
 
 REPEATS = 6
 BATCH = 64

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from netdiet.compress import archive
-from netdiet.compress.base import CompressionState, Encoding, StageContext, create_technique
+from netdiet.compression import archive
+from netdiet.compression.base import CompressionState, Encoding, StageContext, create_technique
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
 
@@ -161,7 +161,7 @@ def test_pruned_int4_lenet300_is_as_small_as_its_codes_and_positions_say():
 
 
 def test_int8_onnx_artefact_round_trips_without_storing_its_weights_twice(mnist5k):
-    from netdiet.compress.quantize import ort_predict, ort_session
+    from netdiet.compression.quantize import ort_predict, ort_session
     model = create_model("lenet300")
     state = CompressionState(spec={"spec": "lenet300", "kwargs": {}})
     create_technique("quantize", mode="dynamic", exporter="torchscript").apply(model, state, StageContext(data=mnist5k))

@@ -211,7 +211,7 @@ def _no_ellipsis(renderable) -> str:
 
 
 def test_train_table_fits_80_columns_even_for_wide_values(docs):
-    from netdiet.report.train_tables import train_history_table
+    from netdiet.reporting.train_tables import train_history_table
     doc = json.loads((docs / "train.json").read_text())
     doc["history"].append(dict(doc["history"][0], epoch=100, loss=12.3456, train_acc=1.0, val_acc=1.0, seconds=1234.5,
                                samples_per_s=123456.7, data_wait_fraction=0.999, peak_rss=999 * 2**30,
@@ -222,7 +222,7 @@ def test_train_table_fits_80_columns_even_for_wide_values(docs):
 
 
 def test_continual_summary_fits_80_columns(docs):
-    from netdiet.report.continual_tables import summary_table
+    from netdiet.reporting.continual_tables import summary_table
     doc = json.loads((docs / "continual.json").read_text())
     s = dict(doc["strategies"][0], name="replay-reservoir")
     s["bytes_per_task"] = [10 * 2**20] + s["bytes_per_task"][1:]
@@ -232,7 +232,7 @@ def test_continual_summary_fits_80_columns(docs):
 
 
 def test_sweep_table_fits_80_columns(docs):
-    from netdiet.report.train_tables import sweep_table
+    from netdiet.reporting.train_tables import sweep_table
     _no_ellipsis(sweep_table(json.loads((docs / "sweep.json").read_text())))
 
 
@@ -242,7 +242,7 @@ def test_python_dash_m_netdiet_help_works():
 
 
 def test_evaluate_tensor_table_fits_80_columns(docs):
-    from netdiet.report.evaluate_tables import tensors_table
+    from netdiet.reporting.evaluate_tables import tensors_table
     doc = json.loads((docs / "evaluate.json").read_text())
     assert doc["tensors"], "the int8 archive lists its tensors"
     text = _no_ellipsis(tensors_table(doc))
@@ -251,7 +251,7 @@ def test_evaluate_tensor_table_fits_80_columns(docs):
 
 def test_profile_module_table_folds_long_types_instead_of_cutting(docs):
     """The mlp's module types (Sequential, Flatten) were cut to 'Sequenti…' at 80 columns."""
-    from netdiet.report.profile_tables import module_table
+    from netdiet.reporting.profile_tables import module_table
     doc = json.loads((docs / "profile.json").read_text())
     doc["modules"][1] = dict(doc["modules"][1], type="CausalSelfAttention", depth=3, params=201_380_000,
                              macs=429_510_000_000, flops=859_790_000_000, backward_flops=1_740_000_000_000,

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique
-from netdiet.compress.cluster import kmeans_1d
+from netdiet.compression.base import CompressionState, StageContext, create_technique
+from netdiet.compression.cluster import kmeans_1d
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig
+from netdiet.training import TrainConfig
 
 
 def _lenet300(seed: int = 0) -> nn.Module:
@@ -176,7 +176,7 @@ def test_state_dict_round_trips_codebooks_and_indices():
 
 
 def test_prune_structured_cluster_chain_round_trips_through_the_archive_exactly():
-    from netdiet.compress import archive
+    from netdiet.compression import archive
     from netdiet.models import ModelSpec
     torch.manual_seed(0)
     model = create_model("cnn")

@@ -7,7 +7,7 @@ import torch
 from netdiet.cli import main
 from netdiet.fileio import save_state_dict
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, evaluate_accuracy, fit
+from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
 
 # one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine

@@ -22,12 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, create_technique, list_techniques,
+from netdiet.compression.base import (CompressionState, Encoding, StageContext, Technique, create_technique, list_techniques,
                                    replay_structure)
 from netdiet.errors import NetdietError
 from netdiet.fileio import dumps_json
 from netdiet.models import ModelSpec, create_model
-from netdiet.train import TrainConfig
+from netdiet.training import TrainConfig
 
 SPEC = ModelSpec("lenet5", {"conv_channels": [6, 12], "fc": 32})
 TECHNIQUES = list_techniques()
@@ -84,7 +84,7 @@ def test_every_technique_named_in_the_design_is_registered_once_its_module_exist
     import importlib.util
     expected = {"prune": "prune", "structured": "structured", "cluster": "cluster", "quantize": "quantize",
                 "lowrank": "lowrank", "distill": "distill"}
-    present = {name for name, mod in expected.items() if importlib.util.find_spec(f"netdiet.compress.{mod}") is not None}
+    present = {name for name, mod in expected.items() if importlib.util.find_spec(f"netdiet.compression.{mod}") is not None}
     assert present <= set(TECHNIQUES)
 
 

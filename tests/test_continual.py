@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from netdiet.continual import metrics
-from netdiet.continual.buffer import ExemplarBuffer
-from netdiet.continual.ledger import LedgerEntry, enforce, measure, safetensors_payload_bytes, serialise
-from netdiet.continual.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
-from netdiet.continual.runner import build_model_fn, run_strategy
-from netdiet.continual.scenarios import make_scenario
-from netdiet.continual.strategies import ContinualConfig, create_strategy
+from netdiet.incremental import metrics
+from netdiet.incremental.buffer import ExemplarBuffer
+from netdiet.incremental.ledger import LedgerEntry, enforce, measure, safetensors_payload_bytes, serialise
+from netdiet.incremental.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
+from netdiet.incremental.runner import build_model_fn, run_strategy
+from netdiet.incremental.scenarios import make_scenario
+from netdiet.incremental.strategies import ContinualConfig, create_strategy
 from netdiet.errors import NetdietError
 
 torch.set_num_threads(1)
@@ -218,7 +218,7 @@ def test_packnet_has_zero_forgetting_and_grows_only_by_its_masks(digits):
 
 
 def test_shrink_keeps_int8_codes_and_scales_through_the_compress_interface(digits):
-    pytest.importorskip("netdiet.compress.quantize")
+    pytest.importorskip("netdiet.compression.quantize")
     res, _, _ = _run(digits, "shrink", exemplars=10)
     # int8 codes (1024 + 160) + per-output-channel float32 scales (16 + 10) + float32 biases (16 + 10)
     assert res.ledger_per_task[0]["weights"] == 1024 + 160 + 4 * 26 + 4 * 26
@@ -244,7 +244,7 @@ def test_cli_bad_input_exits_2_with_one_line(capsys):
 
 
 def test_shrink_prune_and_int8_keeps_kept_codes_plus_bit_masks(digits):
-    pytest.importorskip("netdiet.compress.quantize")
+    pytest.importorskip("netdiet.compression.quantize")
     res, _, _ = _run(digits, "naive", shrink="prune=0.5+int8")
     # kept int8 codes 512 + 80, scales 4 x (16 + 10), masks ceil(1024/8) + ceil(160/8), float32 biases 4 x (16 + 10)
     assert res.ledger_per_task[-1] == {"weights": 592 + 104 + 148 + 104}
@@ -256,7 +256,7 @@ def test_shrink_prune_and_int8_keeps_kept_codes_plus_bit_masks(digits):
 
 def test_strategy_all_stops_only_what_cannot_fit_and_writes_the_schema(digits):
     import json
-    from netdiet.continual.runner import run_continual
+    from netdiet.incremental.runner import run_continual
     from netdiet.fileio import dumps_json
     sc = make_scenario("split", digits, "task")
     model_fn, info = build_model_fn("mlp", {"widths": [16]}, sc)

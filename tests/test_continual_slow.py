@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netdiet.continual.runner import build_model_fn, run_strategy
-from netdiet.continual.scenarios import make_scenario
-from netdiet.continual.strategies import ContinualConfig
+from netdiet.incremental.runner import build_model_fn, run_strategy
+from netdiet.incremental.scenarios import make_scenario
+from netdiet.incremental.strategies import ContinualConfig
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from netdiet.analysis.counter import OPTIMIZER_FLOPS_PER_PARAM, count_ops, optim
 from netdiet.analysis.ops import OpCost, op_cost
 from netdiet.errors import NetdietError
 from netdiet.models import create_model, default_inputs, list_models, make_inputs
-from netdiet.train.loop import make_optimizer
+from netdiet.training.loop import make_optimizer
 
 
 def small_mlp() -> nn.Module:
@@ -412,7 +412,7 @@ def test_tensors_passed_as_keyword_arguments_are_attributed_to_the_caller():
 
 
 def _checkpointed_transformer_counts(device: str) -> tuple:
-    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.training.recompute import enable_checkpointing
     x = torch.zeros(2, 32, dtype=torch.int64, device=device)
     with torch.device(device):
         plain_model, ckpt_model = create_model("transformer"), create_model("transformer")

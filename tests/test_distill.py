@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique
-from netdiet.compress.distill import distillation_loss
+from netdiet.compression.base import CompressionState, StageContext, create_technique
+from netdiet.compression.distill import distillation_loss
 from netdiet.data import Dataset
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, evaluate_accuracy, fit
+from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
 
 # one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine

@@ -6,10 +6,10 @@ import json
 import torch
 
 from netdiet.cli import main
-from netdiet.compress import archive
-from netdiet.compress.base import CompressionState, StageContext, create_technique
+from netdiet.compression import archive
+from netdiet.compression.base import CompressionState, StageContext, create_technique
 from netdiet.models import create_model
-from netdiet.train import evaluate_accuracy
+from netdiet.training import evaluate_accuracy
 
 
 def _int4_lenet300(tmp_path):

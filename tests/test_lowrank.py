@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique, replay_structure
-from netdiet.compress.lowrank import factorise, rank_for_energy
+from netdiet.compression.base import CompressionState, StageContext, create_technique, replay_structure
+from netdiet.compression.lowrank import factorise, rank_for_energy
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, evaluate_accuracy, fit
+from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
 
 # one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine

@@ -231,7 +231,7 @@ def test_uncounted_operators_are_listed_not_zeroed(capsys):
 
     r = netdiet.profile(Spectral(), (1, 8), progress=False)
     assert r.uncounted.get("aten._fft_r2c", 0) >= 1
-    from netdiet.report.profile_tables import profile_report
+    from netdiet.reporting.profile_tables import profile_report
     from rich.console import Console
     Console(width=120).print(profile_report(r.to_dict()))
     assert "aten._fft_r2c" in capsys.readouterr().out

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique
-from netdiet.compress.prune import (MaskHold, keep_count, magnitude_masks, polynomial_sparsity, should_prune)
+from netdiet.compression.base import CompressionState, StageContext, create_technique
+from netdiet.compression.prune import (MaskHold, keep_count, magnitude_masks, polynomial_sparsity, should_prune)
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, fit
+from netdiet.training import TrainConfig, fit
 
 
 def _lenet300(seed: int = 0) -> nn.Module:
@@ -214,7 +214,7 @@ def test_pruned_lenet300_keeps_accuracy_after_polynomial_finetuning(mnist5k):
     torch.manual_seed(0)
     model = create_model("lenet300")
     fit(model, mnist5k.x_train, mnist5k.y_train, TrainConfig(epochs=2, progress=False))
-    from netdiet.train import evaluate_accuracy
+    from netdiet.training import evaluate_accuracy
     dense = evaluate_accuracy(model, mnist5k.x_test, mnist5k.y_test)
     tech = create_technique("prune", schedule="polynomial", initial_sparsity=0.5, sparsity=0.9, scope="global")
     tech.apply(model, CompressionState(), StageContext(data=mnist5k, finetune=TrainConfig(epochs=2, lr=5e-4, progress=False)))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique
+from netdiet.compression.base import CompressionState, StageContext, create_technique
 from netdiet.data.registry import Dataset
-from netdiet.compress.quantize import _FakeQuant, ort_predict, ort_session, quantize_tensor
+from netdiet.compression.quantize import _FakeQuant, ort_predict, ort_session, quantize_tensor
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, evaluate_accuracy, fit
+from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def _rename_initializers(blob: bytes, rename) -> bytes:
 def test_int8_harvest_reads_the_same_codes_under_every_initializer_naming_scheme(trained_mlp, mnist5k, mode):
     # ORT 1.31 named the codes '<w>_quantized', 1.32 '<w>_Transposed_quantized'; an exporter may name a weight
     # 'val_17'. Whatever the names, the harvest must find the same codes, scales and parameters.
-    from netdiet.compress.onnxrt import harvest_onnx_weights
+    from netdiet.compression.onnxrt import harvest_onnx_weights
 
     model = _copy(trained_mlp)
     state = CompressionState()
@@ -213,7 +213,7 @@ def test_an_int8_node_netdiet_cannot_read_names_the_ort_version_and_the_node(tra
     import onnx
     import onnxruntime
 
-    from netdiet.compress.onnxrt import harvest_onnx_weights
+    from netdiet.compression.onnxrt import harvest_onnx_weights
 
     model = _copy(trained_mlp)
     state = CompressionState()
@@ -229,7 +229,7 @@ def test_an_int8_node_netdiet_cannot_read_names_the_ort_version_and_the_node(tra
 
 
 def test_an_onnxruntime_older_than_supported_is_one_line_naming_the_version(monkeypatch):
-    from netdiet.compress import onnxrt
+    from netdiet.compression import onnxrt
 
     monkeypatch.setattr(onnxrt, "ort_version", lambda: "1.16.3")
     with pytest.raises(NetdietError, match=r"onnxruntime 1\.16\.3 is older than netdiet supports \(>= 1\.18\)"):
@@ -269,7 +269,7 @@ def test_a_batchnorm_convnet_keeps_its_own_conv_codes_and_the_int8_archive_store
     # "smaller" than fp32). BatchNorm stays a node, so the conv's codes are a rounding of its own weight.
     import onnx
 
-    from netdiet.compress import archive
+    from netdiet.compression import archive
 
     torch.manual_seed(0)
     model = create_model("cnn", channels=[8]).eval()
@@ -305,7 +305,7 @@ def test_int8_harvest_reads_graphs_written_by_two_ort_releases(release, mode):
     # '<w>_Transposed_quantized'); whichever ORT is installed must read both, and run them
     import onnx
 
-    from netdiet.compress.onnxrt import harvest_onnx_weights
+    from netdiet.compression.onnxrt import harvest_onnx_weights
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
@@ -338,7 +338,7 @@ def test_a_bias_free_conv_keeps_no_fp32_copy_of_its_weight_in_the_int8_graph(tmp
     # weight in ORT's int8 graph, and a ResNet's int8 archive was 0.9x "smaller" than fp32
     import onnx
 
-    from netdiet.compress import archive
+    from netdiet.compression import archive
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from netdiet.compress import archive
-from netdiet.compress.recipe import list_recipes, load_recipe, pareto_front, parse_recipe, run_recipe
+from netdiet.compression import archive
+from netdiet.compression.recipe import list_recipes, load_recipe, pareto_front, parse_recipe, run_recipe
 from netdiet.data import Dataset
 from netdiet.errors import NetdietError
 from netdiet.fileio import dumps_json
@@ -136,7 +136,7 @@ stages:
     # the file on disk is the last stage: reading it back gives the accuracy the stage reported
     assert doc["archive"] == {"path": str(out), "bytes": out.stat().st_size}
     loaded = archive.read(str(out))
-    from netdiet.train import evaluate_accuracy
+    from netdiet.training import evaluate_accuracy
     assert evaluate_accuracy(loaded.model, data.x_test, data.y_test) == pytest.approx(cluster.accuracy)
     assert set(doc["pareto"]) >= {"cluster"}
 

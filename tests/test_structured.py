@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, create_technique, replay_structure
-from netdiet.compress.structured import count_macs
+from netdiet.compression.base import CompressionState, StageContext, create_technique, replay_structure
+from netdiet.compression.structured import count_macs
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig
+from netdiet.training import TrainConfig
 
 
 def _prune(spec: str, x: torch.Tensor, seed: int = 0, kw: dict | None = None, state: CompressionState | None = None,

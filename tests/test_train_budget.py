@@ -5,7 +5,7 @@ import torch
 from netdiet.cli import main
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train.budget import LiveStorageTracker, choose_for_budget, measure_training_peak
+from netdiet.training.budget import LiveStorageTracker, choose_for_budget, measure_training_peak
 
 
 def test_tracker_counts_weights_grads_and_adam_state_of_a_linear_layer_by_hand():

@@ -6,7 +6,7 @@ import torch
 
 from netdiet import api
 from netdiet.cli import main
-from netdiet.train import evaluate_accuracy
+from netdiet.training import evaluate_accuracy
 
 
 def test_train_cli_writes_weights_spec_and_log_that_rebuild_the_same_model(tmp_path, capsys):

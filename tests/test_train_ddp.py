@@ -4,7 +4,7 @@ import torch
 
 from netdiet import api
 from netdiet.fileio import load_state_dict
-from netdiet.train import TrainConfig
+from netdiet.training import TrainConfig
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ from torch import nn
 
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
-from netdiet.train import TrainConfig, fit
-from netdiet.train.callbacks import EarlyStopping
-from netdiet.train.schedule import lr_at
+from netdiet.training import TrainConfig, fit
+from netdiet.training.callbacks import EarlyStopping
+from netdiet.training.schedule import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +88,14 @@ def test_fit_with_patience_ends_early_and_returns_the_best_validation_model(digi
     assert es["stopped_epoch"] is not None and len(res.history) == es["stopped_epoch"] < 12
     best = max(h["val_acc"] for h in res.history)
     assert es["best"] == best
-    from netdiet.train import evaluate_accuracy
+    from netdiet.training import evaluate_accuracy
     assert evaluate_accuracy(model, xv, yv) == pytest.approx(best)
     assert res.history[-1]["val_acc"] < best
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_fewer_activation_bytes(digits):
-    from netdiet.train.budget import measure_activation_bytes
-    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.training.budget import measure_activation_bytes
+    from netdiet.training.recompute import enable_checkpointing
     x, y = digits.x_train[:128].clone(), digits.y_train[:128].clone()
     plain = _mlp((256,) * 6)
     ckpt = _mlp((256,) * 6)
@@ -120,7 +120,7 @@ def test_bf16_autocast_trains_on_cpu_and_reaches_similar_accuracy(digits):
     for precision in ("fp32", "bf16"):
         m = _mlp((64,))
         fit(m, x, y, TrainConfig(epochs=4, batch_size=64, lr=3e-3, precision=precision, progress=False))
-        from netdiet.train import evaluate_accuracy
+        from netdiet.training import evaluate_accuracy
         accs[precision] = evaluate_accuracy(m, digits.x_test, digits.y_test)
         assert m[1].weight.dtype == torch.float32                             # master weights stay fp32
     assert accs["bf16"] > 0.85 and abs(accs["bf16"] - accs["fp32"]) < 0.05

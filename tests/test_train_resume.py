@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from netdiet.data import get_dataset
     from netdiet.models import create_model
-    from netdiet.train import Callback, TrainConfig, fit
+    from netdiet.training import Callback, TrainConfig, fit
     out, mode, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
     class KillAt(Callback):
@@ -96,7 +96,7 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
 
 
 def test_optimizer_state_survives_the_safetensors_round_trip(tmp_path):
-    from netdiet.train.checkpoint import Checkpoint, capture_rng, load_checkpoint, save_checkpoint
+    from netdiet.training.checkpoint import Checkpoint, capture_rng, load_checkpoint, save_checkpoint
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model(torch.randn(4, 3)).sum().backward()

@@ -7,7 +7,7 @@ import torch
 
 from netdiet.cli import main
 from netdiet.errors import NetdietError
-from netdiet.train.sweep import knob_kwargs, parse_knob, stratified_folds
+from netdiet.training.sweep import knob_kwargs, parse_knob, stratified_folds
 
 
 def test_stratified_folds_are_disjoint_cover_everything_and_balance_classes():

@@ -117,13 +117,13 @@ def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any
 # ==================================================================== compress / evaluate
 def list_recipes() -> list[str]:
     """Names of the built-in compression recipes (`deep-compression`, `int8`, `structured-50`, `seed-incremental`)."""
-    from netdiet.compress.recipe import list_recipes as _list
+    from netdiet.compression.recipe import list_recipes as _list
     return _list()
 
 
 def load_recipe(recipe: str):
     """A validated `Recipe` from a built-in name or a YAML path (errors name the YAML line)."""
-    from netdiet.compress.recipe import load_recipe as _load
+    from netdiet.compression.recipe import load_recipe as _load
     return _load(recipe)
 
 
@@ -139,7 +139,7 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
     import dataclasses
 
     import torch
-    from netdiet.compress.recipe import run_recipe
+    from netdiet.compression.recipe import run_recipe
     from netdiet.errors import NetdietError
     kwargs = dict(model_kwargs or {})
     rec = load_recipe(recipe)
@@ -155,7 +155,7 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
         rec.stages = [dataclasses.replace(s, finetune={**s.finetune, "epochs": finetune_epochs} if s.finetune else None)
                       for s in rec.stages]
     dataset = get_dataset(data, data_dir=data_dir, seed=seed)
-    from netdiet.train.run import build_classifier, zoo_kwargs_for
+    from netdiet.training.run import build_classifier, zoo_kwargs_for
     kwargs = zoo_kwargs_for(model, kwargs, dataset.input_shape)  # like train: mlp in_features etc. from the data
     build_classifier(model, kwargs, dataset.input_shape, dataset.num_classes)  # a shape mismatch is one line, exit 2
     torch.manual_seed(seed)
@@ -170,7 +170,7 @@ def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, la
     """Accuracy, bytes on disk, ratio to the dense fp32 safetensors file, MACs and latency (PyTorch, and ONNX
     Runtime when the archive carries an int8 ONNX model) of a model or a .ndz archive; an `EvaluateResult`
     (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split)."""
-    from netdiet.compress.evaluate import evaluate as _evaluate
+    from netdiet.compression.evaluate import evaluate as _evaluate
     return _evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
                      model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats,
                      data_dir=data_dir)
@@ -180,13 +180,13 @@ def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, la
 def train(spec: str, *, model_kw: dict[str, Any] | None = None, data: str = "mnist5k", data_dir: str | None = None,
           out: str | None = None, config: Any = None, nproc: int = 1, memory_budget: str | int | None = None,
           val_fraction: float = 0.1, log: Any = None, **config_fields: Any):
-    """Train a zoo model or user callable on a dataset; returns a `netdiet.train.run.TrainRun` (to_dict: netdiet.train/1).
+    """Train a zoo model or user callable on a dataset; returns a `netdiet.training.run.TrainRun` (to_dict: netdiet.train/1).
 
     Options are `TrainConfig` fields (epochs, batch_size, lr, optimizer, precision, checkpointing, workers,
     grad_accum, schedule, l1, l2, patience, resume, ...), given as `config=TrainConfig(...)` or as keywords.
     """
-    from netdiet.train.loop import TrainConfig
-    from netdiet.train.run import train as _train
+    from netdiet.training.loop import TrainConfig
+    from netdiet.training.run import train as _train
     cfg = config or TrainConfig(**config_fields)
     return _train(spec, model_kw=model_kw, data=data, data_dir=data_dir, out=out, config=cfg, nproc=nproc,
                   memory_budget=memory_budget, val_fraction=val_fraction, log=log)
@@ -195,12 +195,12 @@ def train(spec: str, *, model_kw: dict[str, Any] | None = None, data: str = "mni
 def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: dict[str, Any] | None = None,
           data: str = "mnist5k", data_dir: str | None = None, k: int = 3, config: Any = None, log: Any = None,
           **config_fields: Any):
-    """k-fold cross-validation over one model knob; returns a `netdiet.train.sweep.SweepResult` (netdiet.sweep/1).
+    """k-fold cross-validation over one model knob; returns a `netdiet.training.sweep.SweepResult` (netdiet.sweep/1).
 
     `knob` is a name with `values`, or one string 'widths=[[64],[256]]'.
     """
-    from netdiet.train.loop import TrainConfig
-    from netdiet.train.sweep import parse_knob, sweep as _sweep
+    from netdiet.training.loop import TrainConfig
+    from netdiet.training.sweep import parse_knob, sweep as _sweep
     if values is None:
         knob, values = parse_knob(knob)
     cfg = config or TrainConfig(**config_fields)
@@ -218,8 +218,8 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
     bytes and training FLOPs per task for each strategy). `strategy="all"` runs every applicable strategy.
     Further ContinualConfig fields (ewc_lambda, lwf_temperature, exemplar_schedule, ...) go in **options."""
     from dataclasses import fields
-    from netdiet.continual.runner import continual as _run
-    from netdiet.continual.strategies import ContinualConfig
+    from netdiet.incremental.runner import continual as _run
+    from netdiet.incremental.strategies import ContinualConfig
     from netdiet.errors import NetdietError
     from netdiet.units import parse_size
     known = {f.name for f in fields(ContinualConfig)}
@@ -236,7 +236,7 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
 # ==================================================================== report / demo
 def report(results: list[str], out: str = "report.html", *, title: str = "netdiet report") -> dict:
     """Render JSON results (any mix of netdiet commands) into one self-contained HTML file."""
-    from netdiet.report.html import write_report
+    from netdiet.reporting.html import write_report
     return write_report(list(results), out, title=title)
 
 

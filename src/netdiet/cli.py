@@ -84,7 +84,7 @@ def _models(sub: argparse._SubParsersAction) -> None:
 
 def _run_models(args: argparse.Namespace) -> int:
     from netdiet import api
-    from netdiet.report.terminal import models_table
+    from netdiet.reporting.terminal import models_table
     rows = api.list_models()
     console.print(models_table(rows))
     write_json(args, {"schema": "netdiet.models/1", "models": rows})
@@ -108,7 +108,7 @@ def _data(sub: argparse._SubParsersAction) -> None:
 
 def _run_data(args: argparse.Namespace) -> int:
     from netdiet import api
-    from netdiet.report.data_tables import data_tables, datasets_table
+    from netdiet.reporting.data_tables import data_tables, datasets_table
     if args.list or not args.name:
         if not args.list:
             raise NetdietError("give a dataset name, e.g. `netdiet data mnist5k`, or --list to see them")
@@ -168,7 +168,7 @@ def _profile_int(value: str | None, flag: str, minimum: int) -> int | None:
 def _run_profile(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.profile_tables import profile_report
+    from netdiet.reporting.profile_tables import profile_report
     apply_threads(args)
     from netdiet.units import parse_int_list, parse_size, parse_shape
     budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
@@ -214,7 +214,7 @@ def _compress(sub: argparse._SubParsersAction) -> None:
 def _run_compress(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.compress_tables import compress_table
+    from netdiet.reporting.compress_tables import compress_table
     apply_threads(args)
     if args.out:  # fail before training, not after
         from netdiet.fileio import check_writable
@@ -240,7 +240,7 @@ def _recipes(sub: argparse._SubParsersAction) -> None:
 
 def _run_recipes(args: argparse.Namespace) -> int:
     from netdiet import api
-    from netdiet.report.compress_tables import recipes_table
+    from netdiet.reporting.compress_tables import recipes_table
     rows = []
     for name in api.list_recipes():
         r = api.load_recipe(name).to_dict()
@@ -271,7 +271,7 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from netdiet import api
-    from netdiet.report.evaluate_tables import evaluate_report
+    from netdiet.reporting.evaluate_tables import evaluate_report
     apply_threads(args)
     result = api.evaluate(args.archive, args.data, data_dir=args.data_dir, batch_size=args.batch_size,
                           latency=not args.no_latency, onnx=True if args.onnx else None, model_spec=args.model,
@@ -302,7 +302,7 @@ def _add_train_options(p: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def _train_config(args: argparse.Namespace, **extra):
-    from netdiet.train.loop import TrainConfig
+    from netdiet.training.loop import TrainConfig
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, l1=args.l1, l2=args.l2, schedule=args.schedule,
                        warmup_steps=args.warmup_steps, step_epochs=args.step_epochs, gamma=args.gamma,
@@ -340,7 +340,7 @@ def _train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.train_tables import train_history_table, train_summary_lines
+    from netdiet.reporting.train_tables import train_history_table, train_summary_lines
     apply_threads(args)
     cfg = _train_config(args, checkpointing=args.checkpointing, checkpoint_segments=args.segments, workers=args.workers,
                         prefetch=args.prefetch, pin_memory=args.pin_memory, patience=args.patience, monitor=args.monitor,
@@ -377,7 +377,7 @@ def _sweep(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.train_tables import sweep_table
+    from netdiet.reporting.train_tables import sweep_table
     res = api.sweep(args.model, args.knob, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir,
                     k=args.folds, config=_train_config(args), log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
     doc = res.to_dict()
@@ -420,7 +420,7 @@ def _continual(sub: argparse._SubParsersAction) -> None:
 def _run_continual(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.report.continual_tables import matrix_table, stopped_lines, summary_table
+    from netdiet.reporting.continual_tables import matrix_table, stopped_lines, summary_table
     result = api.continual(args.scenario, args.data, args.setting, args.strategy, model=args.model,
                            model_kw=parse_model_kw(args.model_kw) or None, budget=args.budget, seed=args.seed,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -522,7 +522,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
     from netdiet import api
-    from netdiet.report.terminal import demo_summary_table
+    from netdiet.reporting.terminal import demo_summary_table
     out = Path(args.out)
     steps = demo_steps(str(out), args.seed)
     t0 = time.perf_counter()

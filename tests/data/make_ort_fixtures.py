@@ -2,7 +2,7 @@
 # python tests/data/make_ort_fixtures.py); test_int8_harvest_reads_graphs_written_by_two_ort_releases reads them.
 import sys, torch, onnxruntime
 from torch import nn
-from netdiet.compress.onnxrt import export_onnx, ort_quantize
+from netdiet.compression.onnxrt import export_onnx, ort_quantize
 torch.manual_seed(0)
 m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
 calib = [torch.rand(8, 16)]

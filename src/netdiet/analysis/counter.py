@@ -35,7 +35,7 @@ from netdiet.errors import NetdietError
 LOSS = "<loss>"
 
 # Per-element FLOPs of one optimizer step, derived from PyTorch's single-tensor update code with netdiet's
-# defaults (train/loop.make_optimizer: weight_decay 0 except AdamW 0.01) and the pointwise formulas of ops.py:
+# defaults (optim.make_optimizer: weight_decay 0 except AdamW 0.01) and the pointwise formulas of ops.py:
 #   sgd:      p -= lr·g                                  add_(alpha)            2
 #   momentum: b = μ·b + g; p -= lr·b                     mul_ 1, add_ 1, add_(alpha) 2     4
 #   adam:     m.lerp_(g, 1−β1) 3; v.mul_(β2) 1 .addcmul_(g, g, 1−β2) 3; denom = sqrt(v)/bc2 + eps 3;

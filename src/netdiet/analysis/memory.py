@@ -8,7 +8,7 @@ PyTorch keeps the Python object alive as long as the storage lives). Views and i
 base's storage and so are counted once. Saved-tensor hooks record which storages autograd keeps for
 backward and which module was running when it saved them.
 
-The step simulated is netdiet's trainer step (`train/loop.py`): zero_grad(set_to_none) -> forward -> loss ->
+The step simulated is netdiet's trainer step (`training/loop.py`): zero_grad(set_to_none) -> forward -> loss ->
 backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
 During step 2 the tracker also keeps a copy of what is alive at each new high (`peak_breakdown`).
 
@@ -142,7 +142,7 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype | None, device: str | torch.
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
     if name == "none" or not params:
         return None
-    from netdiet.train.loop import make_optimizer
+    from netdiet.training.loop import make_optimizer
     return make_optimizer(name, params, lr=1e-3)
 
 

@@ -404,7 +404,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     `weights` (a safetensors file, never a pickle) loads trained or pruned weights first, so the storage
     figures show the model's real sparsity.
     """
-    from netdiet.report.progress import progress_bar
+    from netdiet.progress import progress_bar
     from netdiet.units import parse_size
     from netdiet.analysis import scaling
 

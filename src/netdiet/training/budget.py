@@ -72,9 +72,9 @@ class LiveStorageTracker(TorchDispatchMode):
 def measure_training_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: str = "adam",
                           precision: str = "fp32", checkpointing: bool = False, steps: int = 3) -> int:
     """Steady-state peak of live tensor bytes over real training steps 2..steps on a copy of `model`."""
-    from netdiet.train.loop import make_optimizer
-    from netdiet.train.precision import autocast
-    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.optim import make_optimizer
+    from netdiet.training.precision import autocast
+    from netdiet.training.recompute import enable_checkpointing
     net = copy.deepcopy(model)
     net.train()
     if checkpointing:
@@ -103,8 +103,8 @@ def measure_training_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 def measure_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, precision: str = "fp32",
                              checkpointing: bool = False) -> int:
     """Bytes kept alive for backward at the end of a real forward (live storages after forward minus before)."""
-    from netdiet.train.precision import autocast
-    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.training.precision import autocast
+    from netdiet.training.recompute import enable_checkpointing
     net = copy.deepcopy(model)
     net.train()
     if checkpointing:
@@ -198,7 +198,7 @@ def choose_for_budget(model: nn.Module, sample_shape: tuple[int, ...], budget: s
     if budget <= 0:
         raise NetdietError("--memory-budget must be positive, e.g. 512MiB")
     x, y = x_sample[:max(1, min(len(x_sample), batch_size))], y_sample[:max(1, min(len(y_sample), batch_size))]
-    from netdiet.train.recompute import find_sequential
+    from netdiet.training.recompute import find_sequential
     options = OPTIONS if find_sequential(model) is not None else (("fp32", False), ("bf16", False))
     candidates, chosen = [], None
     for precision, ckpt in options:

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, StageContext, Technique, check_name_patterns, prunable_parameters,
+from netdiet.compression.base import (CompressionState, StageContext, Technique, check_name_patterns, prunable_parameters,
                                    register_technique, select_by_patterns)
 from netdiet.errors import NetdietError
-from netdiet.train.loop import Callback, TrainConfig, fit
+from netdiet.training.loop import Callback, TrainConfig, fit
 
 SCHEDULES = ("one-shot", "constant", "polynomial")
 SCOPES = ("layer", "global")

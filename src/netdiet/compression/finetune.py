@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext
+from netdiet.compression.base import CompressionState, StageContext
 from netdiet.errors import NetdietError
-from netdiet.train.loop import Callback, TrainResult, fit
+from netdiet.training.loop import Callback, TrainResult, fit
 
 
 def live_masks(model: nn.Module, state: CompressionState) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def finetune(model: nn.Module, state: CompressionState, ctx: StageContext, *, de
     callbacks = list(extra_callbacks or [])
     masks = live_masks(model, state)
     if masks:
-        from netdiet.compress.prune import MaskHold
+        from netdiet.compression.prune import MaskHold
         with torch.no_grad():  # start from the masked weights, not just after the first step
             params = dict(model.named_parameters())
             for n, m in masks.items():

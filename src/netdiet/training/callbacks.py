@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from netdiet.errors import NetdietError
-from netdiet.train.loop import Callback
+from netdiet.training.loop import Callback
 
 _HIGHER_IS_BETTER = {"val_acc": True, "train_acc": True, "val_loss": False, "loss": False}
 

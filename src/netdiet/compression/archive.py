@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netdiet.compress.base import CompressionState, Encoding, replay_structure
+from netdiet.compression.base import CompressionState, Encoding, replay_structure
 from netdiet.errors import NetdietError
 
 MAGIC = b"NDZ\x01"

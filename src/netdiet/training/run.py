@@ -18,8 +18,8 @@ import torch
 
 from netdiet.environment import environment, steady_threads
 from netdiet.errors import NetdietError
-from netdiet.train.loop import TrainConfig, evaluate_accuracy, fit
-from netdiet.train.precision import resolve_device
+from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.training.precision import resolve_device
 
 SCHEMA = "netdiet.train/1"
 
@@ -146,8 +146,8 @@ def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, o
     """What --checkpointing buys and costs on this model: activation bytes kept for backward (measured, live tensors)
     with and without it, and the training FLOPs it adds (counted with and without; the difference is the recompute)."""
     import copy
-    from netdiet.train.budget import measure_activation_bytes
-    from netdiet.train.recompute import enable_checkpointing
+    from netdiet.training.budget import measure_activation_bytes
+    from netdiet.training.recompute import enable_checkpointing
     x, y = x.clone(), y.clone()
     plain = measure_activation_bytes(model, x, y, precision=precision)
     ckpt = measure_activation_bytes(model, x, y, precision=precision, checkpointing=True)
@@ -166,7 +166,7 @@ def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, o
 def precision_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, checkpointing: bool) -> dict:
     """Activation bytes kept for backward in fp32 and in `precision` (measured, live tensors, one forward each).
     The time effect is in the per-epoch samples/s (and benchmarks/train_memory.py runs both side by side)."""
-    from netdiet.train.budget import measure_activation_bytes
+    from netdiet.training.budget import measure_activation_bytes
     x, y = x.clone(), y.clone()
     fp32 = measure_activation_bytes(model, x, y, precision="fp32", checkpointing=checkpointing)
     low = measure_activation_bytes(model, x, y, precision=precision, checkpointing=checkpointing)
@@ -176,7 +176,7 @@ def precision_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p
 
 def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     """Create/validate the output folder before any work; refuse to overwrite an earlier run."""
-    from netdiet.train.checkpoint import has_checkpoint
+    from netdiet.training.checkpoint import has_checkpoint
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NetdietError(f"--out {out} is a file, not a folder; choose a folder path")
@@ -199,7 +199,7 @@ def _unfinished(out: Path) -> bool:
     """A checkpoint newer than the run's final train.json: resumable work a fresh run would overwrite.
     (A finished run is replaced by a new one, file by file, atomically.)"""
     import json
-    from netdiet.train.checkpoint import INDEX, has_checkpoint
+    from netdiet.training.checkpoint import INDEX, has_checkpoint
     if not has_checkpoint(out / "checkpoint"):
         return False
     try:
@@ -219,7 +219,7 @@ def execute(params: dict, dataset=None) -> dict:
     from netdiet.data import get_dataset
     from netdiet.fileio import atomic_write_json, save_state_dict
     from netdiet.models import ModelSpec
-    from netdiet.train.distributed import dist_info
+    from netdiet.training.distributed import dist_info
     rank, world = dist_info()
     cfg = TrainConfig(**params["config"])
     data = dataset or get_dataset(params["data"], data_dir=params.get("data_dir"), seed=cfg.seed)
@@ -250,7 +250,7 @@ def execute(params: dict, dataset=None) -> dict:
                    train_flops_per_sample=flops, flops_method=flops_method,
                    memory_method=res.memory_method, environment=env)
     if out is not None and rank == 0:
-        from netdiet.train.recompute import disable_checkpointing
+        from netdiet.training.recompute import disable_checkpointing
         disable_checkpointing(model)
         run.files = {"weights": str(out / "model.safetensors"), "model": str(out / "model.json"),
                      "log": str(out / "train.json"), "checkpoint": str(out / "checkpoint" / "checkpoint.json")}
@@ -276,7 +276,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
           val_fraction: float = 0.1, log: Callable[[str], None] | None = None) -> TrainRun:
     """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
     from netdiet.data import get_dataset
-    from netdiet.train.distributed import launched_by_torchrun, init_from_env, spawn
+    from netdiet.training.distributed import launched_by_torchrun, init_from_env, spawn
     cfg = config or TrainConfig()
     if out is not None:
         check_out_dir(out, cfg.resume)
@@ -289,7 +289,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     model = build_classifier(spec, kwargs, dataset.input_shape, dataset.num_classes)
     budget = None
     if memory_budget is not None:
-        from netdiet.train.budget import choose_for_budget
+        from netdiet.training.budget import choose_for_budget
         decision = choose_for_budget(model, dataset.input_shape, memory_budget, optimizer=cfg.optimizer,
                                      batch_size=cfg.batch_size, x_sample=dataset.x_train, y_sample=dataset.y_train)
         cfg.batch_size, cfg.checkpointing, cfg.precision = decision.batch_size, decision.checkpointing, decision.precision

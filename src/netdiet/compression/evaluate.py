@@ -86,9 +86,9 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
     onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
     model to ONNX Runtime for comparison; False = PyTorch only.
     """
-    from netdiet.compress import archive
-    from netdiet.compress.quantize import export_onnx, ort_predict, ort_session
-    from netdiet.train.loop import evaluate_accuracy
+    from netdiet.compression import archive
+    from netdiet.compression.quantize import export_onnx, ort_predict, ort_session
+    from netdiet.training.loop import evaluate_accuracy
 
     if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
         raise NetdietError("batch_size, latency_batch and repeats must be positive (warmup >= 0)")

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,9 @@ from torch import nn
 
 from netdiet.environment import steady_threads
 from netdiet.errors import NetdietError
+from netdiet.optim import OPTIMIZERS, make_optimizer
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+__all__ = ["OPTIMIZERS", "Callback", "TrainConfig", "TrainResult", "evaluate_accuracy", "fit", "make_optimizer", "predict"]
 
 
 @dataclass
@@ -93,20 +94,6 @@ class Callback:
     def on_train_end(self, model: nn.Module) -> None: ...
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay or 0.01)
-    raise NetdietError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
-
-
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -144,13 +131,13 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     fingerprint: extra run facts (model spec, data) a resumed checkpoint must match.
     train_flops_per_sample: counted FLOPs of one training sample, for the projection.
     """
-    from netdiet.train.callbacks import EarlyStopping, penalised_weights, weight_penalty
-    from netdiet.train.data import batch_iterator, epoch_batches
-    from netdiet.train.distributed import all_reduce_sum, dist_info, wrap_ddp
-    from netdiet.train.measure import PeakRSS, projection
-    from netdiet.train.precision import autocast, check_precision, grad_scaler, resolve_device
-    from netdiet.train.recompute import enable_checkpointing
-    from netdiet.train.schedule import check_schedule, lr_at
+    from netdiet.training.callbacks import EarlyStopping, penalised_weights, weight_penalty
+    from netdiet.training.data import batch_iterator, epoch_batches
+    from netdiet.training.distributed import all_reduce_sum, dist_info, wrap_ddp
+    from netdiet.training.measure import PeakRSS, projection
+    from netdiet.training.precision import autocast, check_precision, grad_scaler, resolve_device
+    from netdiet.training.recompute import enable_checkpointing
+    from netdiet.training.schedule import check_schedule, lr_at
 
     cfg = config or TrainConfig()
     callbacks = list(callbacks or [])
@@ -303,14 +290,14 @@ def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float
 
 
 def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint) -> None:
-    from netdiet.train.checkpoint import Checkpoint, capture_rng, save_checkpoint
+    from netdiet.training.checkpoint import Checkpoint, capture_rng, save_checkpoint
     callbacks = {"early_stopping": early.state_dict()} if early else {}
     save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model.state_dict(), opt.state_dict(),
                                        capture_rng(), callbacks, scaler.state_dict() if scaler else None))
 
 
 def _resume(cfg, model, opt, scaler, early, fingerprint, result) -> tuple[int, int]:
-    from netdiet.train.checkpoint import check_compatible, has_checkpoint, load_checkpoint, restore_rng
+    from netdiet.training.checkpoint import check_compatible, has_checkpoint, load_checkpoint, restore_rng
     if not has_checkpoint(cfg.checkpoint_dir):
         raise NetdietError(f"no checkpoint to resume in {cfg.checkpoint_dir}; run without --resume to start fresh")
     ck = load_checkpoint(cfg.checkpoint_dir)
@@ -346,7 +333,7 @@ class _progress:
     def __init__(self, enabled: bool, total: int, description: str) -> None:
         self._bar = None
         if enabled and total > 0:
-            from netdiet.report.progress import progress_bar
+            from netdiet.progress import progress_bar
             self._bar = progress_bar(total, description)
 
     def advance(self) -> None:

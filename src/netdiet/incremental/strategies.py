@@ -1,5 +1,5 @@
 """Continual-learning strategies. Each trains a model task after task through the one trainer
-(`netdiet.train.fit` with callbacks) and says exactly what it keeps between tasks (`kept`), for the byte ledger.
+(`netdiet.training.fit` with callbacks) and says exactly what it keeps between tasks (`kept`), for the byte ledger.
 
 name              keeps (besides the weights)                        settings
 naive             nothing (fine-tuning: the lower bound)              all
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netdiet.continual.buffer import ExemplarBuffer
-from netdiet.continual.ledger import KeptState, item_bytes, state_dict_item
-from netdiet.continual.packing import pack_bits, pack_mask
-from netdiet.continual.scenarios import SETTINGS, Scenario
+from netdiet.incremental.buffer import ExemplarBuffer
+from netdiet.incremental.ledger import KeptState, item_bytes, state_dict_item
+from netdiet.incremental.packing import pack_bits, pack_mask
+from netdiet.incremental.scenarios import SETTINGS, Scenario
 from netdiet.errors import NetdietError
-from netdiet.train import Callback, TrainConfig, fit
+from netdiet.training import Callback, TrainConfig, fit
 
 
 @dataclass
@@ -516,7 +516,7 @@ class PackNet(Strategy):
         self.head_name = ""
 
     def _setup(self, model: nn.Module) -> None:
-        from netdiet.compress.base import prunable_parameters
+        from netdiet.compression.base import prunable_parameters
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears or linears[-1][1].out_features != self.scenario.num_outputs:
             raise NetdietError(f"packnet needs a model whose last layer is nn.Linear with {self.scenario.num_outputs} outputs")
@@ -627,7 +627,7 @@ class Shrinker:
         return n if self.int8 else int(n * 4 * (1 - (self.sparsity or 0)))
 
     def apply(self, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-        from netdiet.compress.base import CompressionState, StageContext, create_technique
+        from netdiet.compression.base import CompressionState, StageContext, create_technique
         state, ctx = CompressionState(), StageContext(seed=seed)
         techniques = []
         try:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, StageContext, Technique, register_structure_op, register_technique)
+from netdiet.compression.base import (CompressionState, StageContext, Technique, register_structure_op, register_technique)
 from netdiet.errors import NetdietError
-from netdiet.train.loop import TrainConfig, fit
+from netdiet.training.loop import TrainConfig, fit
 
 IMPORTANCES = ("magnitude", "bn-scale", "taylor")
 EDIT_OP = "structured"
@@ -284,7 +284,7 @@ class StructuredPruning(Technique):
             entry = {"step": i + 1, "macs": count_macs(model, inputs), "params": count_params(model)}
             self._invalidate_per_weight_state(model, state)
             if cfg is not None:
-                from netdiet.compress.prune import MaskHold
+                from netdiet.compression.prune import MaskHold
                 step_cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (structured {i + 1}/{steps})")
                 # weights pruned by an earlier stage stay pruned while the smaller network fine-tunes
                 result = fit(model, ctx.data.x_train, ctx.data.y_train, step_cfg, callbacks=[MaskHold(state.masks)])

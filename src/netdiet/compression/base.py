@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from netdiet.errors import NetdietError
-from netdiet.train.loop import TrainConfig
+from netdiet.training.loop import TrainConfig
 
 
 @dataclass
@@ -216,7 +216,7 @@ def _import_all() -> None:
     import importlib
     for mod in ("prune", "structured", "quantize", "cluster", "lowrank", "distill"):
         try:
-            importlib.import_module(f"netdiet.compress.{mod}")
+            importlib.import_module(f"netdiet.compression.{mod}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"netdiet.compress.{mod}":
+            if exc.name != f"netdiet.compression.{mod}":
                 raise

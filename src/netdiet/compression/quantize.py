@@ -6,7 +6,7 @@ One technique, `quantize`, with `mode`:
   is rounded per output channel to a symmetric grid, value = q * scale with q in [-(2^(b-1)-1), 2^(b-1)-1] and
   scale = max|w| / (2^(b-1)-1) (b = 1: value = +-mean|w|, q in {0, 1}, zero point 0.5). The model keeps
   computing in fp32 with exactly the dequantized values; the archive stores q at b bits plus the scales.
-- `dynamic`, `static`: int8 post-training quantization on ONNX Runtime (compress/onnxrt.py). The model is exported with
+- `dynamic`, `static`: int8 post-training quantization on ONNX Runtime (compression/onnxrt.py). The model is exported with
   torch.onnx.export (the torch.export-based exporter; the TorchScript one as a fallback), quantized with
   onnxruntime.quantization.quantize_dynamic (activations quantized at run time) or quantize_static (activation
   scales from calibration batches of the training data, QDQ format, per-channel weights). The int8 codes ORT
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
+from netdiet.compression.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
                                    register_technique)
-from netdiet.compress.onnxrt import (EXPORTERS, LOCKED_HINT, ORT_TESTED, check_onnxruntime, export_onnx,
+from netdiet.compression.onnxrt import (EXPORTERS, LOCKED_HINT, ORT_TESTED, check_onnxruntime, export_onnx,
                                     fold_initializer_shapes, harvest_onnx_weights, ort_predict, ort_quantize,
                                     ort_session)
 from netdiet.errors import NetdietError
@@ -216,7 +216,7 @@ class Quantize(Technique):
                 keep = keep.bool() if keep is not None and tuple(keep.shape) == tuple(getattr(mod, pn).shape) else None
                 parametrize.register_parametrization(mod, pn, _FakeQuant(self.bits, keep))
             try:
-                from netdiet.compress.finetune import finetune
+                from netdiet.compression.finetune import finetune
                 trained = finetune(model, state, ctx, description=f"qat int{self.bits}")
             finally:
                 for mod, pn in owners.values():
@@ -238,7 +238,7 @@ class Quantize(Technique):
         example = self._example(model, state, ctx)
         model.eval()
         version = check_onnxruntime()
-        from netdiet.report.progress import progress_bar
+        from netdiet.progress import progress_bar
         with progress_bar(3, f"quantize {mode}: export, quantize, read back") as bar:
             # BatchNorm stays its own node in both modes, so every conv's int8 codes are a rounding of the
             # model's own weight and the archive holds each weight's codes once

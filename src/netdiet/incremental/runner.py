@@ -8,13 +8,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from netdiet.continual import metrics
-from netdiet.continual.ledger import enforce, measure
-from netdiet.continual.scenarios import Scenario
-from netdiet.continual.strategies import ContinualConfig, Strategy, Work, applicable, create_strategy
+from netdiet.incremental import metrics
+from netdiet.incremental.ledger import enforce, measure
+from netdiet.incremental.scenarios import Scenario
+from netdiet.incremental.strategies import ContinualConfig, Strategy, Work, applicable, create_strategy
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
-from netdiet.train import predict
+from netdiet.training import predict
 
 SCHEMA = "netdiet.continual/1"
 
@@ -141,7 +141,7 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
     # bad input (unknown or inapplicable strategy, a budget below the model itself) fails before any training
     create_strategy(names[0] if strategy == "all" else strategy, scenario, cfg).check_start(model_fn())
     results = []
-    from netdiet.report.progress import progress_bar
+    from netdiet.progress import progress_bar
     bar = progress_bar(len(names) * len(scenario.tasks), f"continual {strategy}") if strategy == "all" else None
     meter = FlopMeter(model_fn(), scenario.sample_shape, cfg.optimizer)   # same architecture for every strategy
     for n in names:
@@ -192,8 +192,8 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
               tasks: int | None = None, classes_per_task: int | None = None, order_seed: int | None = None,
               config: ContinualConfig | None = None) -> ContinualResult:
     """Build the scenario from a registered dataset and run one strategy (or `all`)."""
-    from netdiet.continual.scenarios import check_setting, make_scenario
-    from netdiet.continual.strategies import STRATEGIES
+    from netdiet.incremental.scenarios import check_setting, make_scenario
+    from netdiet.incremental.strategies import STRATEGIES
     from netdiet.data import get_dataset
     cfg = config or ContinualConfig()
     check_setting(scenario, setting)

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compress.base import (CompressionState, StageContext, Technique, get_submodule, register_structure_op,
+from netdiet.compression.base import (CompressionState, StageContext, Technique, get_submodule, register_structure_op,
                                    register_technique, set_submodule)
-from netdiet.compress.finetune import finetune
+from netdiet.compression.finetune import finetune
 from netdiet.errors import NetdietError
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netdiet.compress.base import Encoding
+from netdiet.compression.base import Encoding
 from netdiet.errors import NetdietError
 
 EXPORTERS = ("auto", "dynamo", "torchscript")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netdiet.compress.base import CompressionState, StageContext, Technique, register_technique
-from netdiet.compress.finetune import finetune
+from netdiet.compression.base import CompressionState, StageContext, Technique, register_technique
+from netdiet.compression.finetune import finetune
 from netdiet.errors import NetdietError
-from netdiet.train.loop import Callback
+from netdiet.training.loop import Callback
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
-from netdiet.train.loop import TrainConfig, evaluate_accuracy, fit
-from netdiet.train.precision import resolve_device
+from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.training.precision import resolve_device
 
 SCHEMA = "netdiet.sweep/1"
 
@@ -133,7 +133,7 @@ def sweep(spec: str, knob: str, values: list[Any], *, model_kw: dict | None = No
           log: Callable[[str], None] | None = None) -> SweepResult:
     from netdiet.data import get_dataset
     from netdiet.models import ModelSpec
-    from netdiet.train.run import build_classifier, zoo_kwargs_for
+    from netdiet.training.run import build_classifier, zoo_kwargs_for
     cfg = config or TrainConfig()
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     base = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from netdiet.errors import NetdietError
-from netdiet.report import plots
+from netdiet.reporting import plots
 from netdiet.units import format_bytes, format_count
 
 KNOWN_SCHEMAS = {"profile": {1}, "compress": {1}, "evaluate": {1}, "train": {1}, "sweep": {1}, "continual": {1},

@@ -8,7 +8,7 @@
         finetune: {epochs: 4, lr: 0.0005}
         evaluate: true
 
-A recipe is given as a path to a YAML file or as the name of a built-in one (`compress/recipes/<name>.yaml`).
+A recipe is given as a path to a YAML file or as the name of a built-in one (`compression/recipes/<name>.yaml`).
 Every validation error names the file and the YAML line it comes from (the document is composed with
 `yaml.compose` so each value keeps its position), as one line: `recipe.yaml line 7: ...`.
 """
@@ -23,7 +23,8 @@ import yaml
 
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
-from netdiet.train.loop import OPTIMIZERS, TrainConfig
+from netdiet.optim import OPTIMIZERS
+from netdiet.training.loop import TrainConfig
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 _TOP_KEYS = ("name", "description", "baseline", "stages")
@@ -148,7 +149,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     if not isinstance(stages_node, yaml.SequenceNode) or not stages_node.value:
         raise doc.error(stages_node, "`stages` must be a non-empty list of {technique, options, finetune, evaluate}")
 
-    from netdiet.compress.base import list_techniques
+    from netdiet.compression.base import list_techniques
     known = list_techniques()
     stages: list[Stage] = []
     seen: dict[str, int] = {}
@@ -187,7 +188,7 @@ def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
             value = doc.value(vnode)
             _check_common_option(doc, vnode, key, value)
             options[key] = value
-    from netdiet.compress.base import create_technique
+    from netdiet.compression.base import create_technique
     try:
         create_technique(technique, **options)  # the technique's own validation, reported at this stage's line
     except NetdietError as exc:
@@ -306,12 +307,12 @@ class CompressResult:
 
 
 def measure(model, state, data, *, latency: bool = True, header: dict | None = None) -> dict[str, Any]:
-    """Write the stage's archive and evaluate *that file* with `netdiet.compress.evaluate` (one producer per figure:
+    """Write the stage's archive and evaluate *that file* with `netdiet.compression.evaluate` (one producer per figure:
     accuracy of the runtime that deploys it, bytes on disk, MACs, latency); `archive_bytes` is the encoded file."""
     import tempfile
 
-    from netdiet.compress import archive
-    from netdiet.compress.evaluate import evaluate
+    from netdiet.compression import archive
+    from netdiet.compression.evaluate import evaluate
     with tempfile.TemporaryDirectory(prefix="netdiet-stage-") as tmp:
         path = Path(tmp) / "stage.ndz"
         archive.write(path, model, state, header=header)
@@ -352,10 +353,10 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
 
     import torch
 
-    from netdiet.compress import archive
-    from netdiet.compress.base import CompressionState, StageContext, create_technique
-    from netdiet.compress.evaluate import evaluate
-    from netdiet.train.loop import fit
+    from netdiet.compression import archive
+    from netdiet.compression.base import CompressionState, StageContext, create_technique
+    from netdiet.compression.evaluate import evaluate
+    from netdiet.training.loop import fit
 
     say = log or (lambda _msg: None)
     baseline_cfg = None
