@@ -98,15 +98,15 @@ def test_measure_whose_estimate_exceeds_ram_is_refused_up_front(capsys, monkeypa
     import netdiet.analysis.memory as memory
     import netdiet.analysis.profile as prof
     measured = []
-    monkeypatch.setattr(memory, "measure_memory", lambda *a, **k: measured.append(1) or {})
+    monkeypatch.setattr(prof, "measure_memory", lambda *a, **k: measured.append(1) or {})
     # pretend the machine has 1 KiB available: the real check must refuse before anything is measured
     real_check = memory.check_fits_in_ram
-    monkeypatch.setattr(memory, "check_fits_in_ram",
+    monkeypatch.setattr(prof, "check_fits_in_ram",
                         lambda estimate_bytes, override: real_check(estimate_bytes * 10**9, override))
     code, _, err = run_cli(capsys, "profile", "lenet300", "--measure")
     assert_one_line_exit_2(code, err, "--force")
     assert measured == []
-    assert prof  # the module under test imports the check lazily, so the patch above is what it sees
+    assert prof  # profile imports the check and the measurement by name, so the patches above are what it sees
 
 
 def test_input_fit_check_finds_the_innermost_failing_module():
@@ -391,16 +391,16 @@ def test_non_integer_options_are_one_line(capsys):
 def test_measure_ram_check_adds_the_deep_copy_of_the_weights_to_the_estimated_peak(capsys, monkeypatch, tmp_path):
     # regression: the check used the estimated peak alone, but measure_memory trains a deep copy, so the
     # caller's weights stay allocated too. lenet300: (784·300 + 300 + 300·100 + 100 + 100·10 + 10) floats
-    import netdiet.analysis.memory as memory
+    import netdiet.analysis.profile as prof
     code, _, err = run_cli(capsys, "profile", "lenet300", "--json", str(tmp_path / "p.json"))
     assert code == 0, err
     peak = json.loads((tmp_path / "p.json").read_text())["memory"]["peak_estimated"]
     asked = []
-    monkeypatch.setattr(memory, "check_fits_in_ram", lambda estimate_bytes, override: asked.append(estimate_bytes))
+    monkeypatch.setattr(prof, "check_fits_in_ram", lambda estimate_bytes, override: asked.append(estimate_bytes))
 
     def stop(*_a, **_k):
         raise NetdietError("stopped after the RAM check; nothing to measure in this test")
-    monkeypatch.setattr(memory, "measure_memory", stop)
+    monkeypatch.setattr(prof, "measure_memory", stop)
     code, _, err = run_cli(capsys, "profile", "lenet300", "--measure")
     assert code == 2 and "stopped after the RAM check" in err
     assert asked and set(asked) == {peak + 266_610 * 4}   # checked before materialising and before measuring

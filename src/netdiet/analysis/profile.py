@@ -18,8 +18,18 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from netdiet.analysis import scaling
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.latency import measure_latency
+from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes, measure_memory
+from netdiet.analysis.scaling import with_batch
+from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
+from netdiet.fileio import load_state_dict
+from netdiet.models import create_model, default_inputs, make_inputs
+from netdiet.progress import progress_bar
+from netdiet.units import parse_shape, parse_size
 
 SCHEMA = "netdiet.profile/1"
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
@@ -123,7 +133,6 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
         return model, {"spec": None, "kwargs": {}, "class": type(model).__name__}
     if not isinstance(model, str):
         raise NetdietError(f"model must be an nn.Module or a spec string, not {type(model).__name__}")
-    from netdiet.models import create_model
     with torch.device("meta"):
         meta_model = create_model(model, **kwargs)
     if before_real is not None and before_real(meta_model) is False:
@@ -137,7 +146,6 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
 
 def load_weights(model: nn.Module, path: str, name: str) -> None:
     """Load a safetensors state dict into `model` (strict: every key must match)."""
-    from netdiet.fileio import load_state_dict
     if _model_device(model).type == "meta":
         raise NetdietError("weights cannot be loaded into a model on the meta device; give a real model")
     state = load_state_dict(path)
@@ -164,9 +172,6 @@ def _is_shape(x: Any) -> bool:
 def prepare_inputs(inputs: Any, spec: str | None, model_kw: dict | None, batch_size: int | None,
                    device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
     """Example input tensors on `device` from a tensor, tuple of tensors, shape(s), '1,3,32,32' text, or the zoo default."""
-    from netdiet.models import default_inputs, make_inputs
-    from netdiet.units import parse_shape
-    from netdiet.analysis.scaling import with_batch
 
     if batch_size is not None and int(batch_size) <= 0:
         raise NetdietError(f"batch size must be positive, got {batch_size}")
@@ -404,9 +409,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     `weights` (a safetensors file, never a pickle) loads trained or pruned weights first, so the storage
     figures show the model's real sparsity.
     """
-    from netdiet.progress import progress_bar
-    from netdiet.units import parse_size
-    from netdiet.analysis import scaling
 
     optimizer = normalise_optimizer(optimizer)
     dtype_name = normalise_dtype(dtype)
@@ -427,7 +429,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
     def before_real(meta_model: nn.Module) -> bool:
         """Keep a large spec on the meta device; refuse a --measure that would not fit before allocating it."""
-        from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes
         if not measure:
             small = sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
             return small or weights is not None
@@ -450,8 +451,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     spec = model_info["spec"]
     x = prepare_inputs(inputs, spec, model_kw, batch_size, device, seed)
     batch = int(x[0].shape[0]) if x and x[0].dim() else 1
-    from netdiet.analysis.counter import count_ops
-    from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes
 
     steps = (2 + (2 if measure else 0) + len(batch_sizes or []) * (2 if measure else 1)
              + (1 if budget is not None else 0))
@@ -482,8 +481,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         measured = latency = None
         if measure:
             check_fits_in_ram(int(estimate.peak_estimated) + measure_copy_bytes(net), force)
-            from netdiet.analysis.latency import measure_latency
-            from netdiet.analysis.memory import measure_memory
             measured = measure_memory(net, x, **mem_kw)
             tick()
             lat = measure_latency(net, x, train=True, optimizer=optimizer, warmup=warmup, repeats=repeats)
@@ -493,7 +490,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
         storage = None
         if device.type != "meta":
-            from netdiet.analysis.storage import weight_storage
             storage = weight_storage(net)
 
         # every figure at the profiled batch is already known: the sweep and the budget search reuse it
@@ -518,7 +514,6 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                 on_point=lambda _p: tick(), **mem_kw)
             if measure:
                 check_fits_in_ram(max(p.peak_estimated for p in sweep.points) + measure_copy_bytes(net), force)
-                from netdiet.analysis.memory import measure_memory
                 for point in sweep.points:
                     m = measurements.get(point.batch_size) or measure_memory(
                         net, scaling.with_batch(x, point.batch_size), **mem_kw)

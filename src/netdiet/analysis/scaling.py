@@ -15,7 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.memory import estimate_memory, measure_memory
 from netdiet.errors import NetdietError
+from netdiet.units import parse_size
 
 # The largest batch `largest_batch_within` will consider: beyond it the answer is "the budget is not the limit".
 MAX_BATCH = 1 << 24
@@ -179,12 +182,9 @@ def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_si
         raise NetdietError("the batch sweep needs at least one size; give e.g. --batch-sizes 1,8,32")
     if any(int(b) <= 0 for b in batch_sizes):
         raise NetdietError(f"batch sizes must be positive, got {list(batch_sizes)}; give e.g. --batch-sizes 1,8,32")
-    if estimator is None:
-        from netdiet.analysis.memory import estimate_memory as estimator
-    if count_flops and counter is None:
-        from netdiet.analysis.counter import count_ops as counter
-    if measure and measurer is None:
-        from netdiet.analysis.memory import measure_memory as measurer
+    estimator = estimator or estimate_memory
+    counter = counter or (count_ops if count_flops else None)
+    measurer = measurer or (measure_memory if measure else None)
     points = []
     for b in sorted(set(int(b) for b in batch_sizes)):
         x = with_batch(inputs, b)
@@ -247,13 +247,11 @@ def largest_batch_within(model_factory_or_model: nn.Module | Callable[[], nn.Mod
     four to six estimates; the answer is exact for the estimator (peak(b) <= budget < peak(b + 1)), not for
     the line. Each estimate is a meta-device simulation, so nothing is allocated.
     """
-    from netdiet.units import parse_size
     budget = parse_size(budget_bytes)
     model = model_factory_or_model if isinstance(model_factory_or_model, nn.Module) else model_factory_or_model()
     if not isinstance(model, nn.Module):
         raise NetdietError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
-    if estimator is None:
-        from netdiet.analysis.memory import estimate_memory as estimator
+    estimator = estimator or estimate_memory
     base = _as_example_inputs(input_shape_at_batch1, input_dtype)
     cache: dict[int, Any] = {}
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.analysis.latency import preprocessing_cost
+from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
 
@@ -132,8 +134,6 @@ def data_report(name: str, *, data_dir: str | None = None, seed: int = 0, sample
                 repeats: int = 7) -> dict[str, Any]:
     """Everything `netdiet data NAME` shows: sizes, shapes, classes, a few samples, dense vs CSR bytes and
     the measured per-sample cost of preprocessing. A JSON-ready dict with schema netdiet.data/1."""
-    from netdiet.analysis.latency import preprocessing_cost
-    from netdiet.data import get_dataset
 
     if samples < 0:
         raise NetdietError(f"samples must be 0 or more, got {samples}")

@@ -34,8 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from netdiet import __version__
 from netdiet.compression.base import CompressionState, Encoding, replay_structure
 from netdiet.errors import NetdietError
+from netdiet.fileio import atomic_write_bytes, dumps_json
+from netdiet.models import create_model
 
 MAGIC = b"NDZ\x01"
 FORMAT = "netdiet.ndz/1"
@@ -588,7 +591,6 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 
 
 def _versions() -> dict:
-    from netdiet import __version__
     out = {"netdiet": __version__, "torch": torch.__version__}
     try:
         import onnxruntime
@@ -601,7 +603,6 @@ def _versions() -> dict:
 def _dense_baseline_bytes(model: nn.Module, state: CompressionState) -> int:
     if not state.structure or not state.spec:
         return dense_fp32_bytes(model)
-    from netdiet.models import create_model
     try:
         return dense_fp32_bytes(create_model(state.spec["spec"], **(state.spec.get("kwargs") or {})))
     except NetdietError:
@@ -609,7 +610,6 @@ def _dense_baseline_bytes(model: nn.Module, state: CompressionState) -> int:
 
 
 def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tuple[bytes, list[dict], dict]:
-    from netdiet.fileio import dumps_json
 
     payload, warnings = _Payload(), []
     params = dict(model.named_parameters())
@@ -653,7 +653,6 @@ def encode(model: nn.Module, state: CompressionState, *, header: dict | None = N
 
 def write(path: str | Path, model: nn.Module, state: CompressionState, *, header: dict | None = None) -> int:
     """Write the archive atomically; returns its size in bytes."""
-    from netdiet.fileio import atomic_write_bytes
     data = encode(model, state, header=header)
     atomic_write_bytes(path, data)
     return len(data)
@@ -739,7 +738,6 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None) ->
 
 
 def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Module:
-    from netdiet.models import create_model
     spec = header.get("model")
     if not isinstance(spec, dict) or not isinstance(spec.get("spec"), str) or not isinstance(spec.get("kwargs", {}), dict):
         raise NetdietError(f"{source} records no model spec, so it cannot be rebuilt; write it with state.spec set")

@@ -18,8 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compression.base import (CompressionState, Encoding, StageContext, Technique, check_name_patterns,
-                                   prunable_parameters, register_technique, select_by_patterns)
+from netdiet.compression.base import (
+    CompressionState,
+    Encoding,
+    StageContext,
+    Technique,
+    check_name_patterns,
+    prunable_parameters,
+    register_technique,
+    select_by_patterns,
+)
+from netdiet.compression.prune import MaskHold
 from netdiet.errors import NetdietError
 from netdiet.optim import make_optimizer
 from netdiet.training.loop import Callback, TrainConfig, fit
@@ -229,7 +238,6 @@ class WeightClustering(Technique):
         if cfg is not None:
             if ctx.data is None:
                 raise NetdietError("cluster: fine-tuning needs data; pass a dataset or set fine-tune epochs to 0")
-            from netdiet.compression.prune import MaskHold
             cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (cluster)")
             trainer = CentroidTraining(layers, cfg)
             # masks of weights not clustered here (e.g. biases pruned earlier) are held too

@@ -23,6 +23,7 @@ from torch import nn
 from netdiet.compression.base import CompressionState, StageContext, Technique, register_technique
 from netdiet.compression.finetune import finetune
 from netdiet.errors import NetdietError
+from netdiet.models import create_model
 from netdiet.training.loop import Callback
 
 
@@ -81,7 +82,6 @@ class Distill(Technique):
         if o["student"] == "copy":
             student = model
         else:
-            from netdiet.models import create_model
             torch.manual_seed(ctx.seed)
             student = create_model(o["student"], **o["student_kwargs"])
             w = next(model.parameters(), None)

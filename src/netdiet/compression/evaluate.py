@@ -13,8 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.latency import time_callable
+from netdiet.compression import archive
+from netdiet.compression.quantize import export_onnx, ort_predict, ort_session
+from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
+from netdiet.training.loop import evaluate_accuracy
 
 SCHEMA = "netdiet.evaluate/1"
 _STORE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64, "int64": 64, "int32": 32, "int16": 16,
@@ -67,14 +73,12 @@ class EvaluateResult:
 
 def _time(fn, warmup: int, repeats: int) -> dict:
     """Median/p95 milliseconds from netdiet.analysis.latency.time_callable (the one timer of netdiet)."""
-    from netdiet.analysis.latency import time_callable
     raw = time_callable(fn, warmup=warmup, repeats=repeats)
     return {"median": raw["median_ms"], "p95": raw["p95_ms"], "min": raw["min_ms"], "repeats": raw["repeats"],
             "warmup": raw["warmup"], "threads": raw["threads"]}
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    from netdiet.analysis.counter import count_ops
     return int(count_ops(model, x).macs)
 
 
@@ -86,9 +90,6 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
     onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
     model to ONNX Runtime for comparison; False = PyTorch only.
     """
-    from netdiet.compression import archive
-    from netdiet.compression.quantize import export_onnx, ort_predict, ort_session
-    from netdiet.training.loop import evaluate_accuracy
 
     if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
         raise NetdietError("batch_size, latency_batch and repeats must be positive (warmup >= 0)")
@@ -115,7 +116,6 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
     else:
         raise NetdietError(f"evaluate needs a model or a .ndz path, got {type(model_or_archive_path).__name__}")
     if isinstance(data, str):  # loaded after the archive, so a bad file fails before the data is read
-        from netdiet.data import get_dataset
         data = get_dataset(data, data_dir=data_dir)
     if data is not None and not hasattr(data, "x_test"):
         raise NetdietError(f"data must be a dataset name or a netdiet Dataset, got {type(data).__name__}")

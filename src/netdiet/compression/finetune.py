@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netdiet.compression.base import CompressionState, StageContext
+from netdiet.compression.prune import MaskHold
 from netdiet.errors import NetdietError
 from netdiet.training.loop import Callback, TrainResult, fit
 
@@ -37,7 +38,6 @@ def finetune(model: nn.Module, state: CompressionState, ctx: StageContext, *, de
     callbacks = list(extra_callbacks or [])
     masks = live_masks(model, state)
     if masks:
-        from netdiet.compression.prune import MaskHold
         with torch.no_grad():  # start from the masked weights, not just after the first step
             params = dict(model.named_parameters())
             for n, m in masks.items():

@@ -23,16 +23,33 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from netdiet.compression.base import (CompressionState, Encoding, StageContext, Technique, prunable_parameters,
-                                   register_technique)
-from netdiet.compression.onnxrt import (EXPORTERS, LOCKED_HINT, ORT_TESTED, check_onnxruntime, export_onnx,
-                                    fold_initializer_shapes, harvest_onnx_weights, ort_predict, ort_quantize,
-                                    ort_session)
+from netdiet.compression.base import (
+    CompressionState,
+    Encoding,
+    StageContext,
+    Technique,
+    prunable_parameters,
+    register_technique,
+)
+from netdiet.compression.finetune import finetune
+from netdiet.compression.onnxrt import (
+    EXPORTERS,
+    LOCKED_HINT,
+    ORT_TESTED,
+    check_onnxruntime,
+    export_onnx,
+    fold_initializer_shapes,
+    harvest_onnx_weights,
+    ort_predict,
+    ort_quantize,
+    ort_session,
+)
 from netdiet.errors import NetdietError
+from netdiet.models.registry import default_inputs, make_inputs
+from netdiet.progress import progress_bar
 
 __all__ = ["MODES", "Quantize", "quantize_tensor", "export_onnx", "ort_predict", "ort_session"]
 
@@ -216,7 +233,6 @@ class Quantize(Technique):
                 keep = keep.bool() if keep is not None and tuple(keep.shape) == tuple(getattr(mod, pn).shape) else None
                 parametrize.register_parametrization(mod, pn, _FakeQuant(self.bits, keep))
             try:
-                from netdiet.compression.finetune import finetune
                 trained = finetune(model, state, ctx, description=f"qat int{self.bits}")
             finally:
                 for mod, pn in owners.values():
@@ -238,7 +254,6 @@ class Quantize(Technique):
         example = self._example(model, state, ctx)
         model.eval()
         version = check_onnxruntime()
-        from netdiet.progress import progress_bar
         with progress_bar(3, f"quantize {mode}: export, quantize, read back") as bar:
             # BatchNorm stays its own node in both modes, so every conv's int8 codes are a rounding of the
             # model's own weight and the archive holds each weight's codes once
@@ -285,7 +300,6 @@ class Quantize(Technique):
         if ctx.data is not None:
             return ctx.data.x_train[:1]
         if state.spec:
-            from netdiet.models.registry import default_inputs, make_inputs
             shape, dtype, high = default_inputs(state.spec["spec"], state.spec.get("kwargs") or {})
             return make_inputs(shape, dtype, high=high)
         raise NetdietError("quantize needs an example input to export ONNX; pass data or example_inputs")

@@ -21,10 +21,13 @@ from typing import Any
 
 import yaml
 
+from netdiet.compression import archive
+from netdiet.compression.base import CompressionState, StageContext, create_technique, list_techniques
+from netdiet.compression.evaluate import evaluate
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS
-from netdiet.training.loop import TrainConfig
+from netdiet.training.loop import TrainConfig, fit
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 _TOP_KEYS = ("name", "description", "baseline", "stages")
@@ -149,7 +152,6 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     if not isinstance(stages_node, yaml.SequenceNode) or not stages_node.value:
         raise doc.error(stages_node, "`stages` must be a non-empty list of {technique, options, finetune, evaluate}")
 
-    from netdiet.compression.base import list_techniques
     known = list_techniques()
     stages: list[Stage] = []
     seen: dict[str, int] = {}
@@ -188,7 +190,6 @@ def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
             value = doc.value(vnode)
             _check_common_option(doc, vnode, key, value)
             options[key] = value
-    from netdiet.compression.base import create_technique
     try:
         create_technique(technique, **options)  # the technique's own validation, reported at this stage's line
     except NetdietError as exc:
@@ -311,8 +312,6 @@ def measure(model, state, data, *, latency: bool = True, header: dict | None = N
     accuracy of the runtime that deploys it, bytes on disk, MACs, latency); `archive_bytes` is the encoded file."""
     import tempfile
 
-    from netdiet.compression import archive
-    from netdiet.compression.evaluate import evaluate
     with tempfile.TemporaryDirectory(prefix="netdiet-stage-") as tmp:
         path = Path(tmp) / "stage.ndz"
         archive.write(path, model, state, header=header)
@@ -353,10 +352,6 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
 
     import torch
 
-    from netdiet.compression import archive
-    from netdiet.compression.base import CompressionState, StageContext, create_technique
-    from netdiet.compression.evaluate import evaluate
-    from netdiet.training.loop import fit
 
     say = log or (lambda _msg: None)
     baseline_cfg = None

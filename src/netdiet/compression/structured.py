@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from netdiet.compression.base import (CompressionState, StageContext, Technique, register_structure_op, register_technique)
+from netdiet.analysis.counter import count_ops
+from netdiet.compression.base import (
+    CompressionState,
+    StageContext,
+    Technique,
+    register_structure_op,
+    register_technique,
+)
+from netdiet.compression.prune import MaskHold
 from netdiet.errors import NetdietError
 from netdiet.training.loop import TrainConfig, fit
 
@@ -34,7 +42,6 @@ _TAYLOR_BATCH_SIZE = 128
 # ------------------------------------------------------------------ counting
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """MACs of one forward pass, by netdiet's counter (the same figure `netdiet profile` reports)."""
-    from netdiet.analysis.counter import count_ops
     return int(count_ops(model, example_inputs).macs)
 
 
@@ -284,7 +291,6 @@ class StructuredPruning(Technique):
             entry = {"step": i + 1, "macs": count_macs(model, inputs), "params": count_params(model)}
             self._invalidate_per_weight_state(model, state)
             if cfg is not None:
-                from netdiet.compression.prune import MaskHold
                 step_cfg = replace(cfg, seed=ctx.seed, description=f"{cfg.description} (structured {i + 1}/{steps})")
                 # weights pruned by an earlier stage stay pruned while the smaller network fine-tunes
                 result = fit(model, ctx.data.x_train, ctx.data.y_train, step_cfg, callbacks=[MaskHold(state.masks)])

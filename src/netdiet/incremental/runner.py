@@ -8,12 +8,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from netdiet.incremental import metrics
-from netdiet.incremental.ledger import enforce, measure
-from netdiet.incremental.scenarios import Scenario
-from netdiet.incremental.strategies import ContinualConfig, Strategy, Work, applicable, create_strategy
+from netdiet.analysis.counter import count_ops
+from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
+from netdiet.incremental import metrics
+from netdiet.incremental.ledger import enforce, measure
+from netdiet.incremental.scenarios import Scenario, check_setting, make_scenario
+from netdiet.incremental.strategies import STRATEGIES, ContinualConfig, Strategy, Work, applicable, create_strategy
+from netdiet.models import create_model
+from netdiet.progress import progress_bar
 from netdiet.training import predict
 
 SCHEMA = "netdiet.continual/1"
@@ -65,11 +69,6 @@ class FlopMeter:
     def __init__(self, model: nn.Module, sample_shape: tuple[int, ...], optimizer: str) -> None:
         self.per_sample_train = self.per_step = self.per_sample_forward = None
         self.note = ""
-        try:
-            from netdiet.analysis.counter import count_ops
-        except ImportError:
-            self.note = "training FLOPs not counted: netdiet.analysis.counter is not available in this build"
-            return
         try:
             x1, x2 = torch.zeros((1,) + sample_shape), torch.zeros((2,) + sample_shape)
             t1 = int(count_ops(model, x1, train=True, optimizer=optimizer).train_flops)
@@ -141,7 +140,6 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
     # bad input (unknown or inapplicable strategy, a budget below the model itself) fails before any training
     create_strategy(names[0] if strategy == "all" else strategy, scenario, cfg).check_start(model_fn())
     results = []
-    from netdiet.progress import progress_bar
     bar = progress_bar(len(names) * len(scenario.tasks), f"continual {strategy}") if strategy == "all" else None
     meter = FlopMeter(model_fn(), scenario.sample_shape, cfg.optimizer)   # same architecture for every strategy
     for n in names:
@@ -166,7 +164,6 @@ DEFAULT_MODEL_KW = {"widths": [64, 64]}
 
 def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tuple[Callable[[], nn.Module], dict]:
     """A factory for fresh models whose output matches the scenario (num_classes is passed unless given)."""
-    from netdiet.models import create_model
     kw = dict(DEFAULT_MODEL_KW if spec == DEFAULT_MODEL and not model_kw else (model_kw or {}))
     kw.setdefault("num_classes", scenario.num_outputs)
     if spec == "mlp":
@@ -192,9 +189,6 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
               tasks: int | None = None, classes_per_task: int | None = None, order_seed: int | None = None,
               config: ContinualConfig | None = None) -> ContinualResult:
     """Build the scenario from a registered dataset and run one strategy (or `all`)."""
-    from netdiet.incremental.scenarios import check_setting, make_scenario
-    from netdiet.incremental.strategies import STRATEGIES
-    from netdiet.data import get_dataset
     cfg = config or ContinualConfig()
     check_setting(scenario, setting)
     if strategy != "all" and strategy not in STRATEGIES:

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netdiet.compression.base import CompressionState, StageContext, create_technique, prunable_parameters
+from netdiet.errors import NetdietError
 from netdiet.incremental.buffer import ExemplarBuffer
 from netdiet.incremental.ledger import KeptState, item_bytes, state_dict_item
 from netdiet.incremental.packing import pack_bits, pack_mask
 from netdiet.incremental.scenarios import SETTINGS, Scenario
-from netdiet.errors import NetdietError
 from netdiet.training import Callback, TrainConfig, fit
 
 
@@ -516,7 +517,6 @@ class PackNet(Strategy):
         self.head_name = ""
 
     def _setup(self, model: nn.Module) -> None:
-        from netdiet.compression.base import prunable_parameters
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears or linears[-1][1].out_features != self.scenario.num_outputs:
             raise NetdietError(f"packnet needs a model whose last layer is nn.Linear with {self.scenario.num_outputs} outputs")
@@ -627,7 +627,6 @@ class Shrinker:
         return n if self.int8 else int(n * 4 * (1 - (self.sparsity or 0)))
 
     def apply(self, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-        from netdiet.compression.base import CompressionState, StageContext, create_technique
         state, ctx = CompressionState(), StageContext(seed=seed)
         techniques = []
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from netdiet.errors import NetdietError
+from netdiet.fileio import atomic_write_text
 from netdiet.reporting import plots
 from netdiet.units import format_bytes, format_count
 
@@ -348,7 +349,6 @@ def render_html(docs: list[tuple[str, dict]], title: str = "netdiet report") -> 
 
 
 def write_report(paths: list[str], out: str, title: str = "netdiet report") -> dict:
-    from netdiet.fileio import atomic_write_text
     if not paths:
         raise NetdietError("no result files given; pass one or more JSON files written with --json")
     docs = [(Path(p).name, load_result(p)) for p in paths]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from netdiet.units import format_count
+from netdiet.units import format_bytes, format_count
 
 
 def models_table(rows: list[dict]) -> Table:
@@ -20,7 +20,6 @@ def models_table(rows: list[dict]) -> Table:
 
 
 def demo_summary_table(summary: dict) -> Table:
-    from netdiet.units import format_bytes
     t = Table(title="netdiet demo: headline figures")
     t.add_column("what")
     t.add_column("value", justify="right")

@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from netdiet.analysis.memory import estimate_memory
 from netdiet.errors import NetdietError
+from netdiet.optim import make_optimizer
+from netdiet.training.precision import autocast
+from netdiet.training.recompute import enable_checkpointing, find_sequential
 from netdiet.units import format_bytes, parse_size
 
 # (precision, checkpointing) in the order the picker escalates
@@ -72,9 +76,6 @@ class LiveStorageTracker(TorchDispatchMode):
 def measure_training_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: str = "adam",
                           precision: str = "fp32", checkpointing: bool = False, steps: int = 3) -> int:
     """Steady-state peak of live tensor bytes over real training steps 2..steps on a copy of `model`."""
-    from netdiet.optim import make_optimizer
-    from netdiet.training.precision import autocast
-    from netdiet.training.recompute import enable_checkpointing
     net = copy.deepcopy(model)
     net.train()
     if checkpointing:
@@ -103,8 +104,6 @@ def measure_training_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 def measure_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, precision: str = "fp32",
                              checkpointing: bool = False) -> int:
     """Bytes kept alive for backward at the end of a real forward (live storages after forward minus before)."""
-    from netdiet.training.precision import autocast
-    from netdiet.training.recompute import enable_checkpointing
     net = copy.deepcopy(model)
     net.train()
     if checkpointing:
@@ -133,23 +132,18 @@ def _batch(x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[torch.Tensor, torc
 
 def _predictor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str, precision: str, checkpointing: bool):
     """A function batch -> predicted peak bytes, and the method's name."""
+    cache: dict[int, int] = {}
+    def predict(b: int) -> int:
+        if b not in cache:
+            inp = torch.empty((b,) + tuple(x.shape[1:]), device="meta")
+            cache[b] = int(estimate_memory(model, inp, optimizer=optimizer, dtype=None, amp=precision == "bf16",
+                                           checkpointing=checkpointing).peak_estimated)
+        return cache[b]
     try:
-        from netdiet.analysis.memory import estimate_memory
-    except ImportError:
-        estimate_memory = None
-    if estimate_memory is not None:
-        cache: dict[int, int] = {}
-        def predict(b: int) -> int:
-            if b not in cache:
-                inp = torch.empty((b,) + tuple(x.shape[1:]), device="meta")
-                cache[b] = int(estimate_memory(model, inp, optimizer=optimizer, dtype=None, amp=precision == "bf16",
-                                               checkpointing=checkpointing).peak_estimated)
-            return cache[b]
-        try:
-            predict(1)
-            return predict, "netdiet.analysis.memory.estimate_memory (meta-device simulation)"
-        except Exception:  # noqa: BLE001 - the estimator cannot simulate this case: use the measured line below
-            pass
+        predict(1)
+        return predict, "netdiet.analysis.memory.estimate_memory (meta-device simulation)"
+    except Exception:  # noqa: BLE001 - the estimator cannot simulate this case: use the measured line below
+        pass
     p1 = measure_training_peak(model, *_batch(x, y, 1), optimizer=optimizer, precision=precision, checkpointing=checkpointing)
     p2 = measure_training_peak(model, *_batch(x, y, 2), optimizer=optimizer, precision=precision, checkpointing=checkpointing)
     per_sample, fixed = max(0, p2 - p1), p1 - max(0, p2 - p1)
@@ -198,7 +192,6 @@ def choose_for_budget(model: nn.Module, sample_shape: tuple[int, ...], budget: s
     if budget <= 0:
         raise NetdietError("--memory-budget must be positive, e.g. 512MiB")
     x, y = x_sample[:max(1, min(len(x_sample), batch_size))], y_sample[:max(1, min(len(y_sample), batch_size))]
-    from netdiet.training.recompute import find_sequential
     options = OPTIONS if find_sequential(model) is not None else (("fp32", False), ("bf16", False))
     candidates, chosen = [], None
     for precision, ckpt in options:

@@ -1,4 +1,5 @@
-"""Small features that act inside the loop: early stopping with best-weights restore, and the L1/L2 penalty."""
+"""How techniques act inside the loop: the `Callback` hooks, and the small features built on them (early
+stopping with best-weights restore, the L1/L2 penalty)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,20 @@ import torch
 from torch import nn
 
 from netdiet.errors import NetdietError
-from netdiet.training.loop import Callback
+
+
+class Callback:
+    """Hooks into `fit`. Every method is optional."""
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def extra_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+    def before_step(self, model: nn.Module, step: int) -> None: ...   # gradients exist, weights not yet updated
+    def after_step(self, model: nn.Module, step: int) -> None: ...    # weights updated (re-apply masks here)
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> bool:  # True stops training
+        return False
+    def on_train_end(self, model: nn.Module) -> None: ...
+
 
 _HIGHER_IS_BETTER = {"val_acc": True, "train_acc": True, "val_loss": False, "loss": False}
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from netdiet.errors import NetdietError
+from netdiet.fileio import atomic_write_json
 
 
 def dist_info() -> tuple[int, int]:
@@ -61,7 +62,6 @@ def _free_port() -> int:
 
 
 def _report(path: str, status: str, payload: Any) -> None:
-    from netdiet.fileio import atomic_write_json
     atomic_write_json(path, {"status": status, "payload": payload})
 
 
@@ -91,6 +91,7 @@ def spawn(fn: Callable[..., Any], args: tuple, nproc: int, threads_per_proc: int
     """
     import json
     import tempfile
+
     import torch.multiprocessing as mp
     if nproc < 2:
         raise NetdietError(f"--nproc must be 2 or more for a distributed run, got {nproc}")

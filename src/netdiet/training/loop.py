@@ -20,6 +20,24 @@ from torch import nn
 from netdiet.environment import steady_threads
 from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS, make_optimizer
+from netdiet.progress import progress_bar
+from netdiet.training.callbacks import Callback, EarlyStopping, penalised_weights, weight_penalty
+from netdiet.training.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    check_compatible,
+    has_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from netdiet.training.data import batch_iterator, epoch_batches
+from netdiet.training.distributed import all_reduce_sum, dist_info, wrap_ddp
+from netdiet.training.measure import PeakRSS, projection
+from netdiet.training.precision import autocast, check_precision, grad_scaler, resolve_device
+from netdiet.training.recompute import enable_checkpointing
+from netdiet.training.schedule import check_schedule, lr_at
+from netdiet.units import format_count
 
 __all__ = ["OPTIMIZERS", "Callback", "TrainConfig", "TrainResult", "evaluate_accuracy", "fit", "make_optimizer", "predict"]
 
@@ -81,19 +99,6 @@ class TrainResult:
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "memory_method": self.memory_method}
 
 
-class Callback:
-    """Hooks into `fit`. Every method is optional."""
-
-    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
-    def extra_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
-        return None
-    def before_step(self, model: nn.Module, step: int) -> None: ...   # gradients exist, weights not yet updated
-    def after_step(self, model: nn.Module, step: int) -> None: ...    # weights updated (re-apply masks here)
-    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> bool:  # True stops training
-        return False
-    def on_train_end(self, model: nn.Module) -> None: ...
-
-
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -131,13 +136,6 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     fingerprint: extra run facts (model spec, data) a resumed checkpoint must match.
     train_flops_per_sample: counted FLOPs of one training sample, for the projection.
     """
-    from netdiet.training.callbacks import EarlyStopping, penalised_weights, weight_penalty
-    from netdiet.training.data import batch_iterator, epoch_batches
-    from netdiet.training.distributed import all_reduce_sum, dist_info, wrap_ddp
-    from netdiet.training.measure import PeakRSS, projection
-    from netdiet.training.precision import autocast, check_precision, grad_scaler, resolve_device
-    from netdiet.training.recompute import enable_checkpointing
-    from netdiet.training.schedule import check_schedule, lr_at
 
     cfg = config or TrainConfig()
     callbacks = list(callbacks or [])
@@ -290,14 +288,12 @@ def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float
 
 
 def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint) -> None:
-    from netdiet.training.checkpoint import Checkpoint, capture_rng, save_checkpoint
     callbacks = {"early_stopping": early.state_dict()} if early else {}
     save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model.state_dict(), opt.state_dict(),
                                        capture_rng(), callbacks, scaler.state_dict() if scaler else None))
 
 
 def _resume(cfg, model, opt, scaler, early, fingerprint, result) -> tuple[int, int]:
-    from netdiet.training.checkpoint import check_compatible, has_checkpoint, load_checkpoint, restore_rng
     if not has_checkpoint(cfg.checkpoint_dir):
         raise NetdietError(f"no checkpoint to resume in {cfg.checkpoint_dir}; run without --resume to start fresh")
     ck = load_checkpoint(cfg.checkpoint_dir)
@@ -319,7 +315,6 @@ def _resume(cfg, model, opt, scaler, early, fingerprint, result) -> tuple[int, i
 
 
 def _projection_line(p: dict) -> str:
-    from netdiet.units import format_count
     line = (f"projection: {p['total_samples']:,} samples at {p['samples_per_s']:.0f} samples/s "
             f"(measured over {p['measured_samples']:,}) -> about {p['projected_seconds']:.1f} s")
     if p.get("total_train_flops"):
@@ -333,7 +328,6 @@ class _progress:
     def __init__(self, enabled: bool, total: int, description: str) -> None:
         self._bar = None
         if enabled and total > 0:
-            from netdiet.progress import progress_bar
             self._bar = progress_bar(total, description)
 
     def advance(self) -> None:

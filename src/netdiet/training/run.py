@@ -11,15 +11,24 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
+from netdiet.analysis.counter import count_ops
+from netdiet.data import get_dataset
+from netdiet.data.registry import stratified_split
 from netdiet.environment import environment, steady_threads
 from netdiet.errors import NetdietError
+from netdiet.fileio import atomic_write_json, save_state_dict
+from netdiet.models import ModelSpec, create_model, resolve
+from netdiet.training.budget import choose_for_budget, measure_activation_bytes
+from netdiet.training.checkpoint import INDEX, has_checkpoint
+from netdiet.training.distributed import dist_info, init_from_env, launched_by_torchrun, spawn
 from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
 from netdiet.training.precision import resolve_device
+from netdiet.training.recompute import disable_checkpointing, enable_checkpointing
 
 SCHEMA = "netdiet.train/1"
 
@@ -69,7 +78,6 @@ class TrainRun:
 # ---------------------------------------------------------------- pieces shared with sweep and the budget picker
 def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
     """The model, checked to be a classifier that accepts the dataset's samples."""
-    from netdiet.models import create_model, resolve
     _, entry = resolve(spec)
     if entry is not None and entry.task != "classification":
         raise NetdietError(f"model '{spec}' is made for the '{entry.task}' task; netdiet train fits classifiers on image datasets "
@@ -95,7 +103,6 @@ def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num
 def zoo_kwargs_for(spec: str, kwargs: dict, sample_shape: tuple[int, ...]) -> dict:
     """Fill the zoo factories' input arguments from the data (mlp in_features, cnn in_channels/image_size) unless given."""
     import inspect
-    from netdiet.models import resolve
     factory, entry = resolve(spec)
     if entry is None:
         return dict(kwargs)
@@ -113,7 +120,6 @@ def zoo_kwargs_for(spec: str, kwargs: dict, sample_shape: tuple[int, ...]) -> di
 
 def split_validation(y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices): a fixed stratified hold-out from the training split (test stays unseen)."""
-    from netdiet.data.registry import stratified_split
     if not 0 <= fraction < 1:
         raise NetdietError(f"--val-fraction must be in [0, 1), got {fraction}")
     if fraction == 0:
@@ -123,21 +129,12 @@ def split_validation(y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, to
 
 
 def train_flops_per_sample(model: torch.nn.Module, x: torch.Tensor, optimizer: str) -> tuple[int | None, str | None]:
-    """Counted FLOPs of one training step divided by its batch (netdiet's counter; torch's FlopCounterMode if absent)."""
+    """Counted FLOPs of one training step divided by its batch (netdiet's counter)."""
     import copy
     probe = copy.deepcopy(model)
     try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        count_ops = None
-    try:
-        if count_ops is not None:
-            counts = count_ops(probe, x, train=True, optimizer=optimizer)
-            return int(counts.train_flops) // len(x), "netdiet.analysis.counter (forward + backward + optimizer step)"
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as fc:
-            probe(x).float().sum().backward()
-        return int(fc.get_total_flops()) // len(x), "torch FlopCounterMode (matmul/conv only, forward + backward)"
+        counts = count_ops(probe, x, train=True, optimizer=optimizer)
+        return int(counts.train_flops) // len(x), "netdiet.analysis.counter (forward + backward + optimizer step)"
     except Exception:  # noqa: BLE001 - a projection without FLOPs is still a projection
         return None, None
 
@@ -146,8 +143,6 @@ def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, o
     """What --checkpointing buys and costs on this model: activation bytes kept for backward (measured, live tensors)
     with and without it, and the training FLOPs it adds (counted with and without; the difference is the recompute)."""
     import copy
-    from netdiet.training.budget import measure_activation_bytes
-    from netdiet.training.recompute import enable_checkpointing
     x, y = x.clone(), y.clone()
     plain = measure_activation_bytes(model, x, y, precision=precision)
     ckpt = measure_activation_bytes(model, x, y, precision=precision, checkpointing=True)
@@ -166,7 +161,6 @@ def recompute_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, o
 def precision_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, checkpointing: bool) -> dict:
     """Activation bytes kept for backward in fp32 and in `precision` (measured, live tensors, one forward each).
     The time effect is in the per-epoch samples/s (and benchmarks/train_memory.py runs both side by side)."""
-    from netdiet.training.budget import measure_activation_bytes
     x, y = x.clone(), y.clone()
     fp32 = measure_activation_bytes(model, x, y, precision="fp32", checkpointing=checkpointing)
     low = measure_activation_bytes(model, x, y, precision=precision, checkpointing=checkpointing)
@@ -176,7 +170,6 @@ def precision_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p
 
 def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     """Create/validate the output folder before any work; refuse to overwrite an earlier run."""
-    from netdiet.training.checkpoint import has_checkpoint
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NetdietError(f"--out {out} is a file, not a folder; choose a folder path")
@@ -199,7 +192,6 @@ def _unfinished(out: Path) -> bool:
     """A checkpoint newer than the run's final train.json: resumable work a fresh run would overwrite.
     (A finished run is replaced by a new one, file by file, atomically.)"""
     import json
-    from netdiet.training.checkpoint import INDEX, has_checkpoint
     if not has_checkpoint(out / "checkpoint"):
         return False
     try:
@@ -216,10 +208,6 @@ def execute(params: dict, dataset=None) -> dict:
 
     Returns the netdiet.train/1 document.
     """
-    from netdiet.data import get_dataset
-    from netdiet.fileio import atomic_write_json, save_state_dict
-    from netdiet.models import ModelSpec
-    from netdiet.training.distributed import dist_info
     rank, world = dist_info()
     cfg = TrainConfig(**params["config"])
     data = dataset or get_dataset(params["data"], data_dir=params.get("data_dir"), seed=cfg.seed)
@@ -250,7 +238,6 @@ def execute(params: dict, dataset=None) -> dict:
                    train_flops_per_sample=flops, flops_method=flops_method,
                    memory_method=res.memory_method, environment=env)
     if out is not None and rank == 0:
-        from netdiet.training.recompute import disable_checkpointing
         disable_checkpointing(model)
         run.files = {"weights": str(out / "model.safetensors"), "model": str(out / "model.json"),
                      "log": str(out / "train.json"), "checkpoint": str(out / "checkpoint" / "checkpoint.json")}
@@ -275,8 +262,6 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
           out: str | None = None, config: TrainConfig | None = None, nproc: int = 1, memory_budget: str | int | None = None,
           val_fraction: float = 0.1, log: Callable[[str], None] | None = None) -> TrainRun:
     """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
-    from netdiet.data import get_dataset
-    from netdiet.training.distributed import launched_by_torchrun, init_from_env, spawn
     cfg = config or TrainConfig()
     if out is not None:
         check_out_dir(out, cfg.resume)
@@ -289,7 +274,6 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     model = build_classifier(spec, kwargs, dataset.input_shape, dataset.num_classes)
     budget = None
     if memory_budget is not None:
-        from netdiet.training.budget import choose_for_budget
         decision = choose_for_budget(model, dataset.input_shape, memory_budget, optimizer=cfg.optimizer,
                                      batch_size=cfg.batch_size, x_sample=dataset.x_train, y_sample=dataset.y_train)
         cfg.batch_size, cfg.checkpointing, cfg.precision = decision.batch_size, decision.checkpointing, decision.precision

@@ -17,10 +17,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from netdiet.analysis.counter import count_ops
+from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
+from netdiet.models import ModelSpec
 from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
 from netdiet.training.precision import resolve_device
+from netdiet.training.run import build_classifier, zoo_kwargs_for
 
 SCHEMA = "netdiet.sweep/1"
 
@@ -114,16 +118,7 @@ def forward_flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> tuple[i
     import copy
     probe = copy.deepcopy(model).eval()
     try:
-        from netdiet.analysis.counter import count_ops
-    except ImportError:
-        count_ops = None
-    try:
-        if count_ops is not None:
-            return int(count_ops(probe, x, train=False).flops) // len(x), "netdiet.analysis.counter"
-        from torch.utils.flop_counter import FlopCounterMode
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            probe(x)
-        return int(fc.get_total_flops()) // len(x), "torch FlopCounterMode (matmul/conv only)"
+        return int(count_ops(probe, x, train=False).flops) // len(x), "netdiet.analysis.counter"
     except Exception:  # noqa: BLE001 - complexity falls back to parameters only
         return None, None
 
@@ -131,9 +126,6 @@ def forward_flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> tuple[i
 def sweep(spec: str, knob: str, values: list[Any], *, model_kw: dict | None = None, data: str = "mnist5k",
           data_dir: str | None = None, k: int = 3, config: TrainConfig | None = None,
           log: Callable[[str], None] | None = None) -> SweepResult:
-    from netdiet.data import get_dataset
-    from netdiet.models import ModelSpec
-    from netdiet.training.run import build_classifier, zoo_kwargs_for
     cfg = config or TrainConfig()
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     base = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)
