@@ -1,61 +1,79 @@
 """The public Python API. Every CLI command is a thin layer over a function here.
 
 Sections are owned by the capability that produces them; each returns a result object with `to_dict()`.
+The public names are listed once, in the package root (`netdiet.__all__`), which resolves them from here on
+first use so that `import netdiet` (and so the CLI) does not import torch until a name is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
-__all__ = ["continual", "list_models", "create_model", "get_dataset", "load_model", "report", "demo_summary", "profile", "largest_batch_within",
-           "compress", "list_recipes", "load_recipe", "evaluate", "train", "sweep",
-           "list_datasets", "describe_data", "estimate_memory", "measure_memory", "measure_latency", "weight_storage"]
+import torch
+
+from netdiet import __all__  # noqa: F401 - the public names, listed once in the package root
+from netdiet import models as zoo
+from netdiet.analysis import latency as latency_engine
+from netdiet.analysis import memory as memory_engine
+from netdiet.analysis import profile as profile_engine
+from netdiet.analysis import scaling
+from netdiet.analysis.storage import data_report
+from netdiet.analysis.storage import weight_storage as storage_of
+from netdiet.compression import evaluate as evaluation
+from netdiet.compression import recipe as recipes
+from netdiet.data import get_dataset as dataset_by_name
+from netdiet.data import registry as data_registry
+from netdiet.environment import environment
+from netdiet.errors import NetdietError
+from netdiet.fileio import load_state_dict
+from netdiet.incremental import runner as incremental_runner
+from netdiet.incremental.strategies import ContinualConfig
+from netdiet.reporting.html import write_report
+from netdiet.training import run as training_run
+from netdiet.training import sweep as training_sweep
+from netdiet.training.loop import TrainConfig
+from netdiet.units import format_bytes, parse_size
 
 
 # ==================================================================== models and data
 def list_datasets() -> list[tuple[str, str]]:
     """(name, description) of every registered dataset."""
-    from netdiet.data.registry import list_datasets as _list
-    return _list()
+    return data_registry.list_datasets()
 
 
 def describe_data(name: str, data_dir: str | None = None, seed: int = 0, samples: int = 5, repeats: int = 7) -> dict:
     """`netdiet data NAME`: sizes, classes, samples, dense vs CSR bytes, preprocessing cost (netdiet.data/1)."""
-    from netdiet.analysis.storage import data_report
     return data_report(name, data_dir=data_dir, seed=seed, samples=samples, repeats=repeats)
 
 
 def estimate_memory(model, inputs, **kwargs: Any):
     """Training/inference memory predicted on the meta device (analysis.memory.estimate_memory)."""
-    from netdiet.analysis.memory import estimate_memory as _estimate
-    return _estimate(model, inputs, **kwargs)
+    return memory_engine.estimate_memory(model, inputs, **kwargs)
 
 
 def measure_memory(model, inputs, **kwargs: Any) -> dict:
     """Measured steady-state training peak of real steps (analysis.memory.measure_memory)."""
-    from netdiet.analysis.memory import measure_memory as _measure
-    return _measure(model, inputs, **kwargs)
+    return memory_engine.measure_memory(model, inputs, **kwargs)
 
 
 def measure_latency(model, inputs, **kwargs: Any):
     """Forward and training-step latency with warm-up, median and p95 (analysis.latency.measure_latency)."""
-    from netdiet.analysis.latency import measure_latency as _latency
-    return _latency(model, inputs, **kwargs)
+    return latency_engine.measure_latency(model, inputs, **kwargs)
 
 
 def weight_storage(model) -> dict:
     """Per-parameter sparsity and dense / CSR / bitmask bytes (analysis.storage.weight_storage)."""
-    from netdiet.analysis.storage import weight_storage as _storage
-    return _storage(model)
+    return storage_of(model)
 
 
 def list_models() -> list[dict[str, Any]]:
     """One row per zoo model: name, parameters, default input, description."""
-    import torch
-    from netdiet.models import create_model as _create, list_models as _list
     rows = []
-    for entry in _list():
+    for entry in zoo.list_models():
         with torch.device("meta"):  # counting parameters needs no memory
-            model = _create(entry.name)
+            model = zoo.create_model(entry.name)
         rows.append({"name": entry.name, "params": sum(p.numel() for p in model.parameters()),
                      "input": list(entry.input_shape), "input_dtype": str(entry.input_dtype).replace("torch.", ""),
                      "task": entry.task, "description": entry.description})
@@ -64,19 +82,15 @@ def list_models() -> list[dict[str, Any]]:
 
 def create_model(spec: str, **kwargs: Any):
     """A model from a zoo name, `package.module:callable` or `path/file.py:callable`."""
-    from netdiet.models import create_model as _create
-    return _create(spec, **kwargs)
+    return zoo.create_model(spec, **kwargs)
 
 
 def get_dataset(name: str = "mnist5k", data_dir: str | None = None, seed: int = 0):
-    from netdiet.data import get_dataset as _get
-    return _get(name, data_dir=data_dir, seed=seed)
+    return dataset_by_name(name, data_dir=data_dir, seed=seed)
 
 
 def load_model(spec: str, weights: str | None = None, **kwargs: Any):
     """Build `spec` and, if given, load safetensors weights (never a pickle)."""
-    from netdiet.fileio import load_state_dict
-    from netdiet.errors import NetdietError
     model = create_model(spec, **kwargs)
     if weights:
         state = load_state_dict(weights)
@@ -98,8 +112,7 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
     `inputs` is a tensor, a tuple of tensors, a shape such as (1, 3, 32, 32) or a list of shapes; zoo specs
     supply their own default. Returns a ProfileResult; `.to_dict()` is the netdiet.profile/1 document.
     """
-    from netdiet.analysis.profile import profile as _profile
-    return _profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
+    return profile_engine.profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
                     measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
                     batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
                     seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights)
@@ -109,22 +122,19 @@ def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any
                          optimizer: str = "adam", amp: bool = False, checkpointing: bool = False,
                          input_dtype: Any = None):
     """(batch, memory estimate): the largest batch whose estimated training peak fits in the budget (0 if none)."""
-    from netdiet.analysis.scaling import largest_batch_within as _largest
-    return _largest(model_factory_or_model, input_shape_at_batch1, dtype, budget_bytes, optimizer=optimizer, amp=amp,
+    return scaling.largest_batch_within(model_factory_or_model, input_shape_at_batch1, dtype, budget_bytes, optimizer=optimizer, amp=amp,
                     checkpointing=checkpointing, input_dtype=input_dtype)
 
 
 # ==================================================================== compress / evaluate
 def list_recipes() -> list[str]:
     """Names of the built-in compression recipes (`deep-compression`, `int8`, `structured-50`, `seed-incremental`)."""
-    from netdiet.compression.recipe import list_recipes as _list
-    return _list()
+    return recipes.list_recipes()
 
 
 def load_recipe(recipe: str):
     """A validated `Recipe` from a built-in name or a YAML path (errors name the YAML line)."""
-    from netdiet.compression.recipe import load_recipe as _load
-    return _load(recipe)
+    return recipes.load_recipe(recipe)
 
 
 def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | None = None, out: str | None = None,
@@ -136,11 +146,6 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
     Without `weights` the dense baseline is trained first (the recipe's `baseline` settings). `baseline_epochs`
     and `finetune_epochs` override the recipe's epochs (for quick runs). `out` writes the final .ndz archive.
     """
-    import dataclasses
-
-    import torch
-    from netdiet.compression.recipe import run_recipe
-    from netdiet.errors import NetdietError
     kwargs = dict(model_kwargs or {})
     rec = load_recipe(recipe)
     for value, what in ((baseline_epochs, "baseline_epochs"), (finetune_epochs, "finetune_epochs")):
@@ -155,12 +160,11 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
         rec.stages = [dataclasses.replace(s, finetune={**s.finetune, "epochs": finetune_epochs} if s.finetune else None)
                       for s in rec.stages]
     dataset = get_dataset(data, data_dir=data_dir, seed=seed)
-    from netdiet.training.run import build_classifier, zoo_kwargs_for
-    kwargs = zoo_kwargs_for(model, kwargs, dataset.input_shape)  # like train: mlp in_features etc. from the data
-    build_classifier(model, kwargs, dataset.input_shape, dataset.num_classes)  # a shape mismatch is one line, exit 2
+    kwargs = training_run.zoo_kwargs_for(model, kwargs, dataset.input_shape)  # like train: mlp in_features etc. from the data
+    training_run.build_classifier(model, kwargs, dataset.input_shape, dataset.num_classes)  # a shape mismatch is one line, exit 2
     torch.manual_seed(seed)
     net = load_model(model, weights, **kwargs)
-    return run_recipe(net, rec, dataset, spec={"spec": model, "kwargs": kwargs}, trained=weights is not None, seed=seed,
+    return recipes.run_recipe(net, rec, dataset, spec={"spec": model, "kwargs": kwargs}, trained=weights is not None, seed=seed,
                       out=out, latency=latency, progress=progress, log=log)
 
 
@@ -170,8 +174,7 @@ def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, la
     """Accuracy, bytes on disk, ratio to the dense fp32 safetensors file, MACs and latency (PyTorch, and ONNX
     Runtime when the archive carries an int8 ONNX model) of a model or a .ndz archive; an `EvaluateResult`
     (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split)."""
-    from netdiet.compression.evaluate import evaluate as _evaluate
-    return _evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
+    return evaluation.evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
                      model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats,
                      data_dir=data_dir)
 
@@ -185,10 +188,8 @@ def train(spec: str, *, model_kw: dict[str, Any] | None = None, data: str = "mni
     Options are `TrainConfig` fields (epochs, batch_size, lr, optimizer, precision, checkpointing, workers,
     grad_accum, schedule, l1, l2, patience, resume, ...), given as `config=TrainConfig(...)` or as keywords.
     """
-    from netdiet.training.loop import TrainConfig
-    from netdiet.training.run import train as _train
     cfg = config or TrainConfig(**config_fields)
-    return _train(spec, model_kw=model_kw, data=data, data_dir=data_dir, out=out, config=cfg, nproc=nproc,
+    return training_run.train(spec, model_kw=model_kw, data=data, data_dir=data_dir, out=out, config=cfg, nproc=nproc,
                   memory_budget=memory_budget, val_fraction=val_fraction, log=log)
 
 
@@ -199,12 +200,10 @@ def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: di
 
     `knob` is a name with `values`, or one string 'widths=[[64],[256]]'.
     """
-    from netdiet.training.loop import TrainConfig
-    from netdiet.training.sweep import parse_knob, sweep as _sweep
     if values is None:
-        knob, values = parse_knob(knob)
+        knob, values = training_sweep.parse_knob(knob)
     cfg = config or TrainConfig(**config_fields)
-    return _sweep(spec, knob, list(values), model_kw=model_kw, data=data, data_dir=data_dir, k=k, config=cfg, log=log)
+    return training_sweep.sweep(spec, knob, list(values), model_kw=model_kw, data=data, data_dir=data_dir, k=k, config=cfg, log=log)
 
 
 # ==================================================================== continual
@@ -217,33 +216,25 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
     """Continual learning under a hard byte budget: returns a ContinualResult (accuracy matrix, BWT, forgetting,
     bytes and training FLOPs per task for each strategy). `strategy="all"` runs every applicable strategy.
     Further ContinualConfig fields (ewc_lambda, lwf_temperature, exemplar_schedule, ...) go in **options."""
-    from dataclasses import fields
-    from netdiet.incremental.runner import continual as _run
-    from netdiet.incremental.strategies import ContinualConfig
-    from netdiet.errors import NetdietError
-    from netdiet.units import parse_size
-    known = {f.name for f in fields(ContinualConfig)}
+    known = {f.name for f in dataclasses.fields(ContinualConfig)}
     unknown = set(options) - known
     if unknown:
         raise NetdietError(f"continual has no option(s) {', '.join(sorted(unknown))}; its options are: {', '.join(sorted(known))}")
     cfg = ContinualConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, progress=progress,
                           budget=None if budget is None else parse_size(budget), exemplar_bits=exemplar_bits,
                           exemplar_downsample=exemplar_downsample, exemplars=exemplars, shrink=shrink, **options)
-    return _run(scenario, data, setting, strategy, model=model, model_kw=model_kw, data_dir=data_dir, tasks=tasks,
+    return incremental_runner.continual(scenario, data, setting, strategy, model=model, model_kw=model_kw, data_dir=data_dir, tasks=tasks,
                 classes_per_task=classes_per_task, order_seed=order_seed, config=cfg)
 
 
 # ==================================================================== report / demo
 def report(results: list[str], out: str = "report.html", *, title: str = "netdiet report") -> dict:
     """Render JSON results (any mix of netdiet commands) into one self-contained HTML file."""
-    from netdiet.reporting.html import write_report
     return write_report(list(results), out, title=title)
 
 
 def demo_summary(result_paths: list[str]) -> dict:
     """The demo's headline figures, each taken from (or derived in one step from) a result file it names."""
-    import json
-    from pathlib import Path
     docs = {}
     for p in result_paths:
         try:
@@ -283,11 +274,9 @@ def demo_summary(result_paths: list[str]) -> dict:
                 st.get("average_accuracy"), "pct", "continual.json")
             bpt = st.get("bytes_per_task") or []
             if bpt:
-                from netdiet.units import format_bytes
                 budget = cont.get("budget")
                 add(f"continual {st.get('name')}: most bytes kept"
                     + (f" (budget {format_bytes(budget)})" if isinstance(budget, int) else ""), max(bpt), "bytes", "continual.json")
-    from netdiet.environment import environment
     # the demo process's own record; each step's record is in its result file (a reused step keeps the one it ran with)
     return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs), "environment": environment()}
 
