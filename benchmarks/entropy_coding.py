@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from netdiet.compression import archive  # noqa: E402
+from netdiet.compression import archive, codecs  # noqa: E402
 from netdiet.compression.base import CompressionState, StageContext, create_technique  # noqa: E402
 from netdiet.data import get_dataset  # noqa: E402
 from netdiet.fileio import atomic_write_json  # noqa: E402
@@ -27,11 +27,11 @@ from netdiet.training import TrainConfig, evaluate_accuracy, fit  # noqa: E402
 
 
 def codings(symbols: np.ndarray, bits: int) -> dict[str, int]:
-    packed = archive.pack_bits(symbols, bits)
-    out = {"pack": len(packed), "pack+zstd": len(archive._zstd_compress(packed))}
+    packed = codecs.pack_bits(symbols, bits)
+    out = {"pack": len(packed), "pack+zstd": len(codecs.zstd_compress(packed))}
     if bits <= 8:
-        out["byte+zstd"] = len(archive._zstd_compress(symbols.astype(np.uint8).tobytes()))
-    huff = archive.huffman_encode(symbols, 1 << bits)
+        out["byte+zstd"] = len(codecs.zstd_compress(symbols.astype(np.uint8).tobytes()))
+    huff = codecs.huffman_encode(symbols, 1 << bits)
     out["huffman"] = len(huff) if huff is not None else None
     return out
 
@@ -57,8 +57,8 @@ def main() -> int:
         create_technique("quantize", mode="int8-weight", bits=bits).apply(model, state, StageContext())
         for name, keep in state.masks.items():
             positions = torch.nonzero(keep.reshape(-1)).reshape(-1).numpy()
-            b, _ = archive._best_relidx_bits(positions)
-            gaps = archive._relidx_codes(positions, b)
+            b, _ = codecs.best_relidx_bits(positions)
+            gaps = codecs.relidx_codes(positions, b)
             codes = state.encodings[name].q.reshape(-1)[keep.reshape(-1)].long().numpy() + (1 << (bits - 1))
             for kind, sym, w in (("relidx gaps", gaps, b), (f"int{bits} codes", codes, bits)):
                 sizes = codings(sym, w)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from netdiet.compression import archive
+from netdiet.compression import archive, codecs
 from netdiet.compression.base import CompressionState, Encoding, StageContext, create_technique
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
@@ -111,16 +111,16 @@ def test_write_is_atomic_and_returns_the_bytes_on_disk(tmp_path):
 # ------------------------------------------------------------------ the pieces, by hand
 def test_relative_indices_insert_filler_codes_for_long_gaps():
     # positions 0, 3, 20 at 3 bits (skip code 7): gaps 0, 2, 16 = 7 + 7 + 2 -> codes 0, 2, 7, 7, 2
-    codes = archive._relidx_codes(np.array([0, 3, 20]), 3)
+    codes = codecs.relidx_codes(np.array([0, 3, 20]), 3)
     assert codes.tolist() == [0, 2, 7, 7, 2]
-    assert archive._relidx_positions(codes, 3, 21, 3).tolist() == [0, 3, 20]
+    assert codecs.relidx_positions(codes, 3, 21, 3).tolist() == [0, 3, 20]
 
 
 def test_bit_packing_stores_each_code_in_exactly_its_bit_width():
     values = np.array([5, 0, 7, 1, 2, 3, 4, 6, 5])
-    packed = archive.pack_bits(values, 3)
+    packed = codecs.pack_bits(values, 3)
     assert len(packed) == math.ceil(9 * 3 / 8) == 4
-    assert archive.unpack_bits(packed, 3, 9).tolist() == values.tolist()
+    assert codecs.unpack_bits(packed, 3, 9).tolist() == values.tolist()
 
 
 def test_huffman_code_is_optimal_on_a_dyadic_distribution_and_decodes_back():
@@ -128,10 +128,10 @@ def test_huffman_code_is_optimal_on_a_dyadic_distribution_and_decodes_back():
     symbols = np.array([0] * 8 + [1] * 4 + [2] * 2 + [3] + [4])
     rng = np.random.default_rng(0)
     rng.shuffle(symbols)
-    assert archive.huffman_lengths(np.bincount(symbols)).tolist() == [1, 2, 3, 4, 4]
-    blob = archive.huffman_encode(symbols, 8)
+    assert codecs.huffman_lengths(np.bincount(symbols)).tolist() == [1, 2, 3, 4, 4]
+    blob = codecs.huffman_encode(symbols, 8)
     assert len(blob) == 4 + 5 + math.ceil(30 / 8)  # alphabet size, 5 code lengths, the bit stream
-    assert archive.huffman_decode(blob, len(symbols)).tolist() == symbols.tolist()
+    assert codecs.huffman_decode(blob, len(symbols)).tolist() == symbols.tolist()
 
 
 def test_pruned_int4_lenet300_is_as_small_as_its_codes_and_positions_say():

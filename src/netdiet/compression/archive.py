@@ -22,7 +22,6 @@ its recorded encoding no longer matches the live weight, noting it in header["wa
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import math
 import struct
@@ -36,6 +35,16 @@ from torch import nn
 
 from netdiet import __version__
 from netdiet.compression.base import CompressionState, Encoding, replay_structure
+from netdiet.compression.codecs import (
+    MAX_HEADER,
+    Payload,
+    best_relidx_bits,
+    read_stream,
+    read_symbols,
+    relidx_codes,
+    relidx_positions,
+    zstd_compress,
+)
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_bytes, dumps_json
 from netdiet.models import create_model
@@ -43,9 +52,6 @@ from netdiet.models import create_model
 MAGIC = b"NDZ\x01"
 FORMAT = "netdiet.ndz/1"
 _DIGEST = 32
-_MAX_HEADER = 64 * 1024 * 1024
-_HUFFMAN_MAX_LEN = 20
-_HUFFMAN_MAX_SYMBOLS = 1 << 22
 _DENSE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
                  "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -59,269 +65,19 @@ class LoadedArchive:
     nbytes: int = 0           # bytes of the archive
 
 
-# ================================================================== bit packing and entropy coding
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Unsigned ints < 2**bits packed at `bits` bits each, least significant bit first."""
-    v = np.asarray(values, dtype=np.uint32)
-    if v.size == 0:
-        return b""
-    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
-    need = (n * bits + 7) // 8
-    if len(data) != need:
-        raise ValueError(f"packed stream has {len(data)} bytes, expected {need}")
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits)
-    return flat.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
-
-
-def huffman_lengths(counts: np.ndarray) -> np.ndarray | None:
-    """Code length per symbol (0 = unused) of a Huffman code for these frequencies; None when longer than allowed."""
-    used = np.flatnonzero(counts)
-    lengths = np.zeros(len(counts), dtype=np.int64)
-    if len(used) == 1:
-        lengths[used[0]] = 1
-        return lengths
-    heap = [(int(counts[s]), i, [int(s)]) for i, s in enumerate(used)]
-    heapq.heapify(heap)
-    tie = len(heap)
-    while len(heap) > 1:
-        c1, _, s1 = heapq.heappop(heap)
-        c2, _, s2 = heapq.heappop(heap)
-        for s in s1 + s2:
-            lengths[s] += 1
-        heapq.heappush(heap, (c1 + c2, tie, s1 + s2))
-        tie += 1
-    return None if lengths.max() > _HUFFMAN_MAX_LEN else lengths
-
-
-def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical Huffman: symbols sorted by (length, symbol) get consecutive codes."""
-    codes = np.zeros(len(lengths), dtype=np.int64)
-    code, prev = 0, 0
-    for s in sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)):
-        code <<= int(lengths[s]) - prev
-        codes[s] = code
-        code += 1
-        prev = int(lengths[s])
-    return codes
-
-
-def huffman_encode(symbols: np.ndarray, n_symbols: int) -> bytes | None:
-    """[u32 alphabet size][one byte code length per symbol][bit stream, MSB first]; None if not encodable."""
-    if symbols.size == 0 or symbols.size > _HUFFMAN_MAX_SYMBOLS or n_symbols > 65536:
-        return None
-    counts = np.bincount(symbols, minlength=n_symbols)
-    lengths = huffman_lengths(counts)
-    if lengths is None:
-        return None
-    size = int(np.flatnonzero(lengths).max()) + 1
-    codes = _canonical_codes(lengths)
-    lens, vals = lengths[symbols], codes[symbols]
-    width = int(lens.max())
-    shifts = lens[:, None] - 1 - np.arange(width)[None, :]
-    bits = (vals[:, None] >> np.clip(shifts, 0, None)) & 1
-    stream = np.packbits(bits[shifts >= 0].astype(np.uint8)).tobytes()
-    return struct.pack("<I", size) + lengths[:size].astype(np.uint8).tobytes() + stream
-
-
-def huffman_decode(data: bytes, n: int) -> np.ndarray:
-    if len(data) < 4:
-        raise ValueError("Huffman stream too short")
-    (size,) = struct.unpack_from("<I", data)
-    if size == 0 or size > 65536 or len(data) < 4 + size:
-        raise ValueError("Huffman table is malformed")
-    lengths = np.frombuffer(data, dtype=np.uint8, count=size, offset=4).astype(np.int64)
-    if lengths.max() == 0 or lengths.max() > _HUFFMAN_MAX_LEN:
-        raise ValueError("Huffman code lengths are malformed")
-    # a prefix code must satisfy Kraft's inequality (<= 1); larger means the table was damaged
-    if np.sum(np.ldexp(1.0, -lengths[lengths > 0])) > 1.0 + 1e-12:
-        raise ValueError("Huffman code lengths violate Kraft's inequality")
-    width = int(lengths.max())
-    codes = _canonical_codes(lengths)
-    sym_tab = np.full(1 << width, -1, dtype=np.int64)
-    len_tab = np.zeros(1 << width, dtype=np.int64)
-    for s in np.flatnonzero(lengths):
-        lo = int(codes[s]) << (width - int(lengths[s]))
-        hi = lo + (1 << (width - int(lengths[s])))
-        sym_tab[lo:hi], len_tab[lo:hi] = s, lengths[s]
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=4 + size))
-    if n > len(bits):
-        raise ValueError("Huffman stream is shorter than its symbol count")
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)]).astype(np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width)[: len(bits)] @ (1 << np.arange(width - 1, -1, -1))
-    win, syms, lens = windows.tolist(), sym_tab.tolist(), len_tab.tolist()
-    out = [0] * n
-    pos, end = 0, len(bits)
-    for i in range(n):
-        if pos >= end:
-            raise ValueError("Huffman stream ended early")
-        v = win[pos]
-        s = syms[v]
-        if s < 0:
-            raise ValueError("invalid Huffman code")
-        out[i] = s
-        pos += lens[v]
-    return np.asarray(out, dtype=np.int64)
-
-
-def _zstd_compress(data: bytes) -> bytes:
-    import zstandard
-    # level 19 where it is cheap (small models, where every byte counts); 9 for big streams keeps writes quick
-    return zstandard.ZstdCompressor(level=19 if len(data) < (1 << 20) else 9).compress(data)
-
-
-def _zstd_decompress(data: bytes, size: int) -> bytes:
-    """Exactly `size` bytes; reads at most size + 1, whatever the frame header claims (it may be corrupted)."""
-    import io
-
-    import zstandard
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(size + 1)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"zstd: {exc}") from None
-    if len(out) != size:
-        raise ValueError(f"zstd stream decompressed to {len(out)} bytes, expected {size}")
-    return out
-
-
-class _Payload:
-    """Collects streams; each `add_*` returns the stream's header entry."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.offset = 0
-        self.codecs: dict[str, int] = {}
-
-    def _put(self, data: bytes, meta: dict) -> dict:
-        meta = {"off": self.offset, "len": len(data), **meta}
-        self.parts.append(data)
-        self.offset += len(data)
-        self.codecs[meta["codec"]] = self.codecs.get(meta["codec"], 0) + 1
-        return meta
-
-    def add_bytes(self, raw: bytes) -> dict:
-        z = _zstd_compress(raw) if raw else raw
-        if len(z) < len(raw):
-            return self._put(z, {"codec": "zstd", "raw": len(raw)})
-        return self._put(raw, {"codec": "raw", "raw": len(raw)})
-
-    def add_symbols(self, symbols: np.ndarray, bits: int) -> dict:
-        """Unsigned ints < 2**bits: the smallest of bit-packed, zstd of it, byte-per-symbol zstd, Huffman."""
-        symbols = np.asarray(symbols, dtype=np.int64)
-        packed = pack_bits(symbols, bits)
-        options = [(packed, {"codec": "pack"})]
-        if packed:
-            options.append((_zstd_compress(packed), {"codec": "pack+zstd", "raw": len(packed)}))
-            if bits <= 8:
-                as_bytes = symbols.astype(np.uint8).tobytes()
-                options.append((_zstd_compress(as_bytes), {"codec": "byte+zstd", "raw": len(as_bytes)}))
-            huff = huffman_encode(symbols, 1 << bits)
-            if huff is not None:
-                options.append((huff, {"codec": "huffman"}))
-        data, meta = min(options, key=lambda o: len(o[0]))
-        return self._put(data, {**meta, "bits": bits, "n": int(symbols.size)})
-
-    def blob(self) -> bytes:
-        return b"".join(self.parts)
-
-
-def _read_stream(payload: bytes, meta: Any, expect_raw: int | None = None) -> bytes:
-    if not isinstance(meta, dict):
-        raise ValueError("stream entry is not an object")
-    off, length, codec = meta.get("off"), meta.get("len"), meta.get("codec")
-    if not (isinstance(off, int) and isinstance(length, int) and 0 <= off and 0 <= length and off + length <= len(payload)):
-        raise ValueError("stream lies outside the payload")
-    data = payload[off:off + length]
-    if codec == "raw":
-        out = data
-    elif codec == "zstd":
-        raw = meta.get("raw")
-        if not isinstance(raw, int) or raw < 0 or (expect_raw is not None and raw != expect_raw):
-            raise ValueError("stream size is inconsistent")
-        if expect_raw is None and raw > max(_MAX_HEADER, 64 * length):
-            raise ValueError("stream claims an implausible size")
-        out = _zstd_decompress(data, raw)
-    else:
-        raise ValueError(f"unknown byte-stream codec {codec!r}")
-    if expect_raw is not None and len(out) != expect_raw:
-        raise ValueError(f"stream holds {len(out)} bytes, expected {expect_raw}")
-    return out
-
-
-def _read_symbols(payload: bytes, meta: Any, bits: int, n: int) -> np.ndarray:
-    if not isinstance(meta, dict) or meta.get("bits") != bits or meta.get("n") != n:
-        raise ValueError("symbol stream does not match its tensor")
-    off, length, codec = meta.get("off"), meta.get("len"), meta.get("codec")
-    if not (isinstance(off, int) and isinstance(length, int) and 0 <= off and 0 <= length and off + length <= len(payload)):
-        raise ValueError("stream lies outside the payload")
-    data = payload[off:off + length]
-    need = (n * bits + 7) // 8
-    if codec == "pack":
-        out = unpack_bits(data, bits, n)
-    elif codec == "pack+zstd":
-        out = unpack_bits(_zstd_decompress(data, need), bits, n)
-    elif codec == "byte+zstd" and bits <= 8:
-        out = np.frombuffer(_zstd_decompress(data, n), dtype=np.uint8).astype(np.int64)
-    elif codec == "huffman":
-        out = huffman_decode(data, n)
-    else:
-        raise ValueError(f"unknown symbol codec {codec!r}")
-    if out.size and (out.min() < 0 or out.max() >= (1 << bits)):
-        raise ValueError("symbol out of range")
-    return out
-
-
-# ================================================================== sparse positions
-def _relidx_codes(positions: np.ndarray, bits: int) -> np.ndarray:
-    """Deep Compression's relative indices: gap to the previous stored position; code 2^b-1 = skip 2^b-1."""
-    skip = (1 << bits) - 1
-    gaps = np.diff(np.concatenate([[-1], positions])) - 1
-    fillers = gaps // skip
-    out = np.full(int(len(positions) + fillers.sum()), skip, dtype=np.int64)
-    out[np.cumsum(fillers + 1) - 1] = gaps % skip
-    return out
-
-
-def _relidx_positions(codes: np.ndarray, bits: int, numel: int, nnz: int) -> np.ndarray:
-    skip = (1 << bits) - 1
-    is_elem = codes != skip
-    steps = np.where(is_elem, codes + 1, skip)
-    pos = np.cumsum(steps)[is_elem] - 1
-    if len(pos) != nnz or (len(pos) and pos[-1] >= numel):
-        raise ValueError("relative indices do not fit the tensor")
-    return pos
-
-
-def _best_relidx_bits(positions: np.ndarray) -> tuple[int, int]:
-    """(bits, number of codes) minimising the relative-index stream."""
-    gaps = np.diff(np.concatenate([[-1], positions])) - 1
-    best = None
-    for b in range(1, 17):
-        n = int(len(positions) + (gaps // ((1 << b) - 1)).sum())
-        if best is None or n * b < best[1] * best[0]:
-            best = (b, n)
-    return best
-
-
 # ================================================================== encoding tensors
 _SEARCH_MAX_NUMEL = 1 << 21
 
 
 def _relidx_neighbours(choice: tuple, positions: np.ndarray) -> list[int]:
-    best = choice[2][0] if choice[0] == "relidx" else _best_relidx_bits(positions)[0]
+    best = choice[2][0] if choice[0] == "relidx" else best_relidx_bits(positions)[0]
     return [b for b in (best - 1, best, best + 1, best + 2) if 1 <= b <= 16]
 
 
-def _add_positions(payload: _Payload, method: str, bits: int | None, keep: torch.Tensor, positions: np.ndarray) -> dict:
+def _add_positions(payload: Payload, method: str, bits: int | None, keep: torch.Tensor, positions: np.ndarray) -> dict:
     if method == "bitmask":
         return payload.add_bytes(np.packbits(keep.numpy(), bitorder="little").tobytes())
-    return payload.add_symbols(_relidx_codes(positions, bits), bits)
+    return payload.add_symbols(relidx_codes(positions, bits), bits)
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
@@ -353,7 +109,7 @@ def _value_of(enc: Encoding, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch.Tensor | None,
-                   payload: _Payload, warnings: list[str]) -> dict:
+                   payload: Payload, warnings: list[str]) -> dict:
     t = t.detach().cpu()
     entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t)}
     numel = t.numel()
@@ -396,7 +152,7 @@ def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch
     if nnz < numel:
         choice = min(choice, ("bitmask", numel + nnz * value_bits, None), key=lambda c: c[1])
         if nnz:
-            b, n_codes = _best_relidx_bits(positions)
+            b, n_codes = best_relidx_bits(positions)
             choice = min(choice, ("relidx", n_codes * b + nnz * value_bits, (b, n_codes)), key=lambda c: c[1])
     method = choice[0]
     if method == "all" and kind != "dense" and nnz < numel and not torch.equal(_value_of(enc, tuple(t.shape)).reshape(-1), flat):
@@ -412,7 +168,7 @@ def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch
         # tensors of moderate size the candidates are coded and the smallest is kept (measured: ~1 % on LeNet)
         candidates = [("bitmask", None)] + ([("relidx", b) for b in _relidx_neighbours(choice, positions)] if nnz else [])
         if len(candidates) > 1 and numel <= _SEARCH_MAX_NUMEL:
-            scratch = _Payload()
+            scratch = Payload()
             sizes = [(_add_positions(scratch, m, b, keep, positions)["len"], i) for i, (m, b) in enumerate(candidates)]
             method, b = candidates[min(sizes)[1]]
         else:
@@ -454,7 +210,7 @@ def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple
             raise ValueError("dense tensor with a partial value count")
         keep = torch.ones(numel, dtype=torch.bool)
     elif method == "bitmask":
-        raw = _read_stream(payload, pos.get("stream"), (numel + 7) // 8)
+        raw = read_stream(payload, pos.get("stream"), (numel + 7) // 8)
         keep = torch.from_numpy(np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little", count=numel).astype(bool))
         if int(keep.sum()) != nnz:
             raise ValueError("bitmask does not match the value count")
@@ -466,9 +222,9 @@ def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple
         n_codes = stream.get("n")
         if not isinstance(n_codes, int) or not nnz <= n_codes <= numel + nnz:
             raise ValueError("bad relative-index count")
-        codes = _read_symbols(payload, stream, b, n_codes)
+        codes = read_symbols(payload, stream, b, n_codes)
         keep = torch.zeros(numel, dtype=torch.bool)
-        keep[torch.from_numpy(_relidx_positions(codes, b, numel, nnz))] = True
+        keep[torch.from_numpy(relidx_positions(codes, b, numel, nnz))] = True
     else:
         raise ValueError(f"unknown position method {method!r}")
 
@@ -478,7 +234,7 @@ def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple
         if store not in _DENSE_DTYPES:
             raise ValueError(f"unknown dtype {store!r}")
         item = torch.empty(0, dtype=_DENSE_DTYPES[store]).element_size()
-        values = _tensor_from(_read_stream(payload, entry.get("values"), nnz * item), store, nnz)
+        values = _tensor_from(read_stream(payload, entry.get("values"), nnz * item), store, nnz)
         if store in ("float16", "bfloat16"):
             enc = Encoding(kind="dense", bits=16, dtype=store)
         full = torch.zeros(numel, dtype=values.dtype)
@@ -487,15 +243,15 @@ def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple
         bits = entry.get("bits")
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError("bits outside 1..8")
-        symbols = torch.from_numpy(_read_symbols(payload, entry.get("values"), bits, nnz))
+        symbols = torch.from_numpy(read_symbols(payload, entry.get("values"), bits, nnz))
         if kind == "quant":
             axis, channels = entry.get("axis"), entry.get("channels")
             if not isinstance(axis, int) or not 0 <= axis < max(len(shape), 1) or channels not in (1, shape[axis] if shape else 1):
                 raise ValueError("bad quantization axis or channel count")
-            scale = _tensor_from(_read_stream(payload, entry.get("scale"), 4 * channels), "float32", channels)
+            scale = _tensor_from(read_stream(payload, entry.get("scale"), 4 * channels), "float32", channels)
             zp = None
             if "zero_point" in entry:
-                zp = _tensor_from(_read_stream(payload, entry["zero_point"], 4 * channels), "float32", channels)
+                zp = _tensor_from(read_stream(payload, entry["zero_point"], 4 * channels), "float32", channels)
                 if entry.get("zp_dtype") == "int64":
                     zp = zp.long()
             offset = (1 << (bits - 1)) if bits >= 2 else 0
@@ -506,7 +262,7 @@ def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple
             size = entry.get("codebook_size")
             if not isinstance(size, int) or not 1 <= size <= 256:
                 raise ValueError("bad codebook size")
-            codebook = _tensor_from(_read_stream(payload, entry.get("codebook"), 4 * size), "float32", size)
+            codebook = _tensor_from(read_stream(payload, entry.get("codebook"), 4 * size), "float32", size)
             if symbols.numel() and int(symbols.max()) >= size:
                 raise ValueError("cluster index beyond the codebook")
             idx = torch.zeros(numel, dtype=torch.int64)
@@ -611,7 +367,7 @@ def _dense_baseline_bytes(model: nn.Module, state: CompressionState) -> int:
 
 def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tuple[bytes, list[dict], dict]:
 
-    payload, warnings = _Payload(), []
+    payload, warnings = Payload(), []
     params = dict(model.named_parameters())
     entries = []
     for name, t in model.state_dict().items():
@@ -641,7 +397,7 @@ def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tu
         "payload_bytes": len(body),
         "payload_sha256": hashlib.sha256(body).hexdigest(),
     })
-    head = _zstd_compress(dumps_json(doc).encode("utf-8"))
+    head = zstd_compress(dumps_json(doc).encode("utf-8"))
     data = MAGIC + struct.pack("<I", len(head)) + head + body
     return data + hashlib.sha256(data).digest(), entries, artifacts
 
@@ -686,7 +442,7 @@ def read_header(data: bytes, source: str = "archive") -> tuple[dict, bytes]:
     if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
         raise NetdietError(f"{source} failed its checksum (truncated or corrupted); re-create it with netdiet compress")
     (hlen,) = struct.unpack_from("<I", data, 4)
-    if hlen > _MAX_HEADER or 8 + hlen > len(data) - _DIGEST:
+    if hlen > MAX_HEADER or 8 + hlen > len(data) - _DIGEST:
         raise NetdietError(f"{source} has a malformed header length; re-create it with netdiet compress")
     try:
         header = json.loads(_zstd_decompress_any(data[8:8 + hlen]).decode("utf-8"))
@@ -707,10 +463,10 @@ def _zstd_decompress_any(data: bytes) -> bytes:
     import zstandard
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(_MAX_HEADER + 1)
+            out = reader.read(MAX_HEADER + 1)
     except zstandard.ZstdError as exc:
         raise ValueError(f"zstd: {exc}") from None
-    if len(out) > _MAX_HEADER:
+    if len(out) > MAX_HEADER:
         raise ValueError("header too large")
     return out
 
@@ -789,7 +545,7 @@ def _load_tensors(model: nn.Module, header: dict, payload: bytes) -> Compression
     if art is not None:
         if not isinstance(art, dict) or not isinstance(art.get("fill"), list):
             raise ValueError("bad ONNX artefact entry")
-        blob = _read_stream(payload, art.get("stream"))
+        blob = read_stream(payload, art.get("stream"))
         try:
             full = _refill_onnx(blob, art["fill"], model, encodings)
         except ValueError:
