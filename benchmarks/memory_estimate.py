@@ -4,7 +4,7 @@
 
 For each zoo model, batch size and optimizer, in one run:
   - netdiet estimate: analysis.memory.estimate_memory (meta device, nothing allocated)
-  - measured:         analysis.memory.measure_memory (3 real trainer steps on CPU; steady-state peak of steps 2-3
+  - measured:         analysis.measurement.measure_memory (3 real trainer steps on CPU; steady-state peak of steps 2-3
                       from the profiler's allocator events, plus weights, buffers and the input batch)
   - torchinfo:        its "Estimated Total Size" (input + parameters + 2 x the leaf modules' outputs) plus the
                       gradient and optimizer-state bytes torchinfo leaves out (1x params for the gradients,
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from netdiet.analysis.memory import estimate_memory, measure_memory
+from netdiet.analysis.measurement import measure_memory
+from netdiet.analysis.memory import estimate_memory
 from netdiet.fileio import atomic_write_json
 from netdiet.models import create_model
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_memory
+from netdiet.analysis.measurement import measure_memory
+from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.ram import check_fits_in_ram
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
 

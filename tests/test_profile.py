@@ -95,12 +95,12 @@ def test_user_callable_without_input_asks_for_one(capsys, tmp_path):
 
 
 def test_measure_whose_estimate_exceeds_ram_is_refused_up_front(capsys, monkeypatch):
-    import netdiet.analysis.memory as memory
+    import netdiet.analysis.ram as ram
     import netdiet.analysis.profile as prof
     measured = []
     monkeypatch.setattr(prof, "measure_memory", lambda *a, **k: measured.append(1) or {})
     # pretend the machine has 1 KiB available: the real check must refuse before anything is measured
-    real_check = memory.check_fits_in_ram
+    real_check = ram.check_fits_in_ram
     monkeypatch.setattr(prof, "check_fits_in_ram",
                         lambda estimate_bytes, override: real_check(estimate_bytes * 10**9, override))
     code, _, err = run_cli(capsys, "profile", "lenet300", "--measure")

@@ -16,6 +16,7 @@ import torch
 from netdiet import __all__  # noqa: F401 - the public names, listed once in the package root
 from netdiet import models as zoo
 from netdiet.analysis import latency as latency_engine
+from netdiet.analysis import measurement
 from netdiet.analysis import memory as memory_engine
 from netdiet.analysis import profile as profile_engine
 from netdiet.analysis import scaling
@@ -54,8 +55,8 @@ def estimate_memory(model, inputs, **kwargs: Any):
 
 
 def measure_memory(model, inputs, **kwargs: Any) -> dict:
-    """Measured steady-state training peak of real steps (analysis.memory.measure_memory)."""
-    return memory_engine.measure_memory(model, inputs, **kwargs)
+    """Measured steady-state training peak of real steps (analysis.measurement.measure_memory)."""
+    return measurement.measure_memory(model, inputs, **kwargs)
 
 
 def measure_latency(model, inputs, **kwargs: Any):

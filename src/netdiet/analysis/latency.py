@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from netdiet.analysis.step import as_tuple, default_loss, model_device, normalise_optimizer, step_optimizer
 from netdiet.errors import NetdietError
 
 
@@ -83,10 +84,9 @@ def measure_latency(model: nn.Module, inputs: Any, *, train: bool = True, optimi
     A training step is netdiet's trainer step: zero_grad -> forward -> loss -> backward -> optimizer.step.
     The caller's model is not changed (the training steps run on a deep copy).
     """
-    from netdiet.analysis.memory import _as_tuple, _make_optimizer, _model_device, default_loss, normalise_optimizer
 
-    x = _as_tuple(inputs)
-    device = _model_device(model)
+    x = as_tuple(inputs)
+    device = model_device(model)
     if device.type == "meta":
         raise NetdietError("the model is on the meta device, so it cannot be timed; give a real model")
     opt_name = normalise_optimizer(optimizer)
@@ -110,7 +110,7 @@ def measure_latency(model: nn.Module, inputs: Any, *, train: bool = True, optimi
     if train:
         net = copy.deepcopy(model)
         net.train()
-        opt = _make_optimizer(opt_name, [p for p in net.parameters() if p.requires_grad])
+        opt = step_optimizer(opt_name, [p for p in net.parameters() if p.requires_grad])
 
         def train_step() -> None:
             if opt is not None:

@@ -1,4 +1,4 @@
-"""Training and inference memory: estimated on the meta device, measured on real tensors.
+"""Training and inference memory estimated on the meta device, before any of it is spent.
 
 The estimate runs the real training step (forward, loss, backward, optimizer step, zero_grad) of a copy of the
 model whose parameters live on the meta device, so shapes and dtypes are real but no memory is spent. A
@@ -12,44 +12,39 @@ The step simulated is netdiet's trainer step (`training/loop.py`): zero_grad(set
 backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
 During step 2 the tracker also keeps a copy of what is alive at each new high (`peak_breakdown`).
 
-The measurement runs the same step on a real copy of the model and reads the allocator: on CPU the
-profiler's memory events (every allocation and free of the c10 CPU allocator, `profile_memory=True`), on
-CUDA the caching allocator's `max_memory_allocated`. The two share no bookkeeping, so comparing them is a
-real check.
+The measurement (measurement.py) runs the same step (step.py) on a real copy of the model and reads the
+allocator; the RAM guard is ram.py.
 
 What a CPU kernel allocates and frees inside one op (oneDNN's reorders and scratchpads, im2col columns, the
 flash-attention blocks) is invisible at the dispatch level; analysis/scratch.py has those rules, keyed by the
 capabilities this machine reports (ISA family, oneDNN bf16/fp16 support, threads, dtype). A kernel without a
 rule for this CPU is listed in MemoryEstimate.unmodelled (and `warnings`) instead of being silently 0.
+
+Why this module is long: it is one mechanism — the storage tracker, the saved-tensor log, the meta-device
+autocast policy and checkpointing all run inside the same simulated step and read each other's state; the
+pieces that stand alone are in step.py (the step), scratch.py (CPU kernel rules), measurement.py and ram.py.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
-import os
-import sys
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from netdiet.analysis import scratch
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.step import (STEP_ORDER, as_tuple, batch_size_of, cast_input,
+                                   default_loss, dtype_label, model_device, normalise_optimizer, parse_dtype,
+                                   step_optimizer, train_step)
 from netdiet.errors import NetdietError
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-STEP_ORDER = "zero_grad(set_to_none) -> forward -> loss -> backward -> optimizer.step"
 
 
 # ------------------------------------------------------------------ result
@@ -91,110 +86,7 @@ class MemoryEstimate:
         return asdict(self)
 
 
-# ------------------------------------------------------------------ input normalisation
-def normalise_optimizer(name: str | None) -> str:
-    name = (name or "none").lower()
-    if name not in OPTIMIZERS:
-        raise NetdietError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
-    return name
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """None (keep the model's dtype), or fp32 / bf16 / fp16 (also their long names or a torch.dtype)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in _DTYPE_NAMES:
-            raise NetdietError(f"dtype {dtype} is not a training dtype; choose fp32, bf16 or fp16")
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise NetdietError(f"unknown dtype '{dtype}'; choose fp32, bf16 or fp16")
-    return _DTYPES[key]
-
-
-def _dtype_name(model: nn.Module, dtype: torch.dtype | None) -> str:
-    if dtype is not None:
-        return _DTYPE_NAMES[dtype]
-    for p in model.parameters():
-        if p.is_floating_point():
-            return _DTYPE_NAMES.get(p.dtype, str(p.dtype).replace("torch.", ""))
-    return "fp32"
-
-
-def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-        return tuple(inputs)
-    raise NetdietError("inputs must be a tensor or a tuple of tensors, e.g. torch.randn(8, 1, 28, 28)")
-
-
-def _batch_size(inputs: tuple[torch.Tensor, ...]) -> int | None:
-    return int(inputs[0].shape[0]) if inputs[0].dim() > 0 else None
-
-
-def _cast_input(x: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
-    target = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-    if torch.device(device).type == "meta":
-        return torch.empty(x.shape, dtype=target, device="meta")
-    return x.detach().to(device=device, dtype=target)
-
-
-def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-    if name == "none" or not params:
-        return None
-    from netdiet.training.loop import make_optimizer
-    return make_optimizer(name, params, lr=1e-3)
-
-
-def default_loss(output: Any) -> torch.Tensor:
-    """The loss used for a training step when none is given.
-
-    Logits (N, C) or (N, T, C): cross-entropy against class 0 (targets are made inside the step, so they
-    are counted). Anything else (detector maps, embeddings): the mean of squares, summed over outputs.
-    """
-    if isinstance(output, dict):
-        output = tuple(output.values())
-    if isinstance(output, (tuple, list)):
-        parts = [default_loss(o) for o in output if isinstance(o, torch.Tensor) and o.is_floating_point()]
-        if not parts:
-            raise NetdietError("the model returned no floating-point tensor to build a loss from; pass loss_fn")
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
-        return total
-    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-        raise NetdietError("the model output is not a floating-point tensor; pass loss_fn")
-    if output.dim() in (2, 3):
-        logits = output.reshape(-1, output.shape[-1])
-        target = torch.zeros(logits.shape[0], dtype=torch.long, device=output.device)
-        return F.cross_entropy(logits, target)
-    return output.pow(2).mean()
-
-
 # ------------------------------------------------------------------ storage bookkeeping
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse / nested tensors have no single storage
-        return None
-    return s._cdata, s.nbytes()
-
-
-def _unique_storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] | None = None) -> tuple[int, set[int]]:
-    total, seen = 0, set(exclude or ())
-    keys: set[int] = set()
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        k = _storage_key(t)
-        if k is None or k[0] in seen:
-            continue
-        seen.add(k[0])
-        keys.add(k[0])
-        total += k[1]
-    return total, keys
-
-
 class _StorageTracker(TorchDispatchMode):
     """Live bytes of every storage an operator creates; freed when the storage dies.
 
@@ -485,13 +377,6 @@ def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal), **kw)[0]
 
 
-def _autocast(amp: bool, device: torch.device):
-    """Real autocast for measured runs (bf16 on CPU and CUDA)."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16)
-
-
 # ------------------------------------------------------------------ activation checkpointing
 def _run_checkpointed(fn: Callable, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
@@ -575,56 +460,13 @@ def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
                            "the model must be deep-copyable") from None
 
 
-def _real_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    try:
-        m = copy.deepcopy(model)
-    except Exception as exc:
-        raise NetdietError(f"cannot copy the model to measure it ({type(exc).__name__}: {exc}); "
-                           "the model must be deep-copyable") from None
-    if dtype is not None:
-        m = m.to(dtype)
-    return m
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------ the simulated step
-def _train_step(model, inputs, opt, amp_ctx_factory, loss_fn, marks: Callable[[str], None],
-                on_output: Callable[[Any, Any], None] | None = None):
-    """One trainer step; `marks(phase)` is called at each phase boundary, `on_output(output, loss)` once both
-    exist. Returns nothing (all freed). Like the trainer, the output and the loss stay alive to the end."""
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    else:
-        for p in model.parameters():
-            p.grad = None
-    marks("forward")
-    with amp_ctx_factory():
-        out = model(*inputs)
-        loss = loss_fn(out)
-    if on_output is not None:
-        on_output(out, loss)
-    marks("backward")
-    if loss.requires_grad:  # a fully frozen model has nothing to differentiate
-        loss.backward()
-    marks("optimizer")
-    if opt is not None:
-        opt.step()
-    marks("end")
-    del out, loss
-
-
 def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", dtype: str | torch.dtype | None = None,
                     amp: bool = False, checkpointing: bool = False,
                     loss_fn: Callable[[Any], torch.Tensor] | None = None) -> MemoryEstimate:
     """Training and inference memory of `model` on `inputs`, predicted without allocating any of it."""
     opt_name = normalise_optimizer(optimizer)
     dt = parse_dtype(dtype)
-    inputs = _as_tuple(inputs)
+    inputs = as_tuple(inputs)
     loss_fn = loss_fn or default_loss
     result = _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn)
     if checkpointing:
@@ -636,9 +478,9 @@ def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", d
 
 
 def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> MemoryEstimate:
-    target = _model_device(model)
+    target = model_device(model)
     meta = _meta_copy(model, dt)
-    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+    x = tuple(cast_input(t, dt, "meta") for t in inputs)
     blocks = apply_checkpointing(meta) if checkpointing else []
     policy = _MetaPolicy(target)
     amp_ctx = lambda: policy.amp(amp)  # noqa: E731
@@ -675,7 +517,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     tr.reset_peak()
 
     trainable = [p for p in params if p.requires_grad]
-    opt = _make_optimizer(opt_name, trainable)
+    opt = step_optimizer(opt_name, trainable)
     modules = _ModuleStack(meta)
     saved = _SavedTensorLog(modules, tr)
     state: dict[str, Any] = {}
@@ -706,7 +548,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
                     tr.snapshot_on = True
                     tr.take_snapshot(tr.current)
                 with saved.context():
-                    _train_step(meta, x, opt, amp_ctx, loss_fn, marks, on_output)
+                    train_step(meta, x, opt, amp_ctx, loss_fn, marks, on_output)
                 tr.snapshot_on = False
                 tr.phase = None
                 per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
@@ -756,7 +598,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
         temporaries = max(0, peak - weights - buffer_bytes - input_bytes - state_bytes - activations - gradients)
 
     return MemoryEstimate(
-        batch_size=_batch_size(inputs), optimizer=opt_name, dtype=_dtype_name(model, dt), amp=bool(amp),
+        batch_size=batch_size_of(inputs), optimizer=opt_name, dtype=dtype_label(model, dt), amp=bool(amp),
         checkpointing=bool(checkpointing), weights=weights, buffers=buffer_bytes, gradients=gradients,
         optimizer_state=state_bytes, activations=activations, temporaries=int(temporaries), peak_estimated=peak,
         inference_peak=inference_peak, module_activations=dict(sorted(module_acts.items(), key=lambda kv: -kv[1])),
@@ -784,9 +626,8 @@ def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | N
     CPU run gives (FLOPs do not depend on the dtype, so amp/bf16 runs are counted in the copies' dtype). Only the
     ops up to the last tensor backward needs are recomputed (torch.utils.checkpoint's early stop).
     """
-    from netdiet.analysis.counter import count_ops
 
-    x = tuple(_cast_input(t, dt, "meta") for t in inputs)
+    x = tuple(cast_input(t, dt, "meta") for t in inputs)
     try:
         plain, ckpt = _meta_copy(model, dt), _meta_copy(model, dt)
         apply_checkpointing(ckpt)
@@ -796,209 +637,3 @@ def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | N
     return int(extra), "netdiet.analysis.counter.count_ops: backward FLOPs with checkpointing minus without"
 
 
-# ------------------------------------------------------------------ measurement
-def measure_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", steps: int = 3,
-                   dtype: str | torch.dtype | None = None, amp: bool = False, checkpointing: bool = False,
-                   loss_fn: Callable[[Any], torch.Tensor] | None = None, estimate: MemoryEstimate | None = None) -> dict:
-    """Run `steps` real trainer steps on a copy of the model and report the steady-state peak (steps 2+).
-
-    Given `estimate` (from estimate_memory), its `peak_measured` is filled in too.
-
-    Peaks are the model's own bytes (weights, buffers, the input batch) plus everything the allocator hands
-    out during the step. CPU: the profiler's allocator events; CUDA: torch.cuda.max_memory_allocated.
-    """
-    opt_name = normalise_optimizer(optimizer)
-    dt = parse_dtype(dtype)
-    inputs = _as_tuple(inputs)
-    loss_fn = loss_fn or default_loss
-    if steps < 2:
-        raise NetdietError(f"steps must be 2 or more (step 1 creates the optimizer state), got {steps}")
-    device = _model_device(model)
-    if device.type == "meta":
-        raise NetdietError("the model is on the meta device, so nothing can be measured; give a real model")
-    net = _real_copy(model, dt)
-    if checkpointing:
-        apply_checkpointing(net)
-    x = tuple(_cast_input(t, dt, device) for t in inputs)
-    params = list(dict.fromkeys(net.parameters()))
-    base, _ = _unique_storage_bytes(params + list(dict.fromkeys(net.buffers())) + list(x))
-    trainable = [p for p in params if p.requires_grad]
-    opt = _make_optimizer(opt_name, trainable)
-    amp_ctx = lambda: _autocast(amp, device)  # noqa: E731
-    try:
-        if device.type == "cuda":
-            result = _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base)
-        else:
-            result = _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base)
-        if estimate is not None:
-            estimate.peak_measured = result["peak_measured"]
-        return result
-    except NetdietError:
-        raise
-    except Exception as exc:
-        raise NetdietError(f"running a real training step failed ({type(exc).__name__}: {exc}); "
-                           "check the inputs fit the model") from None
-
-
-def _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
-    torch.cuda.synchronize()
-    peaks = []
-    for step in range(steps):
-        torch.cuda.reset_peak_memory_stats()
-        _train_step(net, x, opt, amp_ctx, loss_fn, lambda _p: None)
-        torch.cuda.synchronize()
-        peaks.append(int(torch.cuda.max_memory_allocated()))
-    net.eval()
-    for p in net.parameters():
-        p.grad = None
-    torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), amp_ctx():
-        out = net(*x)
-    torch.cuda.synchronize()
-    inference = int(torch.cuda.max_memory_allocated())
-    del out
-    return {"peak_measured": max(peaks[1:]), "inference_peak_measured": inference, "step_peaks": peaks,
-            "method": "torch.cuda.max_memory_allocated (caching allocator; includes every CUDA tensor of the process)",
-            "device": "cuda"}
-
-
-def _allocator_events(prof) -> list[tuple[int, int]]:
-    """(time, +bytes / -bytes) of every CPU allocation made inside the profiling session and of its free.
-
-    Frees of blocks allocated before the session (e.g. garbage of earlier work collected now) are left out:
-    their allocation is not in the session, so counting their free would lower the running total.
-    """
-    from torch._C._profiler import _EventType
-
-    raw: list[tuple[int, int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            ef = node.extra_fields
-            if ef.device.type == "cpu":
-                raw.append((node.start_time_ns, ef.ptr, ef.alloc_size))
-        stack.extend(node.children)
-    raw.sort(key=lambda ev: ev[0])
-    live: dict[int, int] = {}
-    events = []
-    for t, ptr, n in raw:
-        if n > 0:
-            live[ptr] = n
-            events.append((t, n))
-        elif ptr in live:
-            events.append((t, -live.pop(ptr)))
-    return events
-
-
-def _annotations(prof, prefix: str) -> dict[str, tuple[int, int]]:
-    out = {}
-    for e in prof.profiler.kineto_results.events():
-        name = e.name()
-        if name.startswith(prefix):
-            out[name[len(prefix):]] = (e.start_ns(), e.start_ns() + e.duration_ns())
-    return out
-
-
-def _peak_in(events: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """(peak of the running allocation total inside [start, end], total at start)."""
-    running, at_start, peak = 0, None, None
-    for t, n in events:
-        if t > end:
-            break
-        if t >= start and at_start is None:
-            at_start = running
-            peak = running
-        running += n
-        if t >= start and running > peak:
-            peak = running
-    if at_start is None:
-        at_start = peak = running
-    return peak, at_start
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """The profiler's native code prints start/stop lines straight to fd 2; keep them off the user's terminal."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
-    import gc
-
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    gc.collect()  # garbage of earlier work must not be freed inside the measured steps
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for step in range(steps):
-            with record_function(f"netdiet_step_{step}"):
-                _train_step(net, x, opt, amp_ctx, loss_fn, lambda _p: None)
-        net.eval()
-        for p in net.parameters():
-            p.grad = None
-        with record_function("netdiet_step_inference"):
-            with torch.no_grad(), amp_ctx():
-                out = net(*x)
-            del out
-    events = _allocator_events(prof)
-    spans = _annotations(prof, "netdiet_step_")
-    step_peaks = []
-    for step in range(steps):
-        start, end = spans[str(step)]
-        peak, _ = _peak_in(events, start, end)
-        step_peaks.append(base + peak)
-    start, end = spans["inference"]
-    inf_peak, at_start = _peak_in(events, start, end)
-    return {"peak_measured": max(step_peaks[1:]), "inference_peak_measured": base + inf_peak - at_start,
-            "step_peaks": step_peaks, "baseline": base,
-            "method": "torch.profiler CPU allocator events (profile_memory=True) over real steps, "
-                      "plus the weights, buffers and inputs allocated before them",
-            "device": "cpu"}
-
-
-# ------------------------------------------------------------------ the RAM guard
-def available_ram() -> int | None:
-    """Bytes of RAM available to new allocations (Linux MemAvailable), or None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def measure_copy_bytes(model: nn.Module) -> int:
-    """Bytes a measured run needs beyond the estimated peak: measure_memory (and measure_latency's training
-    step) work on a deep copy, so the caller's weights and buffers stay allocated beside the copy's."""
-    total, _ = _unique_storage_bytes(list(model.parameters()) + list(model.buffers()))
-    return total
-
-
-def check_fits_in_ram(estimate_bytes: int, override: bool = False, *, flag: str = "--force") -> None:
-    """Refuse up front a measured run whose estimated peak exceeds the RAM available now."""
-    if override:
-        return
-    avail = available_ram()
-    if avail is None or estimate_bytes <= avail:
-        return
-    from netdiet.units import format_bytes
-    raise NetdietError(f"measuring needs about {format_bytes(estimate_bytes)} but only {format_bytes(avail)} of RAM is "
-                       f"available; use a smaller batch, --dtype bf16 or --checkpointing, or pass {flag} to run anyway")

@@ -3,7 +3,7 @@
 It resolves the model (a module or a spec) and its inputs, then asks each engine for its figures:
 counter.count_ops (MACs/FLOPs per module and operator, forward, backward and optimizer step),
 memory.estimate_memory (training and inference memory without allocating), storage.weight_storage,
-and with `measure` memory.measure_memory and latency.measure_latency; scaling.py adds batch sweeps, the
+and with `measure` measurement.measure_memory and latency.measure_latency; scaling.py adds batch sweeps, the
 largest batch for a budget and dataset x epochs projections. This module computes no figure itself except
 parameter totals; it orchestrates and turns bad input into one-line errors.
 """
@@ -21,7 +21,9 @@ from torch import nn
 from netdiet.analysis import scaling
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.latency import measure_latency
-from netdiet.analysis.memory import check_fits_in_ram, estimate_memory, measure_copy_bytes, measure_memory
+from netdiet.analysis.measurement import measure_memory
+from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.ram import check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
 from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)

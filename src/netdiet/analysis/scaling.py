@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from netdiet.analysis.counter import count_ops
-from netdiet.analysis.memory import estimate_memory, measure_memory
+from netdiet.analysis.measurement import measure_memory
+from netdiet.analysis.memory import estimate_memory
 from netdiet.errors import NetdietError
 from netdiet.units import parse_size
 

@@ -45,6 +45,10 @@ bytes still allocated at the end (its outputs). ONEDNN_VERBOSE=1 names the kerne
 (e.g. brg_matmul:avx512_core_bf16, jit:avx512_core) and the layouts it reordered into, which usually explains
 the sizes. Then add a function here and a row to RULES with that ISA family (and to probe_cpu's mapping if the
 family is new), add the measured shapes to tests/test_memory.py, and the row to docs/memory.md.
+
+Why this module is long: every CPU family's rules sit here side by side with the one table that selects them, so
+that a person who meets a new CPU reads and extends one file; each rule reproduces oneDNN's blocking arithmetic
+for its kernel, which is long by nature.
 """
 from __future__ import annotations
 
