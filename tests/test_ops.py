@@ -201,3 +201,23 @@ def test_conv_macs_agree_with_torch_flop_counter_forward_on_random_configuration
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         run()
     assert 2 * ours.macs == fc.get_total_flops()
+
+
+def test_hardsigmoid_backward_is_two_compares_and_a_multiply_per_element():
+    # MobileNetV3's squeeze-excite gates: hardsigmoid forward 3 per element (add, divide, clamp), its backward
+    # g/6 inside (-3, 3) else 0: two compares + one multiply = 3 per element. x has 8 elements:
+    # forward hardsigmoid 3*8 = 24, sum 8-1 = 7; backward hardsigmoid' 3*8 = 24 (sum's backward is an expand: 0)
+    x = torch.randn(8, requires_grad=True)
+    with _Sum() as s:
+        F.hardsigmoid(x).sum().backward()
+    assert not s.missing, s.missing
+    assert s.cost.flops == 24 + 7 + 24 and s.cost.macs == 0
+    call_cost = op_cost(aten.hardsigmoid_backward.default, (torch.ones(8), torch.zeros(8)), {}, torch.ones(8))
+    assert call_cost.flops == 3 * 8
+
+
+def test_in_place_as_strided_is_cost_free():
+    t = torch.randn(12)
+    c = cost_of(lambda a: a.as_strided_((3, 4), (4, 1)), t)
+    assert c == OpCost()
+    assert op_cost(aten.as_strided_.default, (torch.randn(12), (3, 4), (4, 1)), {}, t) == OpCost()

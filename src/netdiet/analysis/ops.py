@@ -467,6 +467,8 @@ _pointwise(4, [aten.sigmoid, aten.sigmoid_, aten.elu, aten.elu_, aten.hardswish,
 _pointwise(5, [aten.silu, aten.silu_, aten.softplus_backward], "5 per element",
            "silu: x·σ(x); softplus': g·σ(βx)")
 _pointwise(4, [aten.hardswish_backward], "4 per element", "compare, (2x + 3)/6 (3 ops) times g")
+_pointwise(3, [aten.hardsigmoid_backward], "3 per element",
+           "hardsigmoid': g/6 inside (−3, 3), else 0: two compares (as hardtanh_backward) and one multiply")
 _pointwise(6, [aten.mish, aten.mish_], "6 per element", "x·tanh(softplus(x)): softplus 4, tanh 1, multiply 1")
 _pointwise(15, [aten.mish_backward], "15 per element", "softplus 4, tanh 1, σ 4, g·(t + x·σ·(1 − t²)) 6")
 _pointwise(9, [aten.silu_backward], "9 per element", "s = σ(x) (4), g·s·(1 + x·(1 − s)) (5)")
@@ -733,7 +735,7 @@ def _foreach(call: OpCall) -> OpCost:
 # ============================================================ no arithmetic: views and data movement
 _VIEWS = [aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.t, aten.transpose, aten.permute,
           aten.expand, aten.squeeze, aten.unsqueeze, aten.select, aten.slice, aten.split, aten.split_with_sizes,
-          aten.chunk, aten.unbind, aten.as_strided, aten.detach, aten.alias, aten.unflatten, aten.flatten, aten.narrow,
+          aten.chunk, aten.unbind, aten.as_strided, aten.as_strided_, aten.detach, aten.alias, aten.unflatten, aten.flatten, aten.narrow,
           aten.diagonal, aten.lift_fresh, aten.view_as, aten.expand_as, aten.unfold, aten.numpy_T, aten.t_,
           aten.transpose_, aten.squeeze_, aten.unsqueeze_, aten.view_as_real, aten.view_as_complex, aten.movedim,
           aten.resolve_conj, aten.resolve_neg, aten.unsafe_split, aten.unsafe_chunk, aten.unsafe_split_with_sizes,
