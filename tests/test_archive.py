@@ -322,3 +322,154 @@ def test_breakdown_rows_add_up_to_the_archive_size():
     rows = archive.breakdown(model, state)
     assert sum(r["bytes"] for r in rows) == len(archive.encode(model, state))
     assert rows[-1]["name"] == "header+framing" and 0 < rows[-1]["bytes"] < 2048
+
+
+# ------------------------------------------------------------------ hostile headers (issue 11): bounded memory and time
+@pytest.fixture(scope="module")
+def lenet_archive() -> bytes:
+    """A real pruned int4 LeNet-300-100 archive (its header is rewritten and resealed by the tests below)."""
+    torch.manual_seed(0)
+    model = create_model("lenet300")
+    state = CompressionState(spec={"spec": "lenet300", "kwargs": {}})
+    create_technique("prune", sparsity=0.9).apply(model, state, StageContext())
+    create_technique("quantize", mode="int4-weight").apply(model, state, StageContext())
+    return archive.encode(model, state)
+
+
+def _lenet_parts(lenet_archive: bytes) -> tuple[dict, bytes]:
+    header, payload = archive.read_header(lenet_archive)
+    return json.loads(json.dumps(header)), payload
+
+
+def _seal_text(text: str, payload: bytes) -> bytes:
+    """Like _seal, for header JSON that json.dumps would not write (1e999, deep nesting)."""
+    import zstandard
+    head = zstandard.ZstdCompressor().compress(text.encode())
+    data = archive.MAGIC + struct.pack("<I", len(head)) + head + payload
+    return data + hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("model, structure, match", [
+    # before: RSS 7.7 GB, 2.5 GB and 6.4 GB building these models; now they are built on the meta device
+    ({"spec": "transformer", "kwargs": {"preset": "7b"}}, None, "do not fit the rebuilt model"),
+    ({"spec": "lenet300", "kwargs": {"in_features": 2000000}}, None, r"model has \[300, 2000000\]"),
+    ({"spec": "lenet300", "kwargs": {}},
+     [{"op": "structured", "modules": {"1": {"type": "Linear", "attrs": {"in_features": 40000, "out_features": 40000},
+                                              "params": {"weight": [40000, 40000], "bias": [40000]}}}}],
+     r"model has \[40000, 40000\]"),
+])
+def test_a_header_describing_a_huge_model_is_refused_before_it_is_built(lenet_archive, model, structure, match):
+    import resource
+    header, payload = _lenet_parts(lenet_archive)
+    header["model"] = model
+    if structure is not None:
+        header["structure"] = structure
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(NetdietError, match=match):
+        archive.read(_seal(header, payload))
+    # the peak of this whole process grew by less than 400 MB (ru_maxrss is in KiB); the real models take GBs
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024
+
+
+def test_the_memory_budget_names_the_size_and_is_checked_before_any_tensor(lenet_archive):
+    with pytest.raises(NetdietError, match=r"describes a model of 1\.02 MiB \(reading it needs about \d+\.\d+ MiB\) but max_memory is 97\.66 KiB") as info:
+        archive.read(lenet_archive, max_memory=100_000)
+    assert "\n" not in str(info.value)
+    assert archive.read(lenet_archive, max_memory=1 << 30).model is not None
+
+
+def test_a_huge_model_whose_tensor_list_fits_it_is_refused_by_the_budget(lenet_archive):
+    # a consistent header for a 2.4 GB LeNet (in_features=2,000,000): streams claim zstd-sized weights
+    header, payload = _lenet_parts(lenet_archive)
+    header["model"] = {"spec": "lenet300", "kwargs": {"in_features": 2000000}}
+    w = next(e for e in header["tensors"] if e["name"] == "1.weight")
+    blob = bytes(range(256)) * 160  # 40 KB: enough stored bytes for zstd's ratio, but no zstd frame
+    w.update(shape=[300, 2000000], kind="dense", store="float32", nnz=600_000_000, pos={"method": "all"},
+             values={"off": len(payload), "len": len(blob), "codec": "zstd", "raw": 2_400_000_000})
+    for key in ("bits", "axis", "channels", "scale"):
+        w.pop(key, None)
+    with pytest.raises(NetdietError, match=r"describes a model of 2\.24 GiB"):
+        archive.read(_seal(header, payload + blob), max_memory=1 << 30)
+    with pytest.raises(NetdietError, match="zstd"):  # past the budget, the frame header gives it away, still unbuilt
+        archive.read(_seal(header, payload + blob), max_memory=1 << 40)
+
+
+def test_junk_after_a_valid_huffman_stream_is_refused_without_decoding_it(lenet_archive):
+    import resource
+    header, payload = _lenet_parts(lenet_archive)
+    stream = next(s for e in header["tensors"] for s in (e.get("values"), e["pos"].get("stream"))
+                  if s and s["codec"] == "huffman")
+    seg = payload[stream["off"]:stream["off"] + stream["len"]]
+    for junk, match in ((bytes(range(256)) * (1 << 16), "cannot hold"), (b"\x01", "after its last symbol")):
+        h = json.loads(json.dumps(header))
+        s = next(s for e in h["tensors"] for s in (e.get("values"), e["pos"].get("stream")) if s == stream)
+        s.update(off=len(payload), len=len(seg) + len(junk))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(NetdietError, match=match):  # before: 16 MB of junk was accepted, at 3.5 GB of RSS
+            archive.read(_seal(h, payload + seg + junk))
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+
+
+def test_junk_after_a_zstd_frame_and_a_frame_claiming_another_size_are_refused():
+    import zstandard
+    frame = zstandard.ZstdCompressor().compress(bytes(1000))
+    assert codecs.zstd_decompress(frame, 1000) == bytes(1000)
+    with pytest.raises(ValueError, match="after its frame"):
+        codecs.zstd_decompress(frame + b"junk", 1000)
+    with pytest.raises(ValueError, match="claims 1000 bytes, expected 999"):
+        codecs.zstd_decompress(frame, 999)
+    with pytest.raises(ValueError, match="beyond zstd's ratio"):
+        codecs.check_stream(frame, {"off": 0, "len": len(frame), "codec": "zstd", "raw": len(frame) * (1 << 17)})
+
+
+def test_a_header_that_inflates_past_the_limit_is_refused_while_decompressing(lenet_archive):
+    import resource
+    header, payload = _lenet_parts(lenet_archive)
+    data = _seal(dict(header, recipe="a" * (64 << 20)), payload)
+    assert len(data) < 64 * 1024  # 24 KB on disk, 64 MB of header (before: 1.6 GB RSS and exit 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(NetdietError, match="more than the 8388608 allowed"):
+        archive.read(data)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024
+
+
+def test_the_writer_refuses_a_header_the_reader_would_refuse():
+    model, state = _pruned_small()
+    with pytest.raises(NetdietError, match="header would take"):
+        archive.encode(model, state, header={"recipe": "a" * (9 << 20)})
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.update(warnings=5), "warnings must be a list"),
+    (lambda h: h.update(stages=[{"name": "x", "accuracy": "__NAN__"}]), "NaN is not a number"),
+    (lambda h: h["tensors"][0]["scale"].update(len="abc"), r"tensors\[0\]\.scale\.len must be an integer"),
+    (lambda h: h["tensors"][0]["scale"].update(len="__BIG__"), "1e999 is not finite"),
+    (lambda h: h["tensors"][0]["values"].update(codec="[/]"), r"tensors\[0\]\.values\.codec must be one of"),
+    (lambda h: h.update(deep="__DEEP__"), "nested 5001 deep"),
+    (lambda h: h.update(dense_fp32_bytes=1e40), "dense_fp32_bytes must be an integer"),
+    (lambda h: h["tensors"][0].update(kind="[red]"), r"tensors\[0\]\.kind must be one of"),
+    (lambda h: h.update(stages=[{"name": "x", "bytes_on_disk": "many"}]), r"stages\[0\]\.bytes_on_disk"),
+    (lambda h: h.update(structure=[{"op": "structured", "modules": {"1": {"type": "Linear", "attrs": {"_x": 1}}}}]),
+     "private attribute"),
+    (lambda h: h.update(versions={"torch": [1]}), "versions.torch must be a string"),
+])
+def test_every_crafted_header_field_is_a_one_line_netdiet_error(lenet_archive, edit, match):
+    header, payload = _lenet_parts(lenet_archive)
+    edit(header)
+    text = json.dumps(dict(header, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest()))
+    text = (text.replace('"__NAN__"', "NaN").replace('"__BIG__"', "1e999")
+            .replace('"__DEEP__"', "[" * 5000 + "]" * 5000))
+    with pytest.raises(NetdietError, match=match) as info:
+        archive.read(_seal_text(text, payload))
+    assert "\n" not in str(info.value)
+
+
+def test_dense_fp32_bytes_is_worked_out_exactly_as_safetensors_lays_the_file_out():
+    from safetensors.torch import save
+    for spec, kwargs in [("lenet300", {}), ("resnet", {}), ("transformer", {}), ("mobilenet", {}),
+                         ("mlp", {"widths": [3], "in_features": 5, "batchnorm": True})]:
+        model = create_model(spec, **kwargs)
+        tensors = {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in model.state_dict().items()}
+        assert archive.dense_fp32_bytes(model) == len(save(tensors)), spec
+        with torch.device("meta"):
+            assert archive.dense_fp32_bytes(create_model(spec, **kwargs)) == len(save(tensors)), spec

@@ -18,6 +18,16 @@ Per tensor (the model's state_dict, in order):
 
 Decoded weights are bit-identical to the model that was written (`encode` checks this and stores a tensor dense when
 its recorded encoding no longer matches the live weight, noting it in header["warnings"]).
+
+Reading is bounded in memory and time whatever the file says (issue 11): the header is at most MAX_HEADER bytes
+and MAX_JSON_DEPTH deep with finite numbers, every field is type-checked (`check_header`), the model it describes
+is built on the meta device and its tensor list checked against it, the bytes reading would take are compared with
+`max_memory` (default: the RAM available) before anything real is allocated, and every stream decodes into exactly
+its declared size (codecs.py). `dense_fp32_bytes` is worked out from shapes, never read back from the header.
+
+Why this module is long: it is one file format's writer, reader and the reader's schema of the header, kept side by
+side so that a field added to the writer is checked by the reader in the same change; the byte-level codecs, which
+need no knowledge of tensors, are in codecs.py.
 """
 from __future__ import annotations
 
@@ -34,11 +44,17 @@ import torch
 from torch import nn
 
 from netdiet import __version__
+from netdiet.analysis.ram import available_ram
 from netdiet.compression.base import CompressionState, Encoding, replay_structure
 from netdiet.compression.codecs import (
+    BYTE_CODECS,
     MAX_HEADER,
+    SYMBOL_CODECS,
     Payload,
     best_relidx_bits,
+    check_stream,
+    check_symbols,
+    load_header_json,
     read_stream,
     read_symbols,
     relidx_codes,
@@ -48,6 +64,8 @@ from netdiet.compression.codecs import (
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_bytes, dumps_json
 from netdiet.models import create_model
+from netdiet.models.registry import resolve
+from netdiet.units import format_bytes
 
 MAGIC = b"NDZ\x01"
 FORMAT = "netdiet.ndz/1"
@@ -199,79 +217,112 @@ def _encode_tensor(name: str, t: torch.Tensor, enc: Encoding | None, mask: torch
     return entry
 
 
-def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple[torch.Tensor, Encoding | None, torch.Tensor]:
+def _item_size(store: str) -> int:
+    return torch.empty(0, dtype=_DENSE_DTYPES[store]).element_size()
+
+
+def check_entry(entry: dict, shape: tuple[int, ...], payload: bytes) -> int:
+    """Every count and stream size of one tensor entry against its shape, before any stream is decoded
+    (ValueError otherwise); returns the number of relative-index codes (0 when positions are not relidx)."""
     numel = math.prod(shape)
     kind, nnz, pos = entry.get("kind"), entry.get("nnz"), entry.get("pos")
-    if not isinstance(nnz, int) or not 0 <= nnz <= numel or not isinstance(pos, dict):
+    if type(nnz) is not int or not 0 <= nnz <= numel or not isinstance(pos, dict):
         raise ValueError("bad value count or positions")
-    method = pos.get("method")
+    method, n_codes = pos.get("method"), 0
     if method == "all":
         if nnz != numel:
             raise ValueError("dense tensor with a partial value count")
+    elif method == "bitmask":
+        check_stream(payload, pos.get("stream"), (numel + 7) // 8)
+    elif method == "relidx":
+        b, stream = pos.get("bits"), pos.get("stream")
+        if type(b) is not int or not 1 <= b <= 16 or not isinstance(stream, dict):
+            raise ValueError("bad relative-index width")
+        n_codes = stream.get("n")
+        if type(n_codes) is not int or not nnz <= n_codes <= numel + nnz:
+            raise ValueError("bad relative-index count")
+        check_symbols(payload, stream, b, n_codes)
+    else:
+        raise ValueError(f"unknown position method {method!r}")
+    if kind == "dense":
+        store = entry.get("store")
+        if store not in _DENSE_DTYPES:
+            raise ValueError(f"unknown dtype {store!r}")
+        check_stream(payload, entry.get("values"), nnz * _item_size(store))
+    elif kind in ("quant", "cluster"):
+        bits = entry.get("bits")
+        if type(bits) is not int or not 1 <= bits <= 8:
+            raise ValueError("bits outside 1..8")
+        check_symbols(payload, entry.get("values"), bits, nnz)
+        if kind == "quant":
+            axis, channels = entry.get("axis"), entry.get("channels")
+            if type(axis) is not int or not 0 <= axis < max(len(shape), 1) or channels not in (1, shape[axis] if shape else 1):
+                raise ValueError("bad quantization axis or channel count")
+            check_stream(payload, entry.get("scale"), 4 * channels)
+            if "zero_point" in entry:
+                check_stream(payload, entry["zero_point"], 4 * channels)
+        else:
+            size = entry.get("codebook_size")
+            if type(size) is not int or not 1 <= size <= 256:
+                raise ValueError("bad codebook size")
+            check_stream(payload, entry.get("codebook"), 4 * size)
+    else:
+        raise ValueError(f"unknown encoding kind {kind!r}")
+    return n_codes
+
+
+def _decode_tensor(entry: dict, payload: bytes, shape: tuple[int, ...]) -> tuple[torch.Tensor, Encoding | None, torch.Tensor]:
+    n_codes = check_entry(entry, shape, payload)
+    numel = math.prod(shape)
+    kind, nnz, pos = entry["kind"], entry["nnz"], entry["pos"]
+    method = pos["method"]
+    if method == "all":
         keep = torch.ones(numel, dtype=torch.bool)
     elif method == "bitmask":
-        raw = read_stream(payload, pos.get("stream"), (numel + 7) // 8)
+        raw = read_stream(payload, pos["stream"], (numel + 7) // 8)
         keep = torch.from_numpy(np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little", count=numel).astype(bool))
         if int(keep.sum()) != nnz:
             raise ValueError("bitmask does not match the value count")
-    elif method == "relidx":
-        b = pos.get("bits")
-        stream = pos.get("stream")
-        if not isinstance(b, int) or not 1 <= b <= 16 or not isinstance(stream, dict):
-            raise ValueError("bad relative-index width")
-        n_codes = stream.get("n")
-        if not isinstance(n_codes, int) or not nnz <= n_codes <= numel + nnz:
-            raise ValueError("bad relative-index count")
-        codes = read_symbols(payload, stream, b, n_codes)
-        keep = torch.zeros(numel, dtype=torch.bool)
-        keep[torch.from_numpy(relidx_positions(codes, b, numel, nnz))] = True
     else:
-        raise ValueError(f"unknown position method {method!r}")
+        codes = read_symbols(payload, pos["stream"], pos["bits"], n_codes)
+        keep = torch.zeros(numel, dtype=torch.bool)
+        keep[torch.from_numpy(relidx_positions(codes, pos["bits"], numel, nnz))] = True
+        del codes
 
     enc: Encoding | None = None
     if kind == "dense":
-        store = str(entry.get("store"))
-        if store not in _DENSE_DTYPES:
-            raise ValueError(f"unknown dtype {store!r}")
-        item = torch.empty(0, dtype=_DENSE_DTYPES[store]).element_size()
-        values = _tensor_from(read_stream(payload, entry.get("values"), nnz * item), store, nnz)
+        store = entry["store"]
+        values = _tensor_from(read_stream(payload, entry["values"], nnz * _item_size(store)), store, nnz)
         if store in ("float16", "bfloat16"):
             enc = Encoding(kind="dense", bits=16, dtype=store)
         full = torch.zeros(numel, dtype=values.dtype)
         full[keep] = values
-    elif kind in ("quant", "cluster"):
-        bits = entry.get("bits")
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError("bits outside 1..8")
-        symbols = torch.from_numpy(read_symbols(payload, entry.get("values"), bits, nnz))
+    else:
+        bits = entry["bits"]
+        symbols = torch.from_numpy(read_symbols(payload, entry["values"], bits, nnz))
         if kind == "quant":
-            axis, channels = entry.get("axis"), entry.get("channels")
-            if not isinstance(axis, int) or not 0 <= axis < max(len(shape), 1) or channels not in (1, shape[axis] if shape else 1):
-                raise ValueError("bad quantization axis or channel count")
-            scale = _tensor_from(read_stream(payload, entry.get("scale"), 4 * channels), "float32", channels)
+            axis, channels = entry["axis"], entry["channels"]
+            scale = _tensor_from(read_stream(payload, entry["scale"], 4 * channels), "float32", channels)
             zp = None
             if "zero_point" in entry:
                 zp = _tensor_from(read_stream(payload, entry["zero_point"], 4 * channels), "float32", channels)
                 if entry.get("zp_dtype") == "int64":
                     zp = zp.long()
             offset = (1 << (bits - 1)) if bits >= 2 else 0
-            q = torch.zeros(numel, dtype=torch.int64)
-            q[keep] = symbols - offset
-            enc = Encoding(kind="quant", bits=bits, q=q.to(torch.int8).reshape(shape), scale=scale, zero_point=zp, axis=axis)
+            q = torch.zeros(numel, dtype=torch.int8)
+            q[keep] = (symbols - offset).to(torch.int8)
+            enc = Encoding(kind="quant", bits=bits, q=q.reshape(shape), scale=scale, zero_point=zp, axis=axis)
         else:
-            size = entry.get("codebook_size")
-            if not isinstance(size, int) or not 1 <= size <= 256:
-                raise ValueError("bad codebook size")
-            codebook = _tensor_from(read_stream(payload, entry.get("codebook"), 4 * size), "float32", size)
+            size = entry["codebook_size"]
+            codebook = _tensor_from(read_stream(payload, entry["codebook"], 4 * size), "float32", size)
             if symbols.numel() and int(symbols.max()) >= size:
                 raise ValueError("cluster index beyond the codebook")
             idx = torch.zeros(numel, dtype=torch.int64)
             idx[keep] = symbols
             enc = Encoding(kind="cluster", bits=bits, codebook=codebook, indices=idx.reshape(shape))
+        del symbols
         value = enc.dequantize().float().reshape(-1)
         full = torch.where(keep, value, torch.zeros_like(value))
-    else:
-        raise ValueError(f"unknown encoding kind {kind!r}")
     return full.reshape(shape), enc, keep.reshape(shape)
 
 
@@ -338,12 +389,31 @@ def _refill_onnx(blob: bytes, fill: list, model: nn.Module, encodings: dict[str,
 
 
 # ================================================================== public API
+# safetensors orders tensors by dtype (this order, largest first) then name, and pads its JSON header to 8 bytes
+_ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+              torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_ORDER = {name: i for i, name in enumerate(_ST_DTYPES.values())}
+
+
 def dense_fp32_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict as a dense fp32 safetensors file (the denominator of every ratio)."""
-    from safetensors.torch import save
-    tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
-               for k, v in model.state_dict().items()}
-    return len(save(tensors))
+    """Bytes of the model's state_dict as a dense fp32 safetensors file (the denominator of every ratio).
+
+    Worked out from names, dtypes and shapes alone, as safetensors lays the file out, so a model on the meta
+    device has its figure without allocating it (tests/test_archive.py checks it against safetensors' own bytes)."""
+    rows = []
+    for name, v in model.state_dict().items():
+        dtype = torch.float32 if v.is_floating_point() else v.dtype
+        if dtype not in _ST_DTYPES:
+            raise NetdietError(f"tensor {name} has dtype {dtype}, which a dense fp32 safetensors file does not hold")
+        rows.append((_ST_ORDER[_ST_DTYPES[dtype]], name, _ST_DTYPES[dtype], list(v.shape),
+                     v.numel() * torch.empty(0, dtype=dtype).element_size()))
+    entries, offset = [], 0
+    for _, name, dt, shape, nbytes in sorted(rows, key=lambda r: (r[0], r[1].encode("utf-8"))):
+        entries.append(f"{json.dumps(name, ensure_ascii=False)}:" + json.dumps(
+            {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + nbytes]}, separators=(",", ":")))
+        offset += nbytes
+    head = len(("{" + ",".join(entries) + "}").encode("utf-8"))
+    return 8 + head + (-head) % 8 + offset
 
 
 def _versions() -> dict:
@@ -356,12 +426,15 @@ def _versions() -> dict:
     return out
 
 
-def _dense_baseline_bytes(model: nn.Module, state: CompressionState) -> int:
-    if not state.structure or not state.spec:
+def dense_baseline_bytes(spec: Any, structure: Any, model: nn.Module) -> int:
+    """dense_fp32_bytes of the model before its architecture edits: the spec's dense model, built on the meta
+    device (so it costs no memory), or `model` itself when nothing was edited or the spec cannot be built."""
+    if not structure or not isinstance(spec, dict) or not isinstance(spec.get("spec"), str):
         return dense_fp32_bytes(model)
     try:
-        return dense_fp32_bytes(create_model(state.spec["spec"], **(state.spec.get("kwargs") or {})))
-    except NetdietError:
+        with torch.device("meta"):
+            return dense_fp32_bytes(create_model(spec["spec"], **(spec.get("kwargs") or {})))
+    except (NetdietError, TypeError, RuntimeError):
         return dense_fp32_bytes(model)
 
 
@@ -386,7 +459,7 @@ def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tu
         "format": FORMAT,
         "model": state.spec,
         "structure": state.structure,
-        "dense_fp32_bytes": _dense_baseline_bytes(model, state),
+        "dense_fp32_bytes": dense_baseline_bytes(state.spec, state.structure, model),
         "tensors": entries,
         "masks": sorted(n for n in state.masks if n in params),
         "stages": state.stages,
@@ -397,7 +470,11 @@ def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tu
         "payload_bytes": len(body),
         "payload_sha256": hashlib.sha256(body).hexdigest(),
     })
-    head = zstd_compress(dumps_json(doc).encode("utf-8"))
+    text = dumps_json(doc).encode("utf-8")
+    if len(text) > MAX_HEADER:  # the reader refuses larger headers, so the writer never makes one
+        raise NetdietError(f"the archive header would take {format_bytes(len(text))} (at most {format_bytes(MAX_HEADER)}); "
+                           "pass a smaller header (recipe, metrics) to archive.write")
+    head = zstd_compress(text)
     data = MAGIC + struct.pack("<I", len(head)) + head + body
     return data + hashlib.sha256(data).digest(), entries, artifacts
 
@@ -436,7 +513,7 @@ def breakdown(model: nn.Module, state: CompressionState) -> list[dict]:
 
 
 def read_header(data: bytes, source: str = "archive") -> tuple[dict, bytes]:
-    """(header, payload) after the magic, length and checksum checks."""
+    """(header, payload) after the magic, length and checksum checks, with the header checked against the schema."""
     if len(data) < len(MAGIC) + 4 + _DIGEST or data[:4] != MAGIC:
         raise NetdietError(f"{source} is not a netdiet archive (.ndz) or is truncated; give a file written by netdiet compress")
     if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
@@ -445,43 +522,208 @@ def read_header(data: bytes, source: str = "archive") -> tuple[dict, bytes]:
     if hlen > MAX_HEADER or 8 + hlen > len(data) - _DIGEST:
         raise NetdietError(f"{source} has a malformed header length; re-create it with netdiet compress")
     try:
-        header = json.loads(_zstd_decompress_any(data[8:8 + hlen]).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NetdietError(f"{source} has an unreadable header ({exc}); re-create it with netdiet compress") from None
+        header = load_header_json(data[8:8 + hlen])
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise NetdietError(f"{source} has an unreadable header ({str(exc)[:160]}); re-create it with netdiet compress") from None
     payload = data[8 + hlen:-_DIGEST]
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise NetdietError(f"{source} is not a {FORMAT} archive (format {header.get('format') if isinstance(header, dict) else None!r}); "
-                           "it may be from a newer netdiet")
-    if header.get("payload_bytes") != len(payload) or header.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
+        found = header.get("format") if isinstance(header, dict) else None
+        raise NetdietError(f"{source} is not a {FORMAT} archive (format {str(found)[:40]!r}); it may be from a newer netdiet")
+    check_header(header, source)
+    if header["payload_bytes"] != len(payload) or header["payload_sha256"] != hashlib.sha256(payload).hexdigest():
         raise NetdietError(f"{source}: the payload does not match the header's checksum; re-create it with netdiet compress")
     return header, payload
 
 
-def _zstd_decompress_any(data: bytes) -> bytes:
-    import io
+# ================================================================== the header's schema
+class _Bad(Exception):
+    """A header field that is not what netdiet writes: its path and what was wrong."""
 
-    import zstandard
+
+def _need(ok: bool, where: str, what: str, value: Any = None) -> None:
+    if not ok:
+        shown = json.dumps(value)[:40] if value is not None else "nothing"
+        raise _Bad(f"{where} {what}, got {shown}")
+
+
+def _int(v: Any, where: str, lo: int = 0, hi: int = 1 << 62, optional: bool = False) -> None:
+    if not (optional and v is None):
+        _need(type(v) is int and lo <= v <= hi, where, f"must be an integer in {lo}..{hi}", v)
+
+
+def _num(v: Any, where: str) -> None:
+    _need(v is None or type(v) in (int, float), where, "must be a number or null", v)
+
+
+def _str(v: Any, where: str, optional: bool = False) -> None:
+    _need((optional and v is None) or isinstance(v, str), where, "must be a string", v)
+
+
+def _choice(v: Any, where: str, allowed) -> None:
+    _need(v in allowed if isinstance(v, str) else False, where, f"must be one of {', '.join(allowed)}", v)
+
+
+def _obj(v: Any, where: str, optional: bool = False) -> dict:
+    _need((optional and v is None) or isinstance(v, dict), where, "must be an object", v)
+    return v or {}
+
+
+def _list(v: Any, where: str, optional: bool = False) -> list:
+    _need((optional and v is None) or isinstance(v, list), where, "must be a list", v)
+    return v or []
+
+
+def _ints(v: Any, where: str, lo: int = 0, optional: bool = False) -> None:
+    for i, d in enumerate(_list(v, where, optional)):
+        _int(d, f"{where}[{i}]", lo, 1 << 40)
+
+
+def _stream(v: Any, where: str, codecs: tuple[str, ...]) -> None:
+    meta = _obj(v, where)
+    _int(meta.get("off"), f"{where}.off")
+    _int(meta.get("len"), f"{where}.len")
+    _choice(meta.get("codec"), f"{where}.codec", codecs)
+    _int(meta.get("raw"), f"{where}.raw", optional=True)
+    _int(meta.get("n"), f"{where}.n", optional=True)
+    _int(meta.get("bits"), f"{where}.bits", 1, 16, optional=True)
+
+
+def _check_tensor_entry(e: Any, w: str) -> None:
+    _obj(e, w)
+    _str(e.get("name"), f"{w}.name")
+    _ints(e.get("shape"), f"{w}.shape")
+    _choice(e.get("dtype"), f"{w}.dtype", tuple(_DENSE_DTYPES))
+    _choice(e.get("kind"), f"{w}.kind", ("dense", "quant", "cluster"))
+    _int(e.get("nnz"), f"{w}.nnz")
+    pos = _obj(e.get("pos"), f"{w}.pos")
+    _choice(pos.get("method"), f"{w}.pos.method", ("all", "bitmask", "relidx"))
+    if pos["method"] != "all":
+        _stream(pos.get("stream"), f"{w}.pos.stream", BYTE_CODECS if pos["method"] == "bitmask" else SYMBOL_CODECS)
+    _int(pos.get("bits"), f"{w}.pos.bits", 1, 16, optional=pos["method"] != "relidx")
+    _int(pos.get("count"), f"{w}.pos.count", optional=True)
+    if e["kind"] == "dense":
+        _choice(e.get("store"), f"{w}.store", tuple(_DENSE_DTYPES))
+        _stream(e.get("values"), f"{w}.values", BYTE_CODECS)
+        return
+    _int(e.get("bits"), f"{w}.bits", 1, 8)
+    _stream(e.get("values"), f"{w}.values", SYMBOL_CODECS)
+    if e["kind"] == "quant":
+        _int(e.get("axis"), f"{w}.axis", 0, 64)
+        _int(e.get("channels"), f"{w}.channels", 1)
+        _stream(e.get("scale"), f"{w}.scale", BYTE_CODECS)
+        if "zero_point" in e:
+            _stream(e.get("zero_point"), f"{w}.zero_point", BYTE_CODECS)
+            _choice(e.get("zp_dtype"), f"{w}.zp_dtype", ("float32", "int64"))
+    else:
+        _stream(e.get("codebook"), f"{w}.codebook", BYTE_CODECS)
+        _int(e.get("codebook_size"), f"{w}.codebook_size", 1, 256)
+
+
+def _check_structure(edits: Any) -> None:
+    for i, edit in enumerate(_list(edits, "structure", optional=True)):
+        w = f"structure[{i}]"
+        _str(_obj(edit, w).get("op"), f"{w}.op")
+        if edit["op"] == "structured":
+            for name, change in _obj(edit.get("modules"), f"{w}.modules").items():
+                m = f"{w}.modules.{name[:40]}"
+                _str(_obj(change, m).get("type"), f"{m}.type")
+                for key, value in _obj(change.get("attrs"), f"{m}.attrs", optional=True).items():
+                    _need(not key.startswith("_"), f"{m}.attrs", "names a private attribute", key)
+                    if isinstance(value, list):
+                        _ints(value, f"{m}.attrs.{key}")
+                    else:
+                        _int(value, f"{m}.attrs.{key}", -(1 << 40), 1 << 40)
+                for part in ("params", "buffers"):
+                    for key, shape in _obj(change.get(part), f"{m}.{part}", optional=True).items():
+                        _ints(shape, f"{m}.{part}.{key}")
+        elif edit["op"] == "lowrank":
+            for j, item in enumerate(_list(edit.get("layers"), f"{w}.layers")):
+                _str(_obj(item, f"{w}.layers[{j}]").get("name"), f"{w}.layers[{j}].name")
+                _int(item.get("rank"), f"{w}.layers[{j}].rank", 1, 1 << 40)
+
+
+def _check_stage(st: Any, w: str) -> None:
+    _obj(st, w)
+    for key in ("name", "technique", "runtime"):
+        _str(st.get(key), f"{w}.{key}", optional=True)
+    for key in ("accuracy", "accuracy_pytorch", "accuracy_onnxruntime", "ratio"):
+        _num(st.get(key), f"{w}.{key}")
+    for key in ("bytes_on_disk", "macs", "params", "nonzero_params"):
+        _int(st.get(key), f"{w}.{key}", optional=True)
+    _obj(st.get("options"), f"{w}.options", optional=True)
+    _need(st.get("evaluated") in (None, True, False), f"{w}.evaluated", "must be true or false", st.get("evaluated"))
+
+
+def _check_document(h: dict) -> None:
+    spec = _obj(h.get("model"), "model", optional=True)
+    if spec:
+        _str(spec.get("spec"), "model.spec")
+        _obj(spec.get("kwargs"), "model.kwargs", optional=True)
+    _check_structure(h.get("structure"))
+    _int(h.get("dense_fp32_bytes"), "dense_fp32_bytes", optional=True)
+    for i, e in enumerate(_list(h.get("tensors"), "tensors")):
+        _check_tensor_entry(e, f"tensors[{i}]")
+    for i, name in enumerate(_list(h.get("masks"), "masks", optional=True)):
+        _str(name, f"masks[{i}]")
+    for i, st in enumerate(_list(h.get("stages"), "stages", optional=True)):
+        _check_stage(st, f"stages[{i}]")
+    for name, art in _obj(h.get("artifacts"), "artifacts", optional=True).items():
+        w = f"artifacts.{name[:40]}"
+        _stream(_obj(art, w).get("stream"), f"{w}.stream", BYTE_CODECS)
+        for i, rec in enumerate(_list(art.get("fill"), f"{w}.fill")):
+            for key in ("init", "param", "tensor"):
+                _str(_obj(rec, f"{w}.fill[{i}]").get(key), f"{w}.fill[{i}].{key}", optional=key != "init")
+        _str(art.get("mode"), f"{w}.mode", optional=True)
+        _str(art.get("input_dtype"), f"{w}.input_dtype", optional=True)
+        _ints(art.get("input_shape"), f"{w}.input_shape", optional=True)
+    counts = _obj(_obj(h.get("entropy"), "entropy", optional=True).get("streams_by_codec"), "entropy.streams_by_codec", optional=True)
+    for codec, n in counts.items():
+        _choice(codec, "entropy.streams_by_codec", BYTE_CODECS + SYMBOL_CODECS)
+        _int(n, f"entropy.streams_by_codec.{codec}")
+    for i, w in enumerate(_list(h.get("warnings"), "warnings", optional=True)):
+        _str(w, f"warnings[{i}]")
+    for key, v in _obj(h.get("versions"), "versions", optional=True).items():
+        _str(v, f"versions.{key[:40]}")
+    _int(h.get("payload_bytes"), "payload_bytes")
+    _str(h.get("payload_sha256"), "payload_sha256")
+
+
+def check_header(header: dict, source: str = "archive") -> dict:
+    """Every field the reader, evaluate or a renderer uses has the type and range netdiet writes (fields a caller
+    added -- recipe, metrics -- are free-form JSON, already finite and shallow); otherwise one NetdietError."""
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(MAX_HEADER + 1)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"zstd: {exc}") from None
-    if len(out) > MAX_HEADER:
-        raise ValueError("header too large")
-    return out
+        _check_document(header)
+    except _Bad as exc:
+        raise NetdietError(f"{source}: header field {exc}; re-create it with netdiet compress") from None
+    return header
 
 
-def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None) -> LoadedArchive:
+# ================================================================== reading
+def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None, max_memory: int | None = None) -> LoadedArchive:
     """Rebuild the model and its CompressionState. Zoo models rebuild freely; a user's `pkg.mod:fn` or
-    `file.py:fn` is imported only when the caller passes that same spec as `model_spec`."""
+    `file.py:fn` is imported only when the caller passes that same spec as `model_spec`.
+
+    Memory is budgeted before it is spent: the model the header describes is built on the meta device first,
+    its tensor list checked against it, and the bytes reading would take (weights, codes, the largest tensor's
+    scratch) compared with `max_memory` (default: the RAM available now, netdiet.analysis.ram.available_ram)."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data, source = bytes(path_or_bytes), "archive"
     else:
         path = Path(path_or_bytes)
         if not path.is_file():
             raise NetdietError(f"archive {path} does not exist; check the path")
+        limit = max_memory if max_memory is not None else available_ram()
+        if limit is not None and path.stat().st_size > limit:
+            raise NetdietError(f"{path} is {format_bytes(path.stat().st_size)}, more than the {format_bytes(limit)} of memory "
+                               "it may use; free memory or pass a larger max_memory")
         data, source = path.read_bytes(), str(path)
     header, payload = read_header(data, source)
+    with torch.device("meta"):
+        skeleton = _rebuild_model(header, model_spec, source)
+    _check_tensor_list(skeleton, header, source)
+    _check_budget(skeleton, header, max_memory, source)
+    _check_streams(skeleton, header, payload, source)
+    del skeleton
     model = _rebuild_model(header, model_spec, source)
     try:
         state = _load_tensors(model, header, payload)
@@ -494,8 +736,9 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None) ->
 
 
 def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Module:
+    """The model the header describes, on the current default device (the meta device for the budget)."""
     spec = header.get("model")
-    if not isinstance(spec, dict) or not isinstance(spec.get("spec"), str) or not isinstance(spec.get("kwargs", {}), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("spec"), str) or not isinstance(spec.get("kwargs") or {}, dict):
         raise NetdietError(f"{source} records no model spec, so it cannot be rebuilt; write it with state.spec set")
     name, kwargs = spec["spec"], spec.get("kwargs") or {}
     user_code = ":" in name or name.endswith(".py")
@@ -504,6 +747,9 @@ def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Modu
     if user_code and model_spec != name:
         raise NetdietError(f"{source} was made from user code '{name}'; netdiet imports it only if you name it: "
                            f"pass --model {name} (model_spec='{name}')")
+    if user_code and not name.endswith(".py") and torch.empty(0).is_meta:
+        with torch.device("cpu"):  # import the user's module outside the meta device: its globals stay real
+            resolve(name)
     model = create_model(name, **kwargs)
     try:
         model = replay_structure(model, header.get("structure") or [])
@@ -514,31 +760,80 @@ def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Modu
     return model
 
 
-def _load_tensors(model: nn.Module, header: dict, payload: bytes) -> CompressionState:
-    entries = header.get("tensors")
-    if not isinstance(entries, list):
-        raise ValueError("no tensor list")
-    own = model.state_dict()
-    by_name = {e.get("name"): e for e in entries if isinstance(e, dict)}
+def _check_tensor_list(skeleton: nn.Module, header: dict, source: str) -> None:
+    """The header's tensor names, dtypes and shapes against the (meta) model."""
+    entries, own = header["tensors"], skeleton.state_dict()
+    by_name = {e["name"]: e for e in entries}
     if set(by_name) != set(own) or len(entries) != len(own):
         missing = sorted(set(own) - set(by_name))[:3]
-        raise NetdietError(f"archive tensors do not fit the rebuilt model (missing {missing}); it was written for another model")
-    params = dict(model.named_parameters())
-    state_dict, encodings, keeps = {}, {}, {}
+        extra = sorted(set(by_name) - set(own))[:3]
+        raise NetdietError(f"{source}: its tensors do not fit the rebuilt model (missing {missing}, extra {extra}); "
+                           "it was written for another model")
     for name, ref in own.items():
         e = by_name[name]
-        shape = tuple(ref.shape)
-        if e.get("shape") != list(shape) or e.get("dtype") != _dtype_name(ref):
-            raise NetdietError(f"archive tensor {name} is {e.get('shape')} {e.get('dtype')} but the model has {list(shape)} "
+        if e["shape"] != list(ref.shape) or e["dtype"] != _dtype_name(ref):
+            raise NetdietError(f"{source}: tensor {name} is {e['shape']} {e['dtype']} but the model has {list(ref.shape)} "
                                f"{_dtype_name(ref)}; it was written for another model or model-kw")
-        value, enc, keep = _decode_tensor(e, payload, shape)
-        state_dict[name] = value.to(ref.dtype)
-        keeps[name] = keep
+
+
+def _check_streams(skeleton: nn.Module, header: dict, payload: bytes, source: str) -> None:
+    """Every tensor's counts and every stream's declared size (zstd frame headers included), before decoding."""
+    by_name = {e["name"]: e for e in header["tensors"]}
+    for name, ref in skeleton.state_dict().items():
+        try:
+            check_entry(by_name[name], tuple(ref.shape), payload)
+        except ValueError as exc:
+            raise NetdietError(f"{source} is corrupted (tensor {name}: {str(exc)[:160]}); re-create it with netdiet compress") from None
+
+
+def _storage_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def reading_bytes(skeleton: nn.Module, header: dict) -> int:
+    """Bytes reading the archive takes at its peak: the model's parameters and buffers, the codes and masks the
+    CompressionState keeps, and the decoding scratch of the largest tensor (measured: ~40 bytes an element,
+    plus ~48 a stored code) -- and the int8 ONNX graph, refilled with a copy of the weights, when there is one."""
+    own, masks = skeleton.state_dict(), set(header.get("masks") or [])
+    kept = scratch = 0
+    for e in header["tensors"]:
+        numel = own[e["name"]].numel()
+        kept += numel * ((e["name"] in masks) + {"quant": 1, "cluster": 8}.get(e["kind"], 0))
+        codes = (e["pos"].get("stream") or {}).get("n") or 0 if e["pos"]["method"] == "relidx" else 0
+        # counts are clamped to what the shape allows (check_entry refuses more, after this estimate)
+        scratch = max(scratch, 40 * numel + 48 * (min(e["nnz"], numel) + min(codes, 2 * numel)))
+    need = _storage_bytes(skeleton) + kept + scratch
+    for art in (header.get("artifacts") or {}).values():
+        need += 3 * int(art["stream"].get("raw") or art["stream"]["len"]) + 2 * _storage_bytes(skeleton)
+    return need
+
+
+def _check_budget(skeleton: nn.Module, header: dict, max_memory: int | None, source: str) -> None:
+    limit = max_memory if max_memory is not None else available_ram()
+    need = reading_bytes(skeleton, header)
+    if limit is not None and need > limit:
+        weights = _storage_bytes(skeleton)
+        where = f"max_memory is {format_bytes(limit)}" if max_memory is not None else f"only {format_bytes(limit)} of RAM is available"
+        raise NetdietError(f"{source} describes a model of {format_bytes(weights)} (reading it needs about {format_bytes(need)}) "
+                           f"but {where}; read it on a bigger machine or pass a larger max_memory")
+
+
+def _load_tensors(model: nn.Module, header: dict, payload: bytes) -> CompressionState:
+    entries = header["tensors"]
+    own = model.state_dict()   # detached views of the model's own storage: each tensor is decoded into place
+    by_name = {e["name"]: e for e in entries}
+    params = dict(model.named_parameters())
+    mask_names = {n for n in header.get("masks") or [] if n in own}
+    encodings, masks = {}, {}
+    for name, ref in own.items():
+        value, enc, keep = _decode_tensor(by_name[name], payload, tuple(ref.shape))
+        ref.copy_(value)
+        del value
+        if name in mask_names:
+            masks[name] = keep
         if enc is not None and name in params:
             encodings[name] = enc
-    model.load_state_dict(state_dict, strict=True)
-    masks = {n: keeps[n] for n in header.get("masks") or [] if isinstance(n, str) and n in keeps}
-    stages = header.get("stages") if isinstance(header.get("stages"), list) else []
+    stages = header.get("stages") or []
     state = CompressionState(spec=header.get("model"), structure=list(header.get("structure") or []),
                              encodings=encodings, masks=masks, stages=stages)
     art = (header.get("artifacts") or {}).get("onnx_int8")

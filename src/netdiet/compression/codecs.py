@@ -6,14 +6,24 @@ Everything here works on numpy arrays and bytes; archive.py decides what goes in
 from __future__ import annotations
 
 import heapq
+import json
+import math
+import re
 import struct
 from typing import Any
 
 import numpy as np
 
-MAX_HEADER = 64 * 1024 * 1024   # bytes a header (and the floor of any stream's claimed size) may take
+MAX_JSON_DEPTH = 32             # nesting of the header JSON (netdiet writes ~8; json.loads recurses per level)
+MAX_HEADER = 8 * 1024 * 1024    # bytes a header may take, compressed or decompressed (a 1,000-tensor model needs ~0.3 MB)
+MAX_EXPANSION = 1 << 16         # zstd's ceiling is ~32,768:1 (RLE blocks of 128 KiB); a stream claiming more is forged
+MAX_BLOB_EXPANSION = 64         # an untyped blob (the ONNX graph without its weights) inflates at most this much...
+MIN_BLOB_CLAIM = 1 << 20        # ...or to 1 MiB, whichever is larger
 HUFFMAN_MAX_LEN = 20
-HUFFMAN_MAX_SYMBOLS = 1 << 22
+HUFFMAN_MAX_SYMBOLS = 1 << 22   # the encoder Huffman-codes no longer stream, so the decoder accepts none
+_HUFFMAN_CHUNK = 1 << 16        # bits decoded per window table: the decoder's scratch stays ~3 MB whatever the stream
+SYMBOL_CODECS = ("pack", "pack+zstd", "byte+zstd", "huffman")
+BYTE_CODECS = ("raw", "zstd")
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -31,8 +41,12 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"packed stream has {len(data)} bytes, expected {need}")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits)
-    return flat.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    # one bit plane at a time: bits + 16 bytes of scratch per symbol (an int64 matrix of all planes took 8 * bits)
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits).reshape(n, bits)
+    out = np.zeros(n, dtype=np.int64)
+    for k in range(bits):
+        out |= planes[:, k].astype(np.int64) << k
+    return out
 
 
 def huffman_lengths(counts: np.ndarray) -> np.ndarray | None:
@@ -85,9 +99,18 @@ def huffman_encode(symbols: np.ndarray, n_symbols: int) -> bytes | None:
     return struct.pack("<I", size) + lengths[:size].astype(np.uint8).tobytes() + stream
 
 
+def huffman_bounds(n: int, length: int) -> None:
+    """A Huffman stream of n symbols in `length` bytes: its table fits, and its bits are neither too few nor too many
+    for n codes of 1..HUFFMAN_MAX_LEN bits (so junk after the last code, or a claim of more symbols, is refused)."""
+    if not 0 < n <= HUFFMAN_MAX_SYMBOLS:
+        raise ValueError(f"Huffman stream of {n} symbols (at most {HUFFMAN_MAX_SYMBOLS} are ever written)")
+    body = length - 4 - 1   # at least one code-length byte
+    if body < (n + 7) // 8 or length > 4 + 65536 + (n * HUFFMAN_MAX_LEN + 7) // 8:
+        raise ValueError(f"Huffman stream of {length} bytes cannot hold {n} symbols")
+
+
 def huffman_decode(data: bytes, n: int) -> np.ndarray:
-    if len(data) < 4:
-        raise ValueError("Huffman stream too short")
+    huffman_bounds(n, len(data))
     (size,) = struct.unpack_from("<I", data)
     if size == 0 or size > 65536 or len(data) < 4 + size:
         raise ValueError("Huffman table is malformed")
@@ -97,6 +120,11 @@ def huffman_decode(data: bytes, n: int) -> np.ndarray:
     # a prefix code must satisfy Kraft's inequality (<= 1); larger means the table was damaged
     if np.sum(np.ldexp(1.0, -lengths[lengths > 0])) > 1.0 + 1e-12:
         raise ValueError("Huffman code lengths violate Kraft's inequality")
+    used = lengths[lengths > 0]
+    stream = np.frombuffer(data, dtype=np.uint8, offset=4 + size)
+    # every code takes between the shortest and the longest code length: the stream must be exactly that long
+    if not (n * int(used.min()) + 7) // 8 <= len(stream) <= (n * int(used.max()) + 7) // 8:
+        raise ValueError(f"Huffman stream of {len(stream)} bytes does not fit {n} symbols of its code lengths")
     width = int(lengths.max())
     codes = canonical_codes(lengths)
     sym_tab = np.full(1 << width, -1, dtype=np.int64)
@@ -105,24 +133,33 @@ def huffman_decode(data: bytes, n: int) -> np.ndarray:
         lo = int(codes[s]) << (width - int(lengths[s]))
         hi = lo + (1 << (width - int(lengths[s])))
         sym_tab[lo:hi], len_tab[lo:hi] = s, lengths[s]
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=4 + size))
-    if n > len(bits):
-        raise ValueError("Huffman stream is shorter than its symbol count")
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)]).astype(np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width)[: len(bits)] @ (1 << np.arange(width - 1, -1, -1))
-    win, syms, lens = windows.tolist(), sym_tab.tolist(), len_tab.tolist()
-    out = [0] * n
-    pos, end = 0, len(bits)
-    for i in range(n):
+    bits = np.unpackbits(stream)
+    end = len(bits)
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)])
+    weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
+    syms, lens = sym_tab.tolist(), len_tab.tolist()
+    out = np.empty(n, dtype=np.int64)
+    pos, i = 0, 0
+    while i < n:
         if pos >= end:
             raise ValueError("Huffman stream ended early")
-        v = win[pos]
-        s = syms[v]
-        if s < 0:
-            raise ValueError("invalid Huffman code")
-        out[i] = s
-        pos += lens[v]
-    return np.asarray(out, dtype=np.int64)
+        # the width-bit window at every bit position of one chunk (a table of the whole stream took 44 bytes a bit)
+        lo, hi = pos, min(pos + _HUFFMAN_CHUNK, end)
+        win = (np.lib.stride_tricks.sliding_window_view(padded[lo:hi + width], width)[: hi - lo].astype(np.int64)
+               @ weights).tolist()
+        chunk = []
+        while i < n and pos < hi:
+            v = win[pos - lo]
+            s = syms[v]
+            if s < 0:
+                raise ValueError("invalid Huffman code")
+            chunk.append(s)
+            pos += lens[v]
+            i += 1
+        out[i - len(chunk):i] = chunk
+    if pos > end or (pos + 7) // 8 != len(stream) or bits[pos:].any():
+        raise ValueError("Huffman stream has bytes after its last symbol")
+    return out
 
 
 def zstd_compress(data: bytes) -> bytes:
@@ -131,18 +168,30 @@ def zstd_compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=19 if len(data) < (1 << 20) else 9).compress(data)
 
 
-def zstd_decompress(data: bytes, size: int) -> bytes:
-    """Exactly `size` bytes; reads at most size + 1, whatever the frame header claims (it may be corrupted)."""
-    import io
+def zstd_decompress(data: bytes, size: int | None = None, *, limit: int | None = None) -> bytes:
+    """One zstd frame, exactly `size` bytes (or at most `limit` when the size is not known); nothing after it.
 
+    The frame header's content size is checked before anything is decoded, and libzstd refuses a frame that
+    decodes past its content size, so no claim -- true or forged -- makes this allocate more than asked."""
     import zstandard
+    claimed = _frame_size(data[:18])
+    if claimed < 0:
+        raise ValueError("zstd frame does not record its size (netdiet always writes it)")
+    if size is not None and claimed != size:
+        raise ValueError(f"zstd stream claims {claimed} bytes, expected {size}")
+    if limit is not None and claimed > limit:
+        raise ValueError(f"zstd stream claims {claimed} bytes, more than the {limit} allowed")
+    if claimed > max(len(data), 1) * MAX_EXPANSION:
+        raise ValueError(f"zstd stream of {len(data)} bytes claims {claimed}, beyond zstd's ratio")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(size + 1)
+        out = dobj.decompress(data)
     except zstandard.ZstdError as exc:
         raise ValueError(f"zstd: {exc}") from None
-    if len(out) != size:
-        raise ValueError(f"zstd stream decompressed to {len(out)} bytes, expected {size}")
+    if not dobj.eof or dobj.unused_data:
+        raise ValueError("zstd stream is truncated or has bytes after its frame")
+    if len(out) != claimed:
+        raise ValueError(f"zstd stream decompressed to {len(out)} bytes, expected {claimed}")
     return out
 
 
@@ -187,47 +236,88 @@ class Payload:
         return b"".join(self.parts)
 
 
-def read_stream(payload: bytes, meta: Any, expect_raw: int | None = None) -> bytes:
+def _span(payload_len: int, meta: Any) -> tuple[int, int, Any]:
     if not isinstance(meta, dict):
         raise ValueError("stream entry is not an object")
     off, length, codec = meta.get("off"), meta.get("len"), meta.get("codec")
-    if not (isinstance(off, int) and isinstance(length, int) and 0 <= off and 0 <= length and off + length <= len(payload)):
+    if not (type(off) is int and type(length) is int and 0 <= off and 0 <= length and off + length <= payload_len):
         raise ValueError("stream lies outside the payload")
-    data = payload[off:off + length]
+    return off, length, codec
+
+
+def _frame_size(head: bytes) -> int:
+    """The content size a zstd frame header declares (-1 when it declares none), from its first bytes."""
+    import zstandard
+    try:
+        return zstandard.frame_content_size(head)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd: {exc}") from None
+
+
+def check_stream(payload: bytes, meta: Any, expect_raw: int | None = None) -> int:
+    """The bytes a byte stream will decode to, from its entry and its zstd frame header (nothing is decoded):
+    its declared size must be the one expected, and no larger than its stored length allows."""
+    off, length, codec = _span(len(payload), meta)
     if codec == "raw":
-        out = data
+        raw = length
     elif codec == "zstd":
         raw = meta.get("raw")
-        if not isinstance(raw, int) or raw < 0 or (expect_raw is not None and raw != expect_raw):
+        if type(raw) is not int or raw < 0:
             raise ValueError("stream size is inconsistent")
-        if expect_raw is None and raw > max(MAX_HEADER, 64 * length):
+        if raw > max(length, 1) * MAX_EXPANSION:
+            raise ValueError(f"stream of {length} bytes claims {raw}, beyond zstd's ratio")
+        if expect_raw is None and raw > max(MIN_BLOB_CLAIM, MAX_BLOB_EXPANSION * length):
             raise ValueError("stream claims an implausible size")
-        out = zstd_decompress(data, raw)
+        if _frame_size(payload[off:off + min(length, 18)]) != raw:   # a frame header takes at most 18 bytes
+            raise ValueError(f"zstd frame does not hold the {raw} bytes its entry declares")
     else:
         raise ValueError(f"unknown byte-stream codec {codec!r}")
-    if expect_raw is not None and len(out) != expect_raw:
-        raise ValueError(f"stream holds {len(out)} bytes, expected {expect_raw}")
-    return out
+    if expect_raw is not None and raw != expect_raw:
+        raise ValueError(f"stream holds {raw} bytes, expected {expect_raw}")
+    return raw
+
+
+def check_symbols(payload: bytes, meta: Any, bits: int, n: int) -> None:
+    """A symbol stream's entry matches its tensor (width, count) and its length can hold exactly n symbols."""
+    if not isinstance(meta, dict) or meta.get("bits") != bits or meta.get("n") != n:
+        raise ValueError("symbol stream does not match its tensor")
+    off, length, codec = _span(len(payload), meta)
+    need = (n * bits + 7) // 8
+    if codec == "pack":
+        if length != need:
+            raise ValueError(f"packed stream has {length} bytes, expected {need}")
+    elif codec == "pack+zstd" or (codec == "byte+zstd" and bits <= 8):
+        raw = need if codec == "pack+zstd" else n
+        if raw > max(length, 1) * MAX_EXPANSION:
+            raise ValueError(f"stream of {length} bytes claims {n} symbols, beyond zstd's ratio")
+        if _frame_size(payload[off:off + min(length, 18)]) != raw:
+            raise ValueError(f"zstd frame does not hold the {raw} bytes {n} symbols take")
+    elif codec == "huffman":
+        huffman_bounds(n, length)
+    else:
+        raise ValueError(f"unknown symbol codec {codec!r}")
+
+
+def read_stream(payload: bytes, meta: Any, expect_raw: int | None = None) -> bytes:
+    raw = check_stream(payload, meta, expect_raw)
+    off, length, codec = _span(len(payload), meta)
+    data = payload[off:off + length]
+    return data if codec == "raw" else zstd_decompress(data, raw)
 
 
 def read_symbols(payload: bytes, meta: Any, bits: int, n: int) -> np.ndarray:
-    if not isinstance(meta, dict) or meta.get("bits") != bits or meta.get("n") != n:
-        raise ValueError("symbol stream does not match its tensor")
-    off, length, codec = meta.get("off"), meta.get("len"), meta.get("codec")
-    if not (isinstance(off, int) and isinstance(length, int) and 0 <= off and 0 <= length and off + length <= len(payload)):
-        raise ValueError("stream lies outside the payload")
+    check_symbols(payload, meta, bits, n)
+    off, length, codec = _span(len(payload), meta)
     data = payload[off:off + length]
     need = (n * bits + 7) // 8
     if codec == "pack":
         out = unpack_bits(data, bits, n)
     elif codec == "pack+zstd":
         out = unpack_bits(zstd_decompress(data, need), bits, n)
-    elif codec == "byte+zstd" and bits <= 8:
+    elif codec == "byte+zstd":
         out = np.frombuffer(zstd_decompress(data, n), dtype=np.uint8).astype(np.int64)
-    elif codec == "huffman":
-        out = huffman_decode(data, n)
     else:
-        raise ValueError(f"unknown symbol codec {codec!r}")
+        out = huffman_decode(data, n)
     if out.size and (out.min() < 0 or out.max() >= (1 << bits)):
         raise ValueError("symbol out of range")
     return out
@@ -265,3 +355,37 @@ def best_relidx_bits(positions: np.ndarray) -> tuple[int, int]:
     return best
 
 
+
+
+# ================================================================== the header's JSON
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    if not a.size:
+        return 0
+    step = (a == ord("[")).astype(np.int32) + (a == ord("{")) - (a == ord("]")) - (a == ord("}"))
+    return int(np.cumsum(step).max())
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is not finite")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_header_json(blob: bytes) -> Any:
+    """The header's zstd-compressed JSON, decoded into at most MAX_HEADER bytes, nested at most MAX_JSON_DEPTH
+    deep, with every number finite (NaN, Infinity and 1e999 are refused): ValueError otherwise."""
+    raw = zstd_decompress(blob, limit=MAX_HEADER)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} deep (at most {MAX_JSON_DEPTH})")
+    return json.loads(raw.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)

@@ -84,11 +84,14 @@ def _macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_size: int = 256, latency: bool = True,
              onnx: bool | None = None, model_spec: str | None = None, latency_batch: int = 64,
-             warmup: int = 5, repeats: int = 30, data_dir: str | None = None) -> EvaluateResult:
+             warmup: int = 5, repeats: int = 30, data_dir: str | None = None,
+             max_memory: int | None = None) -> EvaluateResult:
     """Evaluate a model or a .ndz archive on `data` (a Dataset or a dataset name; its test split).
 
     onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
-    model to ONNX Runtime for comparison; False = PyTorch only.
+    model to ONNX Runtime for comparison; False = PyTorch only. max_memory: bytes reading the archive may take
+    (default: the RAM available now; see archive.read). The dense fp32 size is recomputed from the rebuilt
+    architecture, never taken from the header.
     """
 
     if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
@@ -100,13 +103,13 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
         result.dense_fp32_bytes = result.bytes_on_disk = archive.dense_fp32_bytes(model)
         result.warnings.append("a plain model is stored as dense fp32 safetensors; evaluate its .ndz for compressed bytes")
     elif isinstance(model_or_archive_path, (str, Path)):
-        loaded = archive.read(model_or_archive_path, model_spec=model_spec)
+        loaded = archive.read(model_or_archive_path, model_spec=model_spec, max_memory=max_memory)
         model, header = loaded.model, loaded.header
         result.source = str(model_or_archive_path)
         result.model = header.get("model")
         result.bytes_on_disk = loaded.nbytes
-        dense = header.get("dense_fp32_bytes")
-        result.dense_fp32_bytes = dense if isinstance(dense, int) and dense > 0 else archive.dense_fp32_bytes(model)
+        # the header's own dense_fp32_bytes is a claim; the denominator is worked out from the rebuilt model
+        result.dense_fp32_bytes = archive.dense_baseline_bytes(header.get("model"), header.get("structure"), model)
         result.stages = header.get("stages") or []
         result.warnings += [str(w) for w in header.get("warnings") or []]
         result.tensors = _tensor_rows(header)
