@@ -1,12 +1,19 @@
 """`netdiet evaluate`: the figures of the stored model, and exit 2 for missing or damaged archives."""
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 
+import pytest
 import torch
+import zstandard
 
+from netdiet import api
 from netdiet.cli import main
 from netdiet.compression import archive
+from netdiet.compression.evaluate import evaluate
+from netdiet.errors import NetdietError
 from netdiet.compression.base import CompressionState, StageContext, create_technique
 from netdiet.models import create_model
 from netdiet.training import evaluate_accuracy
@@ -77,3 +84,23 @@ def test_evaluate_missing_or_corrupted_archive_exits_2_with_one_line(tmp_path, c
     assert main(["evaluate", str(tmp_path / "bad.ndz"), "--no-latency"]) == 2
     err = capsys.readouterr().err
     assert "checksum" in err and err.count("\n") == 1
+
+
+def test_evaluate_works_out_the_dense_size_instead_of_repeating_the_headers_claim(tmp_path):
+    # before: a header saying dense_fp32_bytes = 1e40 was reported as a 5.2e35x ratio
+    model, path, size = _int4_lenet300(tmp_path)
+    header, payload = archive.read_header(path.read_bytes())
+    header = dict(header, dense_fp32_bytes=10 ** 18)
+    head = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    data = archive.MAGIC + struct.pack("<I", len(head)) + head + payload
+    (tmp_path / "claim.ndz").write_bytes(data + hashlib.sha256(data).digest())
+    result = api.evaluate(str(tmp_path / "claim.ndz"), None, latency=False)
+    assert result.dense_fp32_bytes == archive.dense_fp32_bytes(create_model("lenet300"))
+    assert 5 < result.ratio < 10  # int4: about 7.6x, not 10 ** 18 / size
+
+
+def test_evaluate_passes_max_memory_to_the_reader(tmp_path):
+    _, path, _ = _int4_lenet300(tmp_path)
+    with pytest.raises(NetdietError, match="max_memory is 1.00 MiB"):
+        evaluate(path, None, latency=False, max_memory=1 << 20)
+    assert evaluate(path, None, latency=False, max_memory=1 << 30).params == 266_610

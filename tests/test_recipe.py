@@ -152,3 +152,51 @@ def test_builtin_deep_compression_reaches_50x_on_lenet300_without_losing_accurac
     size = (tmp_path / "dc.ndz").stat().st_size
     assert dense / size >= 50
     assert result.stages[-1].accuracy >= result.baseline["accuracy"] - 0.003
+
+
+# ------------------------------------------------------------------ a strict YAML reader (issue 11)
+def _billion_laughs(where: str) -> str:
+    """Nine levels of nine-fold aliases: ~400 bytes that expand to 9**9 = 387 million strings."""
+    lines = ['x0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n" + where
+
+
+@pytest.mark.parametrize("where, line", [
+    ("name: *a8\nstages: [{technique: prune}]\n", 1),  # the first anchor is refused: line 1
+    ("stages:\n  - technique: prune\n    options: {layers: *a8}\n", 1),
+])
+def test_a_billion_laughs_recipe_fails_fast_at_its_first_anchor(where, line):
+    import time
+    text = _billion_laughs(where)
+    assert len(text) < 700
+    start = time.perf_counter()
+    with pytest.raises(NetdietError, match=rf"^<recipe> line {line}: YAML anchors \(&a0\) are not allowed"):
+        parse_recipe(text)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ("name: x\ndescription: &d long\nstages: [{technique: prune, name: *d}]\n", 2, "anchors (&d) are not allowed"),
+    ("stages:\n  - technique: prune\n    name: *d\n", 3, "aliases (*d) are not allowed"),
+    ("stages:\n  - technique: prune\n    options: {sparsity: 0.5}\n    options: {sparsity: 0.9}\n", 4,
+     "duplicate key 'options' (first given on line 3)"),
+    ("name: a\nname: b\nstages: [{technique: prune}]\n", 2, "duplicate key 'name'"),
+    ("name: !!python/object/apply:os.system ['true']\nstages: [{technique: prune}]\n", 1, "tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("name: !custom x\nstages: [{technique: prune}]\n", 1, "tag '!custom' is not allowed"),
+    ("name: " + "[" * 5000 + "]" * 5000 + "\nstages: [{technique: prune}]\n", 1, "nests more than 32 levels"),
+    ("name:\n" + "".join(" " * i + "- \n" for i in range(40)) + "stages: [{technique: prune}]\n", 33, "nests more than 32 levels"),
+    ("? [a, b]\n: 1\nstages: [{technique: prune}]\n", 1, "a mapping key must be a plain name"),
+    ("stages:\n  - technique: prune\n    options: {schedule: [1]}\n", 3, "schedule must be one of"),
+])
+def test_anchors_tags_duplicate_keys_and_deep_nesting_are_refused_with_their_line(text, line, fragment):
+    with pytest.raises(NetdietError) as err:
+        parse_recipe(text, source="r.yaml")
+    message = str(err.value)
+    assert message.startswith(f"r.yaml line {line}: ") and fragment in message and "\n" not in message
+
+
+def test_plain_tags_and_a_long_recipe_file_are_handled():
+    assert parse_recipe("name: !!str 12\nstages: [{technique: prune}]\n").name == "12"
+    with pytest.raises(NetdietError, match="at most 1048576"):
+        parse_recipe("# " + "x" * (1 << 20) + "\nstages: [{technique: prune}]\n")

@@ -11,6 +11,10 @@
 A recipe is given as a path to a YAML file or as the name of a built-in one (`compression/recipes/<name>.yaml`).
 Every validation error names the file and the YAML line it comes from (the document is composed with
 `yaml.compose` so each value keeps its position), as one line: `recipe.yaml line 7: ...`.
+
+The YAML is read by a strict composer: no anchors or aliases (a few hundred bytes of them expand into gigabytes,
+"billion laughs"), no tags beyond the plain str/int/float/bool/null/seq/map ones (nothing constructs a Python
+object), no duplicate keys, at most MAX_YAML_DEPTH levels of nesting and MAX_RECIPE_BYTES of text.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ _TOP_KEYS = ("name", "description", "baseline", "stages")
 _STAGE_KEYS = ("name", "technique", "options", "finetune", "evaluate")
 _TRAIN_KEYS = ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "momentum")
 DEFAULT_BASELINE = {"epochs": 10, "lr": 1e-3, "optimizer": "adam", "batch_size": 64}
+MAX_RECIPE_BYTES = 1 << 20     # a recipe is a page of YAML; the built-in ones are under 2 KB
+MAX_YAML_DEPTH = 32
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
 @dataclass
@@ -97,6 +104,55 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(builtin.read_text(encoding="utf-8"), source=f"builtin:{text_name}")
 
 
+class _Refused(Exception):
+    """A construct the recipe reader does not accept, and the mark (line) where it stands."""
+
+    def __init__(self, mark: Any, message: str) -> None:
+        super().__init__(message)
+        self.mark = mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader's composer that refuses anchors, aliases, tags, duplicate or non-scalar keys and deep nesting
+    as it meets them, before any value is built (so an alias bomb fails at its first anchor)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in a recipe; "
+                                             "write the value out in full")
+        if event.anchor is not None:
+            raise _Refused(event.start_mark, f"YAML anchors (&{event.anchor}) are not allowed in a recipe "
+                                             "(aliases can expand a few bytes into gigabytes); write the value out in full")
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in _PLAIN_TAGS:
+            raise _Refused(event.start_mark, f"YAML tag {tag!r} is not allowed in a recipe; use plain values "
+                                             "(strings, numbers, booleans, lists, mappings)")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _Refused(event.start_mark, f"the YAML nests more than {MAX_YAML_DEPTH} levels deep; flatten it")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                raise _Refused(key.start_mark, "a mapping key must be a plain name, not a list or mapping")
+            if key.value in seen:
+                raise _Refused(key.start_mark, f"duplicate key '{key.value}' (first given on line {seen[key.value]}); "
+                                               "give each key once")
+            seen[key.value] = key.start_mark.line + 1
+        return node
+
+
 class _Doc:
     """A composed YAML node and its Python value, so every check can name the line it is about."""
 
@@ -123,8 +179,16 @@ class _Doc:
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Validate a recipe's YAML text; any problem is one NetdietError naming `source` and the line."""
     doc = _Doc(source)
+    if len(text) > MAX_RECIPE_BYTES:
+        raise NetdietError(f"{source}: the recipe is {len(text)} characters (at most {MAX_RECIPE_BYTES}); "
+                           "a recipe is a short list of stages")
+    _check_flow_depth(text, source)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_StrictLoader)
+    except _Refused as exc:
+        raise NetdietError(f"{source} line {exc.mark.line + 1}: {exc}") from None
+    except RecursionError:
+        raise NetdietError(f"{source}: the YAML nests too deeply; flatten it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source} line {mark.line + 1}" if mark is not None else source
@@ -165,6 +229,20 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return Recipe(name=name, stages=stages, baseline=baseline, description=description, source=source)
 
 
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse brackets nested past MAX_YAML_DEPTH before YAML sees them: PyYAML's scanner looks ahead up to 1,024
+    characters for each open bracket, so `[[[[...` took a second to reach the composer's own depth check."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise NetdietError(f"{source} line {text.count(chr(10), 0, i) + 1}: the YAML nests more than "
+                                   f"{MAX_YAML_DEPTH} levels deep; flatten it")
+        elif ch in "]}" and depth:
+            depth -= 1
+
+
 def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
     if not isinstance(snode, yaml.MappingNode):
         raise doc.error(snode, "each stage is a mapping with `technique:` (and optional options, finetune, evaluate)")
@@ -194,6 +272,10 @@ def _parse_stage(doc: _Doc, snode: yaml.Node, known: list[str]) -> Stage:
         create_technique(technique, **options)  # the technique's own validation, reported at this stage's line
     except NetdietError as exc:
         raise doc.error(onode if onode is not None else tnode, str(exc)) from None
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:  # an option of the wrong type
+        raise doc.error(onode if onode is not None else tnode,
+                        f"options of '{technique}' have a value of the wrong type ({type(exc).__name__}: {str(exc)[:100]}); "
+                        "see `netdiet recipes` for each option's form") from None
 
     finetune = None
     if "finetune" in fields:
