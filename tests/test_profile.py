@@ -155,8 +155,9 @@ def test_lenet300_totals_are_the_hand_counts(lenet300_doc):
 def test_profile_document_has_the_design_schema(lenet300_doc):
     doc = lenet300_doc
     assert doc["schema"] == "netdiet.profile/1"
-    assert doc["model"] == {"spec": "lenet300", "kwargs": {}, "class": "Sequential"}
+    assert doc["model"] == {"spec": "lenet300", "kwargs": {}, "class": "Sequential", "built_on": "meta"}
     assert doc["inputs"] == [{"shape": [1, 1, 28, 28], "dtype": "float32"}]
+    assert doc["training_unavailable"] is None and doc["memory"]["not_estimated"] is None
     for key in ("params", "trainable_params", "param_bytes", "buffer_bytes", "macs", "flops", "train_flops"):
         assert isinstance(doc["totals"][key], int)
     for key in ("batch_size", "optimizer", "weights", "gradients", "optimizer_state", "activations", "temporaries",
@@ -204,7 +205,7 @@ def test_inputs_as_tensor_tuple_shape_and_list_of_shapes_agree():
     by_shapes = netdiet.profile(model, [(2, 5), (2, 7)], progress=False)
     by_tensors = netdiet.profile(model, (torch.randn(2, 5), torch.randn(2, 7)), progress=False)
     assert by_shapes.totals["macs"] == by_tensors.totals["macs"] == 2 * (5 * 3 + 7 * 3)
-    assert by_shapes.model == {"spec": None, "kwargs": {}, "class": "TwoInputs"}
+    assert by_shapes.model == {"spec": None, "kwargs": {}, "class": "TwoInputs", "built_on": None}
     single = netdiet.profile(nn.Linear(6, 4), (3, 6), progress=False)
     assert single.totals["macs"] == 3 * 6 * 4
     assert netdiet.profile(nn.Linear(6, 4), torch.randn(3, 6), progress=False).totals["macs"] == 3 * 6 * 4

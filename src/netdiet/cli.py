@@ -47,6 +47,24 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="argument for the model factory (repeatable), e.g. --model-kw depth=20")
 
 
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", default=[], metavar="[NAME=]SHAPE[:DTYPE]",
+                   help="an input, batch first: 1,3,224,224 or 1,128:int64 (repeatable: positional inputs in order); "
+                        "NAME=SHAPE[:DTYPE] is a keyword input of forward; zoo models have a default")
+    p.add_argument("--input-range", default=None, metavar="N",
+                   help="integer inputs are drawn in [0, N) (default: the model's first nn.Embedding size, else 2)")
+
+
+def parse_input_options(args: argparse.Namespace) -> list | None:
+    """The --input specs (InputSpecs carrying --input-range), or None for the model's default input."""
+    from netdiet.models import parse_input
+    high = _profile_int(args.input_range, "--input-range", 1)
+    specs = [parse_input(s, high) for s in args.input]
+    if high is not None and not specs:
+        raise NetdietError("--input-range applies to the --input shapes; give them, e.g. --input 1,128:int64 --input-range 1000")
+    return specs or None
+
+
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "mnist5k") -> None:
     p.add_argument("--data", default=default, help=f"dataset name (`netdiet data --list`; default {default})")
     p.add_argument("--data-dir", default=None, help="folder with IDX files for mnist / fashion-mnist")
@@ -129,8 +147,7 @@ def _run_data(args: argparse.Namespace) -> int:
 def _profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="what a model costs: params, bytes, FLOPs/MACs per module and operator, memory, time, scaling")
     add_model_options(p)
-    p.add_argument("--input", action="append", default=[], metavar="SHAPE",
-                   help="input shape, batch first (repeatable for several inputs), e.g. 1,3,32,32; zoo models have a default")
+    add_input_options(p)
     p.add_argument("--batch-size", default=None, help="replace dim 0 of every input")
     p.add_argument("--depth", default=None, help="module tree depth to show and keep (default: 3 shown, all kept in --json)")
     p.add_argument("--optimizer", default="adam", help="sgd|momentum|adam|adamw|none (default adam)")
@@ -170,10 +187,10 @@ def _run_profile(args: argparse.Namespace) -> int:
     from netdiet.models import parse_model_kw
     from netdiet.reporting.profile_tables import profile_report
     apply_threads(args)
-    from netdiet.units import parse_int_list, parse_size, parse_shape
+    from netdiet.units import parse_int_list, parse_size
     budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
-    inputs = [parse_shape(s) for s in args.input] or None
+    inputs = parse_input_options(args)
     depth = _profile_int(args.depth, "--depth", 0)
     result = api.profile(args.model, inputs, model_kw=parse_model_kw(args.model_kw),
                          batch_size=_profile_int(args.batch_size, "--batch-size", 1), optimizer=args.optimizer,

@@ -6,17 +6,25 @@ memory.estimate_memory (training and inference memory without allocating), stora
 and with `measure` measurement.measure_memory and latency.measure_latency; scaling.py adds batch sweeps, the
 largest batch for a budget and dataset x epochs projections. This module computes no figure itself except
 parameter totals; it orchestrates and turns bad input into one-line errors.
+
+Why this module is long: besides the orchestration it holds the two things only the orchestration can decide,
+and each needs every engine in view: which inputs a model is called with (prepare_call: positional, named and
+dict inputs, their dtypes and integer ranges) and what is still known when an engine cannot run (training_count,
+inference_memory, engine_failure: a frozen model, a model without a loss, a layer that fails in train mode, a
+meta-device limit lose only the figures that depend on them, each with its one-line reason).
 """
 from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from netdiet.analysis import scaling
 from netdiet.analysis.counter import count_ops
@@ -29,9 +37,11 @@ from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
 from netdiet.fileio import load_state_dict
-from netdiet.models import create_model, default_inputs, make_inputs
+from netdiet.models import create_model, default_inputs
+from netdiet.models.inputs import (bind_inputs, collect_inputs, input_names, integer_range, materialise,
+                                   structured_forward)
 from netdiet.progress import progress_bar
-from netdiet.units import parse_shape, parse_size
+from netdiet.units import parse_size
 
 SCHEMA = "netdiet.profile/1"
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
@@ -66,6 +76,8 @@ class ProfileResult:
     # the engines' own result objects, for Python users who want more than the document holds
     op_counts: Any = field(default=None, repr=False)
     memory_estimate: Any = field(default=None, repr=False)
+    # why the training step's figures are missing (None: they are all there); inference figures are kept
+    training_unavailable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -79,6 +91,7 @@ class ProfileResult:
             "modules": self.modules,
             "operators": self.operators,
             "uncounted": self.uncounted,
+            "training_unavailable": self.training_unavailable,
             "storage": self.storage,
             "latency": self.latency,
             "environment": self.environment or environment(self.device),
@@ -127,23 +140,36 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
     A spec is first built on the meta device (nothing allocated). `before_real(meta_model)` decides:
     it returns False to keep the meta model (too large to hold, nothing to measure) and may raise to refuse
     (e.g. a --measure run whose estimate exceeds the RAM); otherwise the real model is built with `seed`.
+    `built_on` says where the spec was first built: "meta", or "cpu" when its constructor needs real data
+    (`built_on_reason` says why; the size check before allocating is then not possible).
     """
     kwargs = dict(model_kw or {})
     if isinstance(model, nn.Module):
         if kwargs:
             raise NetdietError("model_kw applies to a model spec, not to an nn.Module; build the module with those arguments")
-        return model, {"spec": None, "kwargs": {}, "class": type(model).__name__}
+        return model, {"spec": None, "kwargs": {}, "class": type(model).__name__, "built_on": None}
     if not isinstance(model, str):
         raise NetdietError(f"model must be an nn.Module or a spec string, not {type(model).__name__}")
-    with torch.device("meta"):
-        meta_model = create_model(model, **kwargs)
+    try:
+        with torch.device("meta"):
+            meta_model = create_model(model, **kwargs)
+    except NetdietError as meta_error:
+        # a constructor that reads tensor values (.tolist(), .item()) cannot run on the meta device: build it
+        # for real; if that fails too, the real build's error is the real cause
+        torch.manual_seed(seed)
+        built = create_model(model, **kwargs)
+        cause = meta_error.__context__ or meta_error
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        return built, {"spec": model, "kwargs": kwargs, "class": type(built).__name__, "built_on": "cpu",
+                       "built_on_reason": f"the constructor cannot run on the meta device ({type(cause).__name__}: "
+                                          f"{first}); built on the CPU directly"}
     if before_real is not None and before_real(meta_model) is False:
         built = meta_model
     else:
         del meta_model
         torch.manual_seed(seed)
         built = create_model(model, **kwargs)
-    return built, {"spec": model, "kwargs": kwargs, "class": type(built).__name__}
+    return built, {"spec": model, "kwargs": kwargs, "class": type(built).__name__, "built_on": "meta"}
 
 
 def load_weights(model: nn.Module, path: str, name: str) -> None:
@@ -167,49 +193,61 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, (tuple, list, torch.Size)) and len(x) > 0 and all(isinstance(d, int) for d in x)
+@dataclass
+class PreparedInputs:
+    """The call a model is profiled with: `args`/`kwargs` as forward receives them, `flat` the tensors the
+    engines pass positionally (see models.inputs.structured_forward), `names` one per flat tensor."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    names: list[str | None]
+
+    @property
+    def flat(self) -> tuple[torch.Tensor, ...]:
+        return tuple(tree_flatten((self.args, self.kwargs))[0])
+
+    def records(self, flat: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+        """The JSON `inputs`: one {name?, shape, dtype} per tensor, as given to the model."""
+        out = []
+        for name, t in zip(self.names, flat):
+            row: dict[str, Any] = {"name": name} if name else {}
+            row.update({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+            out.append(row)
+        return out
+
+
+def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_size: int | None,
+                 device: torch.device, seed: int, model: nn.Module | None = None) -> PreparedInputs:
+    """The call to profile `model` with, on `device`: from a tensor, a tuple of tensors, a dict of named tensors,
+    shape(s), 'SHAPE[:DTYPE]' / 'NAME=SHAPE[:DTYPE]' text, InputSpecs, or the zoo default (inputs None).
+
+    Integer inputs are drawn in [0, N): N from the spec (--input-range), else the zoo model's vocabulary, else
+    the num_embeddings of the model's first nn.Embedding, else 2."""
+    if batch_size is not None and int(batch_size) <= 0:
+        raise NetdietError(f"batch size must be positive, got {batch_size}")
+    dtype, high = torch.float32, None
+    is_zoo = spec is not None and ":" not in spec and not spec.endswith(".py")
+    if is_zoo:  # shapes given for a zoo model take its input dtype (token ids for the transformer)
+        _, dtype, high = default_inputs(spec, model_kw)
+    if inputs is None:
+        shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
+        inputs = [tuple(shape)]
+    if high is None:
+        high = integer_range(model)
+    args, kwargs = collect_inputs(inputs)
+    args, kwargs = materialise(args, kwargs, dtype=dtype, high=high, device=device, seed=seed)
+    if model is not None:
+        args, kwargs = bind_inputs(model, args, kwargs)
+    if batch_size is not None:
+        leaves, tree = tree_flatten((args, kwargs))
+        args, kwargs = tree_unflatten(list(with_batch(leaves, int(batch_size))), tree)
+    return PreparedInputs(list(args), dict(kwargs), input_names(args, kwargs))
 
 
 def prepare_inputs(inputs: Any, spec: str | None, model_kw: dict | None, batch_size: int | None,
                    device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
-    """Example input tensors on `device` from a tensor, tuple of tensors, shape(s), '1,3,32,32' text, or the zoo default."""
-
-    if batch_size is not None and int(batch_size) <= 0:
-        raise NetdietError(f"batch size must be positive, got {batch_size}")
-    zoo_dtype, zoo_high = torch.float32, None
-    is_zoo = spec is not None and ":" not in spec and not spec.endswith(".py")
-    if is_zoo:  # shapes given for a zoo model take its input dtype (token ids for the transformer)
-        _, zoo_dtype, zoo_high = default_inputs(spec, model_kw)
-    if inputs is None:
-        shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
-        items: list[Any] = [shape]
-    elif isinstance(inputs, torch.Tensor):
-        items = [inputs]
-    elif isinstance(inputs, str) or _is_shape(inputs):
-        items = [inputs]
-    elif isinstance(inputs, (tuple, list)):
-        items = list(inputs)
-        if not items:
-            raise NetdietError("no inputs given; give a tensor, a shape such as (1, 3, 32, 32), or --input 1,3,32,32")
-    else:
-        raise NetdietError(f"cannot use {type(inputs).__name__} as model input; give a tensor, a tuple of tensors or shapes")
-    tensors = []
-    for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            t = item.detach()
-            tensors.append(t if t.device == device else (torch.empty(t.shape, dtype=t.dtype, device="meta")
-                                                          if device.type == "meta" else t.to(device)))
-            continue
-        shape = parse_shape(item) if isinstance(item, str) else tuple(int(d) for d in item) if _is_shape(item) else None
-        if shape is None:
-            raise NetdietError(f"input {i} ({item!r}) is neither a tensor nor a shape; write shapes like 1,3,32,32")
-        if any(d <= 0 for d in shape):
-            raise NetdietError(f"input shape {_shape_text(shape)} has a non-positive size; every size must be >= 1")
-        tensors.append(make_inputs(shape, zoo_dtype, high=zoo_high, device=device, seed=seed + i))
-    if batch_size is not None:
-        tensors = list(with_batch(tensors, int(batch_size)))
-    return tuple(tensors)
+    """The flat input tensors of `prepare_call` (for positional inputs: the tuple forward takes)."""
+    return prepare_call(inputs, spec, model_kw, batch_size, device, seed).flat
 
 
 # ------------------------------------------------------------------ which layer an input does not fit
@@ -221,6 +259,7 @@ class _ModuleTracker:
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: list[tuple[str, nn.Module, list[tuple[int, ...]]]] = []
+        self.dtypes: dict[str, list[torch.dtype]] = {}   # of the latest call of each module
         self.handles = []
         for name, mod in model.named_modules():
             self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
@@ -229,6 +268,7 @@ class _ModuleTracker:
     def _pre(self, name: str):
         def hook(mod: nn.Module, args: tuple) -> None:
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            self.dtypes[name] = [a.dtype for a in args if isinstance(a, torch.Tensor)]
             self.stack.append((name, mod, shapes))
         return hook
 
@@ -242,9 +282,26 @@ class _ModuleTracker:
 
 
 def describe_misfit(model_inputs: Sequence[torch.Tensor], name: str, mod: nn.Module, shapes: list[tuple[int, ...]],
-                    exc: BaseException) -> str:
-    """One line: which input does not fit which layer, with both shapes."""
+                    exc: BaseException, dtypes: Sequence[torch.dtype] = ()) -> str:
+    """One line: which input does not fit which layer, with both shapes (and the dtype when that is the misfit)."""
     given = ", ".join(_shape_text(t.shape) for t in model_inputs)
+    if isinstance(mod, nn.Embedding) and dtypes and dtypes[0].is_floating_point:
+        ids = "x".join(str(d) for d in shapes[0]) if shapes else "SHAPE"
+        return (f"layer '{name or type(mod).__name__}' (Embedding) takes integer token ids but got a "
+                f"{str(dtypes[0]).replace('torch.', '')} input {ids}; give the input an integer dtype, "
+                f"e.g. --input {ids.replace('x', ',')}:int64")
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and dtypes and dtypes[0].is_floating_point \
+            and dtypes[0] != w.dtype:
+        have, want = (str(d).replace("torch.", "") for d in (dtypes[0], w.dtype))
+        return (f"layer '{name or type(mod).__name__}' ({type(mod).__name__}) has {want} weights but got a {have} "
+                f"input; give the input as :{want} (e.g. --input {','.join(str(d) for d in shapes[0]) if shapes else 'SHAPE'}"
+                f":{want}), or cast the model")
+    if is_meta_limit(exc):
+        layer = f"layer '{name}' ({type(mod).__name__})" if name else f"model {type(mod).__name__}"
+        return (f"{layer} cannot run on the meta device: its forward reads tensor values or uses an op without a "
+                f"meta kernel ({_first_line(exc)}); this is a meta-device limit, not a bad input: profile a real "
+                "model (a spec under 1 GiB of weights, or --measure)")
     layer = f"layer '{name}'" if name else f"model {type(mod).__name__}"
     x = shapes[0] if shapes else None
     kind = type(mod).__name__
@@ -291,7 +348,7 @@ def input_fit_check(model: nn.Module, model_inputs: Sequence[torch.Tensor]) -> I
         if not tracker.stack:
             raise
         name, mod, shapes = tracker.stack[-1]
-        raise NetdietError(describe_misfit(model_inputs, name, mod, shapes, exc)) from exc
+        raise NetdietError(describe_misfit(model_inputs, name, mod, shapes, exc, tracker.dtypes.get(name, ()))) from exc
     finally:
         tracker.remove()
 
@@ -308,6 +365,20 @@ def parameter_totals(model: nn.Module) -> dict[str, int]:
 
 
 def _module_rows(counts: Any, estimate: Any, depth: int | None, inference: Any = None) -> list[dict[str, Any]]:
+    if counts is None:  # no training step: the inference rows, with the training figures unknown
+        rows = _module_rows(inference, estimate, depth, inference)
+        for row in rows:
+            row.update({"train_forward_flops": None, "backward_macs": None, "backward_flops": None,
+                        "activation_bytes": None, "activation_bytes_self": None})
+        return rows
+    rows = _module_rows_of(counts, estimate, depth, inference)
+    if estimate is None:  # no memory estimate: the saved activations are unknown, not zero
+        for row in rows:
+            row.update({"activation_bytes": None, "activation_bytes_self": None})
+    return rows
+
+
+def _module_rows_of(counts: Any, estimate: Any, depth: int | None, inference: Any = None) -> list[dict[str, Any]]:
     """One row per module (to `depth`). Forward MACs/FLOPs are the inference (eval-mode) pass when `inference`
     is given, backward figures come from the training step. Costs are inclusive of submodules, as the counter reports them;
     the memory engine attributes each saved activation to the one module that saved it, so its figures are
@@ -354,10 +425,26 @@ def _plain_shape(shape: Any) -> Any:
     return shape
 
 
-def _memory_section(estimate: Any, measured: dict | None) -> dict[str, Any]:
-    keys = ("batch_size", "optimizer", "dtype", "amp", "checkpointing", "weights", "buffers", "gradients",
-            "optimizer_state", "activations", "temporaries", "peak_estimated", "inference_peak")
-    out = {k: _plain(getattr(estimate, k, None)) for k in keys}
+MEMORY_KEYS = ("batch_size", "optimizer", "dtype", "amp", "checkpointing", "weights", "buffers", "gradients",
+               "optimizer_state", "activations", "temporaries", "peak_estimated", "inference_peak")
+TRAINING_MEMORY_KEYS = ("gradients", "optimizer_state", "activations", "temporaries", "peak_estimated")
+
+
+def _memory_section(estimate: Any, measured: dict | None, inference: Any = None, unavailable: str | None = None,
+                    batch: int | None = None, mem_kw: dict | None = None) -> dict[str, Any]:
+    """The memory figures. Without a training estimate, the inference-only estimate gives weights, buffers and
+    the inference peak and the training parts are None; `not_estimated` says why (None when all is there)."""
+    source = estimate if estimate is not None else inference
+    out = {k: _plain(getattr(source, k, None)) for k in MEMORY_KEYS}
+    if estimate is None:
+        kw = mem_kw or {}
+        out.update({k: None for k in TRAINING_MEMORY_KEYS})
+        out.update({"batch_size": batch, "optimizer": kw.get("optimizer"), "amp": bool(kw.get("amp")),
+                    "checkpointing": bool(kw.get("checkpointing"))})
+        if inference is None:
+            out["dtype"] = kw.get("dtype")
+    out["not_estimated"] = None if estimate is not None else (
+        f"training memory not estimated: {unavailable}" if inference is not None else f"not estimated: {unavailable}")
     breakdown = getattr(estimate, "peak_breakdown", None)
     out["peak_breakdown"] = {k: int(v) for k, v in breakdown.items()} if breakdown else None
     out["peak_phase"] = getattr(estimate, "peak_phase", None)
@@ -375,6 +462,88 @@ def _memory_section(estimate: Any, measured: dict | None) -> dict[str, Any]:
         if out["peak_measured"] and out["peak_estimated"]:
             out["estimate_error"] = (out["peak_estimated"] - out["peak_measured"]) / out["peak_measured"]
     return out
+
+
+# ------------------------------------------------------------------ what cannot be known, in one line
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = re.sub(r"^running the model on the given inputs failed: |; check the input shape and dtype$", "", first)
+    return first[:240]
+
+
+def is_meta_limit(exc: BaseException) -> bool:
+    """The error is the meta device's (a tensor value read with .item()/.tolist(), an op without a meta kernel)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, NotImplementedError) or "meta tensor" in text or "Cannot copy out of meta" in text \
+                or "'meta'" in text or "on the meta device" in text.lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def engine_failure(exc: BaseException, what: str) -> str:
+    """One line for an engine that could not run: a meta-device limit is named as such, not as bad input."""
+    if is_meta_limit(exc):
+        return (f"{what} cannot run this model: the forward reads tensor values or uses an op the meta device "
+                f"does not have ({_first_line(exc)})")
+    return f"{what} failed ({_first_line(exc)})"
+
+
+def training_count(net: nn.Module, x: Sequence[torch.Tensor], optimizer: str) -> tuple[Any, str | None]:
+    """(the training-step count, None), or (None, why the training step cannot run) - the inference figures
+    stand either way. No trainable parameter, no loss, or a layer that fails in train mode (batch norm at
+    batch 1) make the training step impossible, not the profile."""
+    if not any(p.requires_grad for p in net.parameters()):
+        return None, "the model has no trainable parameter (it is frozen): there is no training step to count"
+    tracker = _ModuleTracker(net)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*always_call=True.*raised an exception")
+            counts = count_ops(net, x, train=True, optimizer=optimizer)
+    except (NetdietError, RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError) as exc:
+        where = ""
+        if tracker.stack and tracker.stack[-1][0]:
+            where = f" in layer '{tracker.stack[-1][0]}' ({type(tracker.stack[-1][1]).__name__})"
+        msg = _first_line(exc)
+        hint = "; profile with --batch-size 2 or more for the training figures" \
+            if "more than 1 value per channel" in msg else ""
+        return None, f"the training step fails{where} in train mode: {msg}{hint}"
+    finally:
+        tracker.remove()
+    if any("nothing to back-propagate" in n for n in counts.notes):
+        return None, ("no floating-point output depends on a trainable parameter, so there is no loss to "
+                      "back-propagate: no training step to count")
+    return counts, None
+
+
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def _constant_loss(output: Any) -> torch.Tensor:
+    return torch.zeros((), device="meta")
+
+
+def inference_memory(net: nn.Module, x: Sequence[torch.Tensor], dtype: str | None, amp: bool) -> Any:
+    """The memory estimate's inference part alone, for a model whose training step cannot run.
+
+    estimate_memory simulates the eval-mode forward first, then training steps; here the model's copy is kept in
+    eval mode with a constant loss and no optimizer, so the training simulation cannot fail, and only the
+    weights, buffers and inference peak of the result are used (they are computed exactly as in a full estimate)."""
+    had = "train" in net.__dict__
+    previous = net.__dict__.get("train")
+    net.train = types.MethodType(_eval_only_train, net)
+    try:
+        return estimate_memory(net, x, optimizer="none", dtype=dtype, amp=amp, checkpointing=False,
+                               loss_fn=_constant_loss)
+    finally:
+        if had:
+            net.__dict__["train"] = previous
+        else:
+            net.__dict__.pop("train", None)
 
 
 def _plain(v: Any) -> Any:
@@ -434,10 +603,13 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         if not measure:
             small = sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
             return small or weights is not None
-        x_meta = prepare_inputs(inputs, model if isinstance(model, str) else None, model_kw, batch_size,
-                                torch.device("meta"), seed)
-        with input_fit_check(meta_model, x_meta):
-            first = estimate_memory(meta_model, x_meta, **mem_kw)
+        meta_call = prepare_call(inputs, model if isinstance(model, str) else None, model_kw, batch_size,
+                                 torch.device("meta"), seed, model=meta_model)
+        with structured_forward(meta_model, meta_call.args, meta_call.kwargs) as x_meta:
+            try:
+                first = estimate_memory(meta_model, x_meta, **mem_kw)
+            except NetdietError:
+                return True  # the profile below says why the estimate cannot be made
         # the measured run trains a deep copy: the estimated peak plus the model's own weights and buffers
         check_fits_in_ram(int(first.peak_estimated) + measure_copy_bytes(meta_model), force)
         early["estimate"], early["shapes"] = first, [(tuple(t.shape), t.dtype) for t in x_meta]
@@ -451,7 +623,9 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     if measure and device.type == "meta":
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
     spec = model_info["spec"]
-    x = prepare_inputs(inputs, spec, model_kw, batch_size, device, seed)
+    call = prepare_call(inputs, spec, model_kw, batch_size, device, seed, model=net)
+    stack = contextlib.ExitStack()
+    x = stack.enter_context(structured_forward(net, call.args, call.kwargs))
     batch = int(x[0].shape[0]) if x and x[0].dim() else 1
 
     steps = (2 + (2 if measure else 0) + len(batch_sizes or []) * (2 if measure else 1)
@@ -464,28 +638,48 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
     try:
         was_training = net.training
+        # Forward figures are reported for inference (eval mode), as papers and peers report them:
+        # in training mode batch norm computes batch statistics and dropout draws masks, which costs more.
+        # The inference count comes first: when it fails, the inputs do not fit the model.
         with input_fit_check(net, x):
-            counts = count_ops(net, x, train=True, optimizer=optimizer)
-            # Forward figures are reported for inference (eval mode), as papers and peers report them:
-            # in training mode batch norm computes batch statistics and dropout draws masks, which costs more.
             inference_counts = count_ops(net, x, train=False)
+        counts, training_unavailable = training_count(net, x, optimizer)
         for p in net.parameters():
             p.grad = None
         tick()
-        if early.get("shapes") == [(tuple(t.shape), t.dtype) for t in x]:
+        estimate, memory_unavailable = None, None
+        if training_unavailable is None and early.get("shapes") == [(tuple(t.shape), t.dtype) for t in x]:
             estimate = early["estimate"]
-        else:
-            with input_fit_check(net, x):
+        elif training_unavailable is None:
+            try:
                 estimate = estimate_memory(net, x, **mem_kw)
+            except NetdietError as exc:
+                memory_unavailable = engine_failure(exc, "the meta-device memory estimate")
+        inference_estimate = estimate
+        if estimate is None:
+            try:
+                inference_estimate = inference_memory(net, x, dtype_name, amp)
+            except NetdietError as exc:
+                memory_unavailable = memory_unavailable or engine_failure(exc, "the meta-device memory estimate")
         tick()
         net.train(was_training)
+        # the batch sweep, the budget search and the projection need the training step and its memory
+        if (training_unavailable or memory_unavailable) and (batch_sizes or budget is not None or dataset_size is not None):
+            note = "; so the batch sweep, --max-batch-for and the projection (which need them) were skipped"
+            if training_unavailable:
+                training_unavailable += note
+            else:
+                memory_unavailable += note
+            batch_sizes, budget, dataset_size = None, None, None
 
         measured = latency = None
         if measure:
-            check_fits_in_ram(int(estimate.peak_estimated) + measure_copy_bytes(net), force)
-            measured = measure_memory(net, x, **mem_kw)
+            if estimate is not None:
+                check_fits_in_ram(int(estimate.peak_estimated) + measure_copy_bytes(net), force)
+                measured = measure_memory(net, x, **mem_kw)
             tick()
-            lat = measure_latency(net, x, train=True, optimizer=optimizer, warmup=warmup, repeats=repeats)
+            lat = measure_latency(net, x, train=training_unavailable is None, optimizer=optimizer, warmup=warmup,
+                                  repeats=repeats)
             latency = lat.to_dict() if hasattr(lat, "to_dict") else dict(lat)
             tick()
             net.train(was_training)
@@ -537,6 +731,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             tick()
             net.train(was_training)
     finally:
+        stack.close()
         if bar:
             bar.close()
 
@@ -547,29 +742,35 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                                               samples_per_second=sps, throughput_source=source)
 
     totals = parameter_totals(net)
+    trained = counts is not None
     totals.update({
         "macs": int(inference_counts.macs), "flops": int(inference_counts.flops),
-        "train_forward_flops": int(counts.flops),
-        "backward_macs": int(counts.backward_macs), "backward_flops": int(counts.backward_flops),
-        "optimizer": counts.optimizer, "optimizer_flops": int(counts.optimizer_flops),
-        "train_flops": int(counts.train_flops),
+        "train_forward_flops": int(counts.flops) if trained else None,
+        "backward_macs": int(counts.backward_macs) if trained else None,
+        "backward_flops": int(counts.backward_flops) if trained else None,
+        "optimizer": counts.optimizer if trained else optimizer,
+        "optimizer_flops": int(counts.optimizer_flops) if trained else None,
+        "train_flops": int(counts.train_flops) if trained else None,
     })
+    shown = counts if trained else inference_counts
     return ProfileResult(
         model=model_info,
-        inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in x],
+        inputs=call.records(x),
         device=device.type,
         depth=None if depth is None else int(depth),
         totals=totals,
-        memory=_memory_section(estimate, measured),
+        memory=_memory_section(estimate, measured, inference_estimate, memory_unavailable or training_unavailable,
+                               batch, mem_kw),
         modules=_module_rows(counts, estimate, depth, inference_counts),
-        operators=_operators(counts),
-        uncounted={op: int(n) for op, n in sorted(counts.uncounted.items())},
+        operators=_operators(shown),
+        uncounted={op: int(n) for op, n in sorted(shown.uncounted.items())},
         storage=storage,
         latency=latency,
         scaling=sweep,
         max_batch=max_batch,
         projection=projection,
         environment=environment(device),
-        op_counts=counts,
+        op_counts=counts if trained else inference_counts,
         memory_estimate=estimate,
+        training_unavailable=training_unavailable,
     )

@@ -37,8 +37,10 @@ def header(doc: dict) -> str:
     m = doc["model"]
     kw = ", ".join(f"{k}={v}" for k, v in (m.get("kwargs") or {}).items())
     name = m.get("spec") or m.get("class")
-    inputs = "; ".join(f"{_shape(i['shape'])} {i['dtype']}" for i in doc["inputs"])
+    inputs = "; ".join(f"{i['name'] + '=' if i.get('name') else ''}{_shape(i['shape'])} {i['dtype']}" for i in doc["inputs"])
     where = " [meta device: nothing allocated]" if doc.get("device") == "meta" else ""
+    if m.get("built_on") == "cpu":
+        where += " [built on the CPU: its constructor cannot run on the meta device]"
     return f"[bold]{escape(str(name))}[/bold]{escape(f'({kw})') if kw else ''} ({escape(m.get('class') or '')}) input {inputs}{where}"
 
 
@@ -102,8 +104,16 @@ def uncounted_table(doc: dict) -> Table | None:
     return t
 
 
-def memory_table(doc: dict) -> Table:
+def training_line(doc: dict) -> str | None:
+    """Why the training figures are missing, in one line (None when they are all there)."""
+    why = doc.get("training_unavailable")
+    return f"[bold]training figures unavailable[/bold]: {escape(why)}" if why else None
+
+
+def memory_table(doc: dict) -> Table | str:
     m = doc["memory"]
+    if m.get("inference_peak") is None and m.get("peak_estimated") is None:
+        return f"memory {escape(m.get('not_estimated') or 'not estimated')}"
     extras = [f"batch {m.get('batch_size')}", f"optimizer {m.get('optimizer')}"]
     if m.get("dtype"):
         extras.append(f"dtype {m['dtype']}")
@@ -120,7 +130,12 @@ def memory_table(doc: dict) -> Table:
     for key in ("weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries"):
         if m.get(key) is not None:
             t.add_row(key.replace("_", " "), str(m[key]), format_bytes(m[key]), _pct(m[key], peak))
-    t.add_row("[bold]training peak (estimated)[/bold]", str(peak), format_bytes(peak), "")
+    if peak is None:
+        t.add_row("[bold]training peak (estimated)[/bold]", "-", "not estimated", "")
+        if not doc.get("training_unavailable"):  # otherwise the reason stands under the header already
+            t.caption = escape(m.get("not_estimated") or "")
+    else:
+        t.add_row("[bold]training peak (estimated)[/bold]", str(peak), format_bytes(peak), "")
     if m.get("peak_measured") is not None:
         err = m.get("estimate_error")
         t.add_row("[bold]training peak (measured)[/bold]", str(m["peak_measured"]), format_bytes(m["peak_measured"]),
@@ -149,7 +164,7 @@ def totals_table(doc: dict) -> Table:
             (f"optimizer step FLOPs ({tt.get('optimizer')})", tt.get("optimizer_flops"), format_count(tt.get("optimizer_flops"))),
             ("training step FLOPs", tt["train_flops"], format_count(tt["train_flops"]))]
     for name, raw, human in rows:
-        t.add_row(escape(name), str(raw), human)
+        t.add_row(escape(name), "-" if raw is None else str(raw), human)
     return t
 
 
@@ -273,7 +288,11 @@ def _duration(seconds: float) -> str:
 
 def profile_report(doc: dict, depth: int | None = None) -> Group:
     """All tables of a profile document, in reading order."""
-    parts: list[Any] = [header(doc), module_table(doc, depth), operator_table(doc)]
+    parts: list[Any] = [header(doc)]
+    why = training_line(doc)
+    if why:
+        parts.append(why)
+    parts += [module_table(doc, depth), operator_table(doc)]
     unc = uncounted_table(doc)
     if unc is not None:
         parts.append(unc)
