@@ -439,3 +439,26 @@ def test_checkpointed_transformer_counts_on_meta_equal_the_cpu_counts():
     assert (meta_ckpt.flops, meta_ckpt.backward_flops) == (cpu_ckpt.flops, cpu_ckpt.backward_flops)
     extra = meta_ckpt.backward_flops - meta_plain.backward_flops
     assert extra == meta_plain.module("blocks").flops - 2 * 32 * (2 * 512 * 128 + 2 * 128)
+
+
+def test_keyword_inputs_as_a_dict_are_counted_like_positional_ones():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(4, 3)
+            self.k = nn.Linear(6, 3)
+
+        def forward(self, query, key=None):
+            return self.q(query) + self.k(key)
+
+    model = Pair()
+    q, k = torch.randn(5, 4), torch.randn(5, 6)
+    by_name = count_ops(model, {"key": k, "query": q})
+    by_position = count_ops(model, (q, k))
+    # q: 5*4*3 = 60 MACs, k: 5*6*3 = 90 MACs; FLOPs 2*150 + two biases 2*15 + the add 15 = 345
+    assert by_name.macs == by_position.macs == 150 and by_name.flops == by_position.flops == 345
+    assert by_name.module("k").macs == 90 and "forward" not in model.__dict__
+    trained = count_ops(model, {"query": q, "key": k}, train=True)
+    assert trained.backward_flops == count_ops(model, (q, k), train=True).backward_flops > 0
+    with pytest.raises(NetdietError, match="not a parameter of Pair.forward"):
+        count_ops(model, {"qurey": q, "key": k})

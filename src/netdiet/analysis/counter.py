@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from netdiet.analysis.ops import OpCost, op_cost
 from netdiet.errors import NetdietError
+from netdiet.models.inputs import bind_inputs, structured_forward
 
 LOSS = "<loss>"
 
@@ -319,7 +320,7 @@ def _as_tuple(inputs: Any) -> tuple:
         return (inputs,)
     if isinstance(inputs, (list, tuple)):
         return tuple(inputs)
-    raise NetdietError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    raise NetdietError(f"inputs must be a tensor, a tuple of tensors or a dict of named tensors, got {type(inputs).__name__}")
 
 
 def _loss_of(output: Any, loss: str) -> torch.Tensor | None:
@@ -341,10 +342,18 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
     train mode, forward, scalar loss, backward and the optimizer step by formula), per module and operator.
 
     Works on real tensors and on the meta device. The model's mode, buffers (BatchNorm running stats),
-    gradients and the global RNG are left as they were.
+    gradients and the global RNG are left as they were. `inputs` is a tensor, a tuple of tensors (positional),
+    or a dict of tensors: keyword arguments of forward (or its one dict argument, see models.inputs.bind_inputs).
     """
     if not isinstance(model, nn.Module):
         raise NetdietError(f"count_ops needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(inputs, dict):
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
+            raise NetdietError("a dict of inputs must map forward's argument names to tensors, e.g. "
+                               "{'input_ids': ids, 'attention_mask': mask}")
+        call_args, call_kwargs = bind_inputs(model, [], dict(inputs))
+        with structured_forward(model, call_args, call_kwargs) as flat:
+            return count_ops(model, flat, train=train, optimizer=optimizer, loss=loss)
     if loss not in ("auto", "sum", "mean"):
         raise NetdietError(f"unknown loss '{loss}'; choose auto (sum of outputs), sum or mean")
     opt_key = str(optimizer).lower()
