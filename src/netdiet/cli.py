@@ -57,11 +57,12 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
 
 def parse_input_options(args: argparse.Namespace) -> list | None:
     """The --input specs (InputSpecs carrying --input-range), or None for the model's default input."""
-    from netdiet.models import parse_input
+    from netdiet.models import InputSpec, default_inputs, parse_input, parse_model_kw
     high = _profile_int(args.input_range, "--input-range", 1)
     specs = [parse_input(s, high) for s in args.input]
-    if high is not None and not specs:
-        raise NetdietError("--input-range applies to the --input shapes; give them, e.g. --input 1,128:int64 --input-range 1000")
+    if high is not None and not specs:  # the range applies to the zoo model's own default input
+        shape, dtype, _ = default_inputs(args.model, parse_model_kw(args.model_kw))
+        specs = [InputSpec(tuple(shape), dtype, None, high)]
     return specs or None
 
 

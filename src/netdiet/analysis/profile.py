@@ -497,7 +497,8 @@ def training_count(net: nn.Module, x: Sequence[torch.Tensor], optimizer: str) ->
     stand either way. No trainable parameter, no loss, or a layer that fails in train mode (batch norm at
     batch 1) make the training step impossible, not the profile."""
     if not any(p.requires_grad for p in net.parameters()):
-        return None, "the model has no trainable parameter (it is frozen): there is no training step to count"
+        return None, ("the model has no trainable parameter (every parameter is frozen, or it has none): "
+                      "there is no training step to count")
     tracker = _ModuleTracker(net)
     try:
         with warnings.catch_warnings():
