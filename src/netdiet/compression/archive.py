@@ -31,6 +31,7 @@ need no knowledge of tensors, are in codecs.py.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
 
 from netdiet import __version__
 from netdiet.analysis.ram import available_ram
@@ -718,7 +720,7 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None, ma
                                "it may use; free memory or pass a larger max_memory")
         data, source = path.read_bytes(), str(path)
     header, payload = read_header(data, source)
-    with torch.device("meta"):
+    with torch.device("meta"), _tensor_count_limit(4 * len(header["tensors"]) + 1024, source):
         skeleton = _rebuild_model(header, model_spec, source)
     _check_tensor_list(skeleton, header, source)
     _check_budget(skeleton, header, max_memory, source)
@@ -733,6 +735,26 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None, ma
             struct.error) as exc:
         raise NetdietError(f"{source} is corrupted ({type(exc).__name__}: {str(exc)[:160]}); re-create it with netdiet compress") from None
     return LoadedArchive(model=model, state=state, header=header, nbytes=len(data))
+
+
+@contextlib.contextmanager
+def _tensor_count_limit(limit: int, source: str):
+    """Stop a model build that registers far more parameters and buffers than the header lists: on the meta device
+    a tensor costs nothing, but a million modules (mlp widths=[1] * 10**6) still cost Python objects and time."""
+    count = 0
+
+    def hook(module: nn.Module, name: str, value: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise NetdietError(f"{source} describes a model with more than {limit} parameters and buffers, far more "
+                               "than its tensor list holds; it was written for another model or is forged")
+    handles = [register_module_parameter_registration_hook(hook), register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Module:
