@@ -1,0 +1,352 @@
+"""Fuzz the two readers of untrusted files -- the .ndz archive and the YAML recipe -- under a memory and time cap.
+
+Every case must end in success or a NetdietError: never another exception, never past its time cap, never out
+of memory. The cases run in a child process whose address space is capped with RLIMIT_AS (the cap is a budget
+above what the child holds after importing torch), each under a SIGALRM time cap; a NetdietError that only wraps
+a MemoryError or a failed allocation counts as a failure too, since it means the cap was reached. The child
+reports its peak RSS (VmHWM), which the parent checks against the cap.
+
+Archive cases are structure-aware: a real archive's header is edited (hostile model kwargs, structure edits with
+huge shapes, stream offsets/lengths/claims, counts, field types) and resealed with valid checksums, so each case
+reaches the decoder; others mutate the header's JSON text or the payload bytes and reseal. Random byte damage
+without resealing is covered by tests/test_archive.py (it stops at the checksum). The default run keeps to ~30 s;
+the `slow` profile runs ten times the cases.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve()
+CAP_BYTES = 1536 << 20          # address space the cases may add to the child's own (torch imported)
+CASE_SECONDS = 10               # per case; a legit read of these small archives takes ~10 ms
+OOM_MARKERS = ("MemoryError", "alloc", "out of memory")
+
+
+# ================================================================== the child: runs cases under the caps
+class CaseTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so no `except Exception` inside the readers can swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise CaseTimeout()
+
+
+def _vm_kib(field: str) -> int:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _run_case(fn, arg) -> str:
+    """'ok' or 'error'; raises AssertionError for anything else (hypothesis then shrinks and reports it)."""
+    from netdiet.errors import NetdietError
+    signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
+    start = time.perf_counter()
+    try:
+        fn(arg)
+        outcome = "ok"
+    except NetdietError as exc:
+        message = str(exc)
+        assert "\n" not in message, f"a multi-line error: {message!r}"
+        assert not any(m in message for m in OOM_MARKERS), f"hit the memory cap: {message}"
+        outcome = "error"
+    except CaseTimeout:
+        raise AssertionError(f"case ran past {CASE_SECONDS} s") from None
+    except MemoryError:
+        raise AssertionError("case hit the memory cap (MemoryError)") from None
+    except Exception as exc:  # noqa: BLE001 - this is what the fuzz is looking for
+        raise AssertionError(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    assert time.perf_counter() - start < CASE_SECONDS
+    return outcome
+
+
+def _seal_text(text: bytes, payload: bytes) -> bytes:
+    import zstandard
+
+    from netdiet.compression import archive
+    head = zstandard.ZstdCompressor().compress(text)
+    data = archive.MAGIC + struct.pack("<I", len(head)) + head + payload
+    return data + hashlib.sha256(data).digest()
+
+
+def _seal(header: dict, payload: bytes) -> bytes:
+    header = dict(header, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    return _seal_text(json.dumps(header).encode(), payload)
+
+
+def _base_archives() -> list[bytes]:
+    """Small real archives covering every position method and value encoding."""
+    import torch
+
+    from netdiet.compression import archive
+    from netdiet.compression.base import CompressionState, Encoding, StageContext, create_technique
+    from netdiet.models import create_model
+    spec = {"spec": "mlp", "kwargs": {"widths": [24], "in_features": 40, "num_classes": 4}}
+    out = []
+    for variant in ("int4-pruned", "cluster", "dense-fp16", "structured"):
+        torch.manual_seed(0)
+        model = create_model(spec["spec"], **spec["kwargs"])
+        state = CompressionState(spec=spec)
+        if variant == "int4-pruned":
+            create_technique("prune", sparsity=0.8).apply(model, state, StageContext())
+            create_technique("quantize", mode="int4-weight").apply(model, state, StageContext())
+        elif variant == "cluster":
+            create_technique("prune", sparsity=0.95).apply(model, state, StageContext())
+            w = model[1].weight
+            codebook = torch.tensor([0.0, -0.2, 0.1, 0.3])
+            idx = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(0)) * state.masks["1.weight"]
+            with torch.no_grad():
+                w.copy_(codebook[idx])
+            state.encodings["1.weight"] = Encoding(kind="cluster", bits=2, codebook=codebook, indices=idx)
+        elif variant == "dense-fp16":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.half().float())
+            for name, _ in model.named_parameters():
+                state.encodings[name] = Encoding(kind="dense", bits=16, dtype="float16")
+        else:
+            x = torch.randn(32, 40)
+            model = create_technique("structured", ratio=0.5).apply(model, state, StageContext(example_inputs=x))
+        out.append(archive.encode(model, state))
+    return out
+
+
+# ------------------------------------------------------------------ hostile values, structure-aware
+_HUGE_INTS = [-1, 0, 1, 2 ** 31, 2 ** 32 + 1, 2 ** 40, 2 ** 62, 10 ** 30]
+_MODELS = [
+    {"spec": "transformer", "kwargs": {"preset": "7b"}},
+    {"spec": "transformer", "kwargs": {"layers": 100000}},
+    {"spec": "lenet300", "kwargs": {"in_features": 2000000}},
+    {"spec": "lenet300", "kwargs": {"in_features": 10 ** 12}},
+    {"spec": "mlp", "kwargs": {"widths": [1] * 200000}},
+    {"spec": "mlp", "kwargs": {"widths": [10 ** 9], "in_features": 10 ** 9}},
+    {"spec": "resnet", "kwargs": {"depth": 60002}},
+    {"spec": "mobilenet", "kwargs": {"width_mult": 1000.0}},
+    {"spec": "cnn", "kwargs": {"channels": [100000, 100000], "image_size": 100000}},
+    {"spec": "mlp", "kwargs": {"widths": "abc"}},
+    {"spec": "os:system", "kwargs": {}},
+    {"spec": "no-such-model", "kwargs": {}},
+]
+
+
+def _hostile_value(draw, st):
+    return draw(st.one_of(
+        st.sampled_from(_HUGE_INTS), st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(
+            ["[/]", "[red]x", "", "huffman", "zstd", "raw", "pack", "relidx", "bitmask", "all", "quant", "cluster",
+             "dense", "float32", "int64", "bool", "structured", "lowrank"]),
+        st.none(), st.booleans(), st.lists(st.sampled_from(_HUGE_INTS), max_size=4),
+        st.dictionaries(st.sampled_from(["off", "len", "codec", "raw", "n", "bits", "method", "op", "type"]),
+                        st.sampled_from(_HUGE_INTS + ["zstd", "huffman", "raw"]), max_size=4)))
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) inside a JSON document."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def _set(doc, path, value):
+    """Replace the value at `path`, unless an earlier edit of the same case already replaced a parent of it."""
+    for key in path[:-1]:
+        if not isinstance(doc, (dict, list)) or (isinstance(doc, list) and not isinstance(key, int)):
+            return
+        try:
+            doc = doc[key]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(doc, dict) or (isinstance(doc, list) and isinstance(path[-1], int) and path[-1] < len(doc)):
+        doc[path[-1]] = value
+
+
+def _hostile_archive(draw, st, bases) -> bytes:
+    from netdiet.compression import archive
+    base = draw(st.sampled_from(bases))
+    header, payload = archive.read_header(base)
+    header = json.loads(json.dumps(header))
+    payload = bytearray(payload)
+    kind = draw(st.sampled_from(["field", "stream-claim", "model", "structure", "junk-stream", "json-text", "payload"]))
+    if kind == "field":
+        paths = [p for p, _ in _paths(header) if p and p[0] not in ("payload_bytes", "payload_sha256")]
+        for _ in range(draw(st.integers(1, 3))):
+            _set(header, draw(st.sampled_from(paths)), _hostile_value(draw, st))
+    elif kind == "stream-claim":
+        streams = [v for _, v in _paths(header["tensors"]) if isinstance(v, dict) and "off" in v]
+        stream = draw(st.sampled_from(streams))
+        key = draw(st.sampled_from(["off", "len", "raw", "n", "codec", "bits"]))
+        stream[key] = draw(st.one_of(st.sampled_from(_HUGE_INTS), st.integers(0, len(payload) + 64),
+                                     st.sampled_from(["raw", "zstd", "pack", "pack+zstd", "byte+zstd", "huffman"])))
+        entry = draw(st.sampled_from(header["tensors"]))
+        if draw(st.booleans()):
+            entry["nnz"] = draw(st.sampled_from(_HUGE_INTS))
+    elif kind == "model":
+        header["model"] = draw(st.sampled_from(_MODELS))
+    elif kind == "structure":
+        shape = draw(st.lists(st.sampled_from([0, 1, 40000, 2 ** 31, 2 ** 40, -3]), min_size=1, max_size=3))
+        header["structure"] = draw(st.sampled_from([
+            [{"op": "structured", "modules": {"1": {"type": "Linear", "attrs": {"out_features": shape[0]},
+                                                     "params": {"weight": shape, "bias": shape[:1]}}}}],
+            [{"op": "structured", "modules": {"1": {"type": "Linear", "buffers": {"big": shape}}}}],
+            [{"op": "lowrank", "layers": [{"name": "1", "rank": shape[0]}]}],
+            [{"op": "structured", "modules": {"": {"type": "Sequential", "attrs": {"training": 5}}}}],
+            [{"op": "nope"}] * 3,
+        ]))
+    elif kind == "junk-stream":
+        streams = [v for _, v in _paths(header["tensors"]) if isinstance(v, dict) and "off" in v and v["len"]]
+        stream = draw(st.sampled_from(streams))
+        seg = bytes(payload[stream["off"]:stream["off"] + stream["len"]])
+        junk = draw(st.sampled_from([b"\x00", b"\xff" * 7, os.urandom(64), bytes(1 << 20), os.urandom(1 << 22)]))
+        stream.update(off=len(payload), len=len(seg) + len(junk))
+        payload += seg + junk
+    elif kind == "json-text":
+        text = bytearray(json.dumps(dict(header, payload_bytes=len(payload),
+                                         payload_sha256=hashlib.sha256(bytes(payload)).hexdigest())).encode())
+        for _ in range(draw(st.integers(1, 4))):
+            pos = draw(st.integers(0, len(text) - 1))
+            text[pos:pos + draw(st.integers(0, 3))] = draw(st.sampled_from(
+                [b"NaN", b"1e999", b"-Infinity", b"[" * 200, b"{", b"}", b'"', b"9" * 5000, b",", b"\\u0000"]))
+        return _seal_text(bytes(text), bytes(payload))
+    else:
+        for _ in range(draw(st.integers(1, 8))):
+            payload[draw(st.integers(0, len(payload) - 1))] = draw(st.integers(0, 255))
+    return _seal(header, bytes(payload))
+
+
+# ------------------------------------------------------------------ recipes
+_GOOD_RECIPE = """\
+name: tiny
+description: a small recipe
+baseline: {epochs: 1, lr: 0.001}
+stages:
+  - technique: prune
+    name: p
+    options: {sparsity: 0.5, layers: ["1.weight"]}
+    finetune: {epochs: 1}
+  - technique: quantize
+    options: {mode: int8-weight}
+"""
+_YAML_BITS = ["&a", "*a", "&a [x, x]", "!!python/object/apply:os.system ['true']", "!!binary aGk=", "!x", "<<: *a",
+              "[" * 60, "{" * 40, "? [a]\n: 1", "name: x\nname: y", "\t", "'", '"', ":", "- ", "\n  - ", "1e999",
+              ".inf", ".nan", "~", "null", "9" * 400, "\x00", "\ufeff", "%YAML 1.1\n---", "---\n", "...", "|",
+              "stages: *a", "options: {sparsity: .nan}", "finetune: {epochs: 99999999999999999999}",
+              "options: {schedule: [1]}", "options: {layers: {a: 1}}", "options: {bits: [1, 2]}"]
+
+
+def _hostile_recipe(draw, st) -> str:
+    if draw(st.integers(0, 4)) == 0:  # a billion laughs, at a random place
+        bomb = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+            f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+        return bomb + draw(st.sampled_from(["name: *a8\n", "description: *a8\n", "stages: [{technique: prune, name: *a8}]\n",
+                                            "stages: [{technique: prune, options: {layers: *a8}}]\n"]))
+    text = _GOOD_RECIPE
+    for _ in range(draw(st.integers(1, 4))):
+        pos = draw(st.integers(0, len(text)))
+        cut = draw(st.integers(0, 6))
+        insert = draw(st.one_of(st.sampled_from(_YAML_BITS), st.text(max_size=6)))
+        text = text[:pos] + insert + text[pos + cut:]
+    return text
+
+
+# ------------------------------------------------------------------ the child's entry point
+def child_main(target: str, examples: int, seed: int) -> None:
+    """Run `examples` cases under the caps and print one JSON summary line (called in a fresh interpreter)."""
+    import torch
+    torch.set_num_threads(1)
+    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import strategies as st
+
+    from netdiet.compression import archive, recipe
+    if target == "selftest":  # the caps themselves: an allocation past the cap, then a case past its time
+        global CASE_SECONDS
+        CASE_SECONDS = 1
+        limit = _vm_kib("VmSize") * 1024 + CAP_BYTES
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        signal.signal(signal.SIGALRM, _on_alarm)
+        flagged = []
+        for case in (lambda _: bytearray(2 * CAP_BYTES), lambda _: [None for _ in iter(int, 1)], lambda _: 1 / 0):
+            try:
+                _run_case(case, None)
+            except AssertionError as exc:
+                flagged.append(str(exc)[:40])
+        print(json.dumps({"flagged": flagged}))
+        return
+    bases = _base_archives() if target == "archive" else []
+    for b in bases:
+        archive.read(b)  # every base is readable: the cases start from real files
+    recipe.parse_recipe(_GOOD_RECIPE)
+    limit = _vm_kib("VmSize") * 1024 + CAP_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    signal.signal(signal.SIGALRM, _on_alarm)
+    outcomes = {"ok": 0, "error": 0}
+
+    @hseed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(st.data())
+    def fuzz(data):
+        if target == "archive":
+            case = _hostile_archive(data.draw, st, bases)
+            outcomes[_run_case(archive.read, case)] += 1
+        else:
+            case = _hostile_recipe(data.draw, st)
+            outcomes[_run_case(lambda t: recipe.parse_recipe(t, "fuzz.yaml"), case)] += 1
+
+    fuzz()
+    print(json.dumps({"target": target, "outcomes": outcomes, "peak_rss_kib": _vm_kib("VmHWM"),
+                      "cap_kib": CAP_BYTES // 1024}))
+
+
+def _run_child(target: str, examples: int, seed: int, timeout: int, check_peak: bool = True) -> dict:
+    code = (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location('fuzz_readers', {str(HERE)!r})\n"
+            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+            f"mod.child_main({target!r}, {examples}, {seed})\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, (out.stdout[-3000:] + out.stderr[-6000:])
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    if not check_peak:
+        return summary
+    # the child's peak is its baseline (torch, ~300 MB) plus what the cases took: within the cap
+    assert summary["peak_rss_kib"] < summary["cap_kib"] + 600 * 1024, summary
+    return summary
+
+
+# ================================================================== the tests
+def test_the_caps_catch_a_case_that_allocates_too_much_runs_too_long_or_raises():
+    summary = _run_child("selftest", 0, 0, timeout=120, check_peak=False)
+    assert summary["flagged"] == ["case hit the memory cap (MemoryError)", "case ran past 1 s",
+                                  "ZeroDivisionError: division by zero"], summary
+
+
+def test_fuzz_hostile_archives_end_in_success_or_a_netdiet_error_within_the_caps():
+    summary = _run_child("archive", examples=500, seed=11, timeout=240)
+    assert summary["outcomes"]["error"] > 200 and summary["outcomes"]["ok"] > 0  # most hostile edits are refused
+
+
+def test_fuzz_hostile_recipes_end_in_success_or_a_netdiet_error_within_the_caps():
+    summary = _run_child("recipe", examples=500, seed=11, timeout=240)
+    assert summary["outcomes"]["error"] > 50 and summary["outcomes"]["ok"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["archive", "recipe"])
+def test_fuzz_readers_long_profile(target):
+    _run_child(target, examples=3000, seed=int(time.time()) % 10_000, timeout=1800)
