@@ -12,7 +12,7 @@ import netdiet
 from netdiet.analysis.profile import prepare_call
 from netdiet.cli import main
 from netdiet.errors import NetdietError
-from netdiet.models import InputSpec, parse_input
+from netdiet.models import InputSpec, input_specs, parse_input
 
 
 def run_cli(capsys, *argv):
@@ -291,3 +291,12 @@ def test_a_meta_device_limit_is_not_called_a_bad_input():
         netdiet.profile(model, (2, 3), progress=False)
     msg = str(e.value)
     assert "meta-device limit, not a bad input" in msg and "does not fit" not in msg and "\n" not in msg
+
+
+def test_input_range_reaches_each_input_and_a_zoo_models_default():
+    assert input_specs(["1,8:int64", "m=1,8"], 7) == [InputSpec((1, 8), torch.int64, None, 7),
+                                                      InputSpec((1, 8), None, "m", 7)]
+    assert input_specs([], 10, "transformer") == [InputSpec((1, 64), torch.int64, None, 10)]  # tiny: seq 64
+    assert input_specs([], None, "transformer") is None
+    ids = prepare_call(input_specs([], 10, "transformer"), "transformer", None, None, torch.device("cpu"), 0).flat[0]
+    assert int(ids.max()) == 9   # 64 draws in [0, 10) instead of the vocabulary's [0, 1000)

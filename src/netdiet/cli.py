@@ -55,17 +55,6 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
                    help="integer inputs are drawn in [0, N) (default: the model's first nn.Embedding size, else 2)")
 
 
-def parse_input_options(args: argparse.Namespace) -> list | None:
-    """The --input specs (InputSpecs carrying --input-range), or None for the model's default input."""
-    from netdiet.models import InputSpec, default_inputs, parse_input, parse_model_kw
-    high = _profile_int(args.input_range, "--input-range", 1)
-    specs = [parse_input(s, high) for s in args.input]
-    if high is not None and not specs:  # the range applies to the zoo model's own default input
-        shape, dtype, _ = default_inputs(args.model, parse_model_kw(args.model_kw))
-        specs = [InputSpec(tuple(shape), dtype, None, high)]
-    return specs or None
-
-
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "mnist5k") -> None:
     p.add_argument("--data", default=default, help=f"dataset name (`netdiet data --list`; default {default})")
     p.add_argument("--data-dir", default=None, help="folder with IDX files for mnist / fashion-mnist")
@@ -185,13 +174,14 @@ def _profile_int(value: str | None, flag: str, minimum: int) -> int | None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from netdiet import api
-    from netdiet.models import parse_model_kw
+    from netdiet.models import input_specs, parse_model_kw
     from netdiet.reporting.profile_tables import profile_report
     apply_threads(args)
     from netdiet.units import parse_int_list, parse_size
     budget = parse_size(args.max_batch_for) if args.max_batch_for is not None else None
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
-    inputs = parse_input_options(args)
+    inputs = input_specs(args.input, _profile_int(args.input_range, "--input-range", 1), args.model,
+                         parse_model_kw(args.model_kw))
     depth = _profile_int(args.depth, "--depth", 0)
     result = api.profile(args.model, inputs, model_kw=parse_model_kw(args.model_kw),
                          batch_size=_profile_int(args.batch_size, "--batch-size", 1), optimizer=args.optimizer,

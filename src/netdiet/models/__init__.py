@@ -16,11 +16,12 @@ from netdiet.models.registry import (
     register_model,
     resolve,
 )
-from netdiet.models.inputs import InputSpec, bind_inputs, integer_range, parse_input, structured_forward
+from netdiet.models.inputs import (InputSpec, bind_inputs, input_specs, integer_range, parse_input,
+                                   structured_forward)
 from netdiet.models import zoo as _zoo  # noqa: F401  (registers the zoo)
 
 __all__ = [
     "ModelEntry", "ModelSpec", "create_model", "default_inputs", "get_entry", "list_models",
     "make_inputs", "parse_model_kw", "register_model", "resolve",
-    "InputSpec", "bind_inputs", "integer_range", "parse_input", "structured_forward",
+    "InputSpec", "bind_inputs", "input_specs", "integer_range", "parse_input", "structured_forward",
 ]

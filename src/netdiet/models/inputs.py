@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from netdiet.errors import NetdietError
+from netdiet.models.registry import default_inputs
 from netdiet.units import parse_shape
 
 # the input dtypes one can ask for by name (torch's names and the usual short ones)
@@ -83,6 +84,17 @@ def parse_input(text: str, high: int | None = None) -> InputSpec:
                            f":{named_dtypes[0]}")
     shape = parse_shape(shape_text)
     return InputSpec(shape, dtype, name, high)
+
+
+def input_specs(texts: list[str], high: int | None = None, spec: str | None = None,
+                model_kw: dict | None = None) -> list[InputSpec] | None:
+    """The specs of --input texts, each carrying `high` (--input-range); None for the model's default input.
+    A range without texts applies to the zoo model's default input."""
+    specs = [parse_input(t, high) for t in texts]
+    if high is not None and not specs and spec is not None:
+        shape, dtype, _ = default_inputs(spec, model_kw)
+        specs = [InputSpec(tuple(shape), dtype, None, high)]
+    return specs or None
 
 
 def integer_range(model: nn.Module | None) -> int | None:
