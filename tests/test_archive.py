@@ -473,3 +473,12 @@ def test_dense_fp32_bytes_is_worked_out_exactly_as_safetensors_lays_the_file_out
         assert archive.dense_fp32_bytes(model) == len(save(tensors)), spec
         with torch.device("meta"):
             assert archive.dense_fp32_bytes(create_model(spec, **kwargs)) == len(save(tensors)), spec
+
+
+def test_the_writer_refuses_a_caller_header_nested_deeper_than_the_reader_reads():
+    model, state = _pruned_small()
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(NetdietError, match="cannot be read back .*nested"):
+        archive.encode(model, state, header={"metrics": deep})

@@ -183,7 +183,8 @@ def _hostile_archive(draw, st, bases) -> bytes:
     header, payload = archive.read_header(base)
     header = json.loads(json.dumps(header))
     payload = bytearray(payload)
-    kind = draw(st.sampled_from(["field", "stream-claim", "model", "structure", "junk-stream", "json-text", "payload"]))
+    kind = draw(st.sampled_from(["field", "stream-claim", "model", "structure", "junk-stream", "json-text", "zstd-bytes",
+                                 "payload"]))
     if kind == "field":
         paths = [p for p, _ in _paths(header) if p and p[0] not in ("payload_bytes", "payload_sha256")]
         for _ in range(draw(st.integers(1, 3))):
@@ -224,6 +225,14 @@ def _hostile_archive(draw, st, bases) -> bytes:
             text[pos:pos + draw(st.integers(0, 3))] = draw(st.sampled_from(
                 [b"NaN", b"1e999", b"-Infinity", b"[" * 200, b"{", b"}", b'"', b"9" * 5000, b",", b"\\u0000"]))
         return _seal_text(bytes(text), bytes(payload))
+    elif kind == "zstd-bytes":  # damage inside the compressed header, resealed (the zstd decoder sees it)
+        import zstandard
+        text = json.dumps(dict(header, payload_bytes=len(payload), payload_sha256=hashlib.sha256(bytes(payload)).hexdigest()))
+        head = bytearray(zstandard.ZstdCompressor().compress(text.encode()))
+        for _ in range(draw(st.integers(1, 4))):
+            head[draw(st.integers(0, len(head) - 1))] = draw(st.integers(0, 255))
+        data = archive.MAGIC + struct.pack("<I", len(head)) + bytes(head) + bytes(payload)
+        return data + hashlib.sha256(data).digest()
     else:
         for _ in range(draw(st.integers(1, 8))):
             payload[draw(st.integers(0, len(payload) - 1))] = draw(st.integers(0, 255))

@@ -477,6 +477,10 @@ def _build(model: nn.Module, state: CompressionState, header: dict | None) -> tu
         raise NetdietError(f"the archive header would take {format_bytes(len(text))} (at most {format_bytes(MAX_HEADER)}); "
                            "pass a smaller header (recipe, metrics) to archive.write")
     head = zstd_compress(text)
+    try:  # the writer never makes a file its reader refuses (a caller's header nested too deep, say)
+        check_header(load_header_json(head), "the archive being written")
+    except ValueError as exc:
+        raise NetdietError(f"the archive header cannot be read back ({exc}); pass a plainer header to archive.write") from None
     data = MAGIC + struct.pack("<I", len(head)) + head + body
     return data + hashlib.sha256(data).digest(), entries, artifacts
 
