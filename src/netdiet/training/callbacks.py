@@ -75,7 +75,12 @@ class EarlyStopping(Callback):
         return scalars, dict(self.best_state or {})
 
     def load_state_dict(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.best, self.best_epoch, self.waited = scalars["best"], scalars["best_epoch"], scalars["waited"]
+        best, best_epoch, waited = scalars["best"], scalars["best_epoch"], scalars["waited"]
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
+        if not (best is None or number(best)) or not (best_epoch is None or isinstance(best_epoch, int)) \
+                or not isinstance(waited, int) or isinstance(waited, bool) or waited < 0:
+            raise ValueError(f"early_stopping best={best!r}, best_epoch={best_epoch!r}, waited={waited!r}")
+        self.best, self.best_epoch, self.waited = best, best_epoch, waited
         self.best_state = dict(tensors) if tensors else None
 
 

@@ -11,6 +11,7 @@ after the new JSON is in place.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from netdiet.checks import json_finite
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_json, load_state_dict, read_json, save_state_dict
 
@@ -75,11 +77,17 @@ def save_checkpoint(folder: str | os.PathLike, ck: Checkpoint) -> Path:
         cb_meta[name] = scalars
         tensors.update({f"cb.{name}.{k}": v for k, v in cb_tensors.items()})
     tensor_file = f"epoch-{ck.epoch:04d}.safetensors"
+    replaces = (folder / tensor_file).exists()
     save_state_dict(folder / tensor_file, tensors)
-    atomic_write_json(folder / INDEX, {
-        "schema": SCHEMA, "tensors": tensor_file, "epoch": ck.epoch, "step": ck.step, "history": ck.history,
-        "fingerprint": ck.fingerprint, "optimizer": opt_meta, "callbacks": cb_meta, "scaler": ck.scaler,
-    })
+    try:     # NaN/inf (a diverging validation loss, say) is written as null: strict JSON, so the commit always lands
+        atomic_write_json(folder / INDEX, json_finite({
+            "schema": SCHEMA, "tensors": tensor_file, "epoch": ck.epoch, "step": ck.step, "history": ck.history,
+            "fingerprint": ck.fingerprint, "optimizer": opt_meta, "callbacks": cb_meta, "scaler": ck.scaler,
+        }))
+    except BaseException:
+        if not replaces:                       # no orphan tensor file next to the previous, still valid, checkpoint
+            (folder / tensor_file).unlink(missing_ok=True)
+        raise
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
@@ -97,12 +105,78 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     meta = read_json(folder / INDEX)
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
         raise NetdietError(f"{folder / INDEX} is not a netdiet training checkpoint (schema {SCHEMA}); give the --out folder of a netdiet train run")
+    check_index(meta, folder / INDEX)
     tensors = load_state_dict(folder / meta["tensors"])
+    check_tensors(meta, tensors, folder / INDEX)
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    callbacks = {name: (scalars, part(f"cb.{name}.")) for name, scalars in meta.get("callbacks", {}).items()}
+    callbacks = {name: (scalars, part(f"cb.{name}.")) for name, scalars in (meta.get("callbacks") or {}).items()}
     return Checkpoint(meta["epoch"], meta["step"], meta["history"], meta["fingerprint"], part("model."),
                       _unflatten_optimizer(meta["optimizer"], tensors), part("rng."), callbacks, meta.get("scaler"))
+
+
+# ---------------------------------------------------------------- the schema of checkpoint.json
+def _bad(path: Path, field: str, what: str) -> NetdietError:
+    return NetdietError(f"{path} is damaged: '{field}' {what}; restore the folder from a backup, or train afresh into a new --out")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_index(meta: dict, path: Path) -> None:
+    """checkpoint.json against its schema: required keys, types and ranges (NetdietError naming the file and field)."""
+    for key in ("tensors", "epoch", "step", "history", "fingerprint", "optimizer"):
+        if key not in meta:
+            raise _bad(path, key, "is missing")
+    name = meta["tensors"]
+    if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name or name.startswith("."):
+        raise _bad(path, "tensors", f"must name a .safetensors file in the checkpoint folder, got {name!r}")
+    if not (path.parent / name).is_file():
+        raise _bad(path, "tensors", f"names {name}, which is not in {path.parent}")
+    for key in ("epoch", "step"):
+        if not _is_int(meta[key]) or meta[key] < 0:
+            raise _bad(path, key, f"must be an integer >= 0, got {meta[key]!r}")
+    history = meta["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _bad(path, "history", "must be a list of per-epoch records")
+    if len(history) > meta["epoch"]:
+        raise _bad(path, "history", f"holds {len(history)} epoch records but 'epoch' says only {meta['epoch']} were completed")
+    if not isinstance(meta["fingerprint"], dict):
+        raise _bad(path, "fingerprint", f"must be a mapping of run settings, got {type(meta['fingerprint']).__name__}")
+    opt = meta["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise _bad(path, "optimizer", "must be a mapping with 'state' (a mapping) and 'param_groups' (a list)")
+    for pid, entries in opt["state"].items():
+        if not str(pid).isdigit() or not isinstance(entries, dict):
+            raise _bad(path, f"optimizer.state.{pid}", "must be a parameter index with a mapping of its state")
+        for entry_name, e in entries.items():
+            if not isinstance(e, dict) or not (e.get("tensor") is True or "value" in e):
+                raise _bad(path, f"optimizer.state.{pid}.{entry_name}", 'must be {"tensor": true} or {"value": ...}')
+    for i, g in enumerate(opt["param_groups"]):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list) or not all(_is_int(p) for p in g["params"]):
+            raise _bad(path, f"optimizer.param_groups.{i}", "must be a mapping whose 'params' is a list of parameter indices")
+        lr = g.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr == lr or lr < 0:
+            raise _bad(path, f"optimizer.param_groups.{i}.lr", f"must be a number >= 0, got {lr!r}")
+    callbacks = meta.get("callbacks")
+    if callbacks is not None and (not isinstance(callbacks, dict) or not all(isinstance(v, dict) for v in callbacks.values())):
+        raise _bad(path, "callbacks", "must be a mapping of callback name to its scalars")
+    if meta.get("scaler") is not None and not isinstance(meta["scaler"], dict):
+        raise _bad(path, "scaler", f"must be null or the gradient scaler's state, got {meta['scaler']!r}")
+
+
+def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The tensor file holds what checkpoint.json points to: the RNG state and every optimizer tensor."""
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise _bad(path, "tensors", f"file {meta['tensors']} lacks the random-number state (rng.torch)")
+    for pid, entries in meta["optimizer"]["state"].items():
+        for entry_name, e in entries.items():
+            if e.get("tensor") is True and f"optim.{pid}.{entry_name}" not in tensors:
+                raise _bad(path, f"optimizer.state.{pid}.{entry_name}", f"points to a tensor missing from {meta['tensors']}")
+    if not any(k.startswith("model.") for k in tensors):
+        raise _bad(path, "tensors", f"file {meta['tensors']} holds no model weights")
 
 
 def check_compatible(ck: Checkpoint, model: nn.Module, fingerprint: dict, folder: str | os.PathLike) -> None:
@@ -130,7 +204,11 @@ def capture_rng() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(rng["torch"])
+    try:
+        torch.set_rng_state(rng["torch"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise NetdietError(f"the checkpoint's random-number state cannot be restored ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                           "train afresh into a new --out") from None
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netdiet.checks import check_integer, check_number, check_seed, json_finite
 from netdiet.environment import steady_threads
 from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS, make_optimizer
@@ -39,7 +40,8 @@ from netdiet.training.recompute import enable_checkpointing
 from netdiet.training.schedule import check_schedule, lr_at
 from netdiet.units import format_count
 
-__all__ = ["OPTIMIZERS", "Callback", "TrainConfig", "TrainResult", "evaluate_accuracy", "fit", "make_optimizer", "predict"]
+__all__ = ["OPTIMIZERS", "Callback", "TrainConfig", "TrainResult", "TrainingDiverged", "check_train_config",
+           "evaluate_accuracy", "fit", "make_optimizer", "predict"]
 
 
 @dataclass
@@ -97,6 +99,29 @@ class TrainResult:
         return {"history": self.history, "steps": self.steps, "seconds": self.seconds, "world_size": self.world_size,
                 "resumed_from_epoch": self.resumed_from_epoch, "projection": self.projection,
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "memory_method": self.memory_method}
+
+
+class TrainingDiverged(NetdietError):
+    """The loss became NaN or infinite: the run stops (bad input: the learning rate, usually) and says where.
+
+    `history` holds the epochs completed before it; `checkpoint_epoch` is the last good checkpoint (None: none)."""
+
+    def __init__(self, epoch: int, step: int, loss: float, history: list[dict], checkpoint_epoch: int | None,
+                 checkpoint_dir: str | None) -> None:
+        self.epoch, self.step, self.loss = epoch, step, loss
+        self.history, self.checkpoint_epoch = history, checkpoint_epoch
+        if checkpoint_epoch is not None:
+            kept = (f"; the last good checkpoint (epoch {checkpoint_epoch}) is kept in {checkpoint_dir}: "
+                    "add --resume with a lower --lr to continue from it")
+        elif checkpoint_dir:
+            kept = "; no checkpoint had been written yet"
+        else:
+            kept = ""
+        super().__init__(f"training diverged at epoch {epoch} step {step} (loss {loss}); lower --lr{kept}")
+
+    def record(self) -> dict:
+        """The divergence as JSON-safe values (the loss as a string: 'nan', 'inf')."""
+        return {"epoch": self.epoch, "step": self.step, "loss": str(self.loss), "checkpoint_epoch": self.checkpoint_epoch}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -161,7 +186,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     start_epoch, step = 0, 0
     fingerprint = {**_fingerprint(cfg, world), **(fingerprint or {})}
     if cfg.resume:
-        start_epoch, step = _resume(cfg, model, opt, scaler, early, fingerprint, result)
+        start_epoch, step = _resume(cfg, model, opt, scaler, early, fingerprint, result, log)
+    saved_epoch = result.resumed_from_epoch          # the last good checkpoint on disk (None: none yet)
     for cb in callbacks:
         cb.on_train_begin(model, opt)
 
@@ -200,8 +226,17 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                     total = total + penalty
                 if cfg.grad_accum > 1:
                     total = total / cfg.grad_accum
+                loss_value = loss.item()
+                bad = loss_value if not math.isfinite(loss_value) else _non_finite(total)
+                if world > 1:     # every rank stops together, or the others would wait forever in the next all-reduce
+                    bad_anywhere = all_reduce_sum(torch.tensor([0.0 if bad is None else 1.0], dtype=torch.float64))
+                    bad = bad if bad is not None else (float("nan") if bad_anywhere.item() else None)
+                if bad is not None:
+                    progress.close()
+                    raise TrainingDiverged(epoch + 1, step + 1, bad, json_finite(result.history), saved_epoch,
+                                           cfg.checkpoint_dir)
                 (scaler.scale(total) if scaler else total).backward()
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss_value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
             if last_micro:
@@ -240,6 +275,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         metrics["stopped_early"] = bool(stop)
         if cfg.checkpoint_dir and rank == 0 and (stop or epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
             _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch + 1, step, result.history, fingerprint)
+            saved_epoch = epoch + 1
         if stop:
             break
     progress.close()
@@ -252,16 +288,46 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
 
 
 # ---------------------------------------------------------------- the loop's small helpers
+# field -> (kind, low, high, CLI flag, example); kind "int" = whole number, "real" = finite number, "pos" = finite > 0
+_NUMBERS: dict[str, tuple[str, float | None, float | None, str, str]] = {
+    "epochs": ("int", 1, None, "--epochs", "--epochs 5"),
+    "batch_size": ("int", 1, None, "--batch-size", "--batch-size 64"),
+    "lr": ("pos", 0, None, "--lr", "--lr 0.001"),
+    "weight_decay": ("real", 0, None, "--weight-decay", "--weight-decay 0.0001"),
+    "momentum": ("real", 0, 1, "momentum", "momentum=0.9"),
+    "grad_accum": ("int", 1, None, "--grad-accum", "--grad-accum 2"),
+    "warmup_steps": ("int", 0, None, "--warmup-steps", "--warmup-steps 100"),
+    "step_epochs": ("int", 0, None, "--step-epochs", "--step-epochs 10"),
+    "gamma": ("pos", 0, None, "--gamma", "--gamma 0.1"),
+    "l1": ("real", 0, None, "--l1", "--l1 0.00001"),
+    "l2": ("real", 0, None, "--l2", "--l2 0.0001"),
+    "checkpoint_segments": ("int", 0, None, "--segments", "--segments 0 (about sqrt(blocks))"),
+    "workers": ("int", 0, None, "--workers", "--workers 2"),
+    "prefetch": ("int", 1, None, "--prefetch", "--prefetch 2"),
+    "patience": ("int", 0, None, "--patience", "--patience 3"),
+    "min_delta": ("real", 0, None, "--min-delta", "--min-delta 0.001"),
+    "checkpoint_every": ("int", 1, None, "--checkpoint-every", "--checkpoint-every 1"),
+    "projection_steps": ("int", 0, None, "--projection-steps", "--projection-steps 5"),
+}
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every number of a TrainConfig finite, in range and integer where an integer is meant (NetdietError otherwise).
+
+    The one check for the CLI, the recipes and the API: `fit` runs it first, `netdiet.train` before any work."""
+    for name, (kind, low, high, flag, example) in _NUMBERS.items():
+        value = getattr(cfg, name)
+        if kind == "int":
+            check_integer(name, value, low=low, high=high, flag=flag, example=example)
+        else:
+            check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=example)
+    check_seed(cfg.seed)
+
+
 def _check_config(cfg: TrainConfig, n: int, world: int) -> None:
+    check_train_config(cfg)
     if n == 0:
         raise NetdietError("no training samples; check the dataset or the task split")
-    for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise NetdietError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise NetdietError(f"learning rate must be positive, got {cfg.lr}")
-    if cfg.l1 < 0 or cfg.l2 < 0:
-        raise NetdietError("L1/L2 penalties must be >= 0")
     if cfg.batch_size % world:
         raise NetdietError(f"batch size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
     if cfg.resume and not cfg.checkpoint_dir:
@@ -293,21 +359,36 @@ def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint) 
                                        capture_rng(), callbacks, scaler.state_dict() if scaler else None))
 
 
-def _resume(cfg, model, opt, scaler, early, fingerprint, result) -> tuple[int, int]:
-    if not has_checkpoint(cfg.checkpoint_dir):
-        raise NetdietError(f"no checkpoint to resume in {cfg.checkpoint_dir}; run without --resume to start fresh")
+def _non_finite(total: torch.Tensor) -> float | None:
+    """The loss with penalties and callback terms, when it is NaN or infinite (None when finite)."""
+    value = float(total.detach())
+    return None if math.isfinite(value) else value
+
+
+def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[int, int]:
+    if not has_checkpoint(cfg.checkpoint_dir):   # killed before its first checkpoint: nothing is lost by starting over
+        if log:
+            log(f"--resume: no checkpoint in {cfg.checkpoint_dir} yet (the run stopped before its first one); starting fresh")
+        return 0, 0
     ck = load_checkpoint(cfg.checkpoint_dir)
     check_compatible(ck, model, fingerprint, cfg.checkpoint_dir)
     model.load_state_dict(ck.model)
+    configured = [g["lr"] for g in opt.param_groups]
     try:
         opt.load_state_dict(ck.optimizer)
-    except (ValueError, KeyError) as exc:
+        for g, lr in zip(opt.param_groups, configured):   # the LR asked for now wins (resume after a divergence)
+            g["lr"] = lr
+    except (ValueError, KeyError, TypeError) as exc:
         raise NetdietError(f"optimizer state in {cfg.checkpoint_dir} does not fit: {exc}; resume with the same --optimizer") from None
     restore_rng(ck.rng)
-    if scaler and ck.scaler:
-        scaler.load_state_dict(ck.scaler)
-    if early and "early_stopping" in ck.callbacks:
-        early.load_state_dict(*ck.callbacks["early_stopping"])
+    try:
+        if scaler and ck.scaler:
+            scaler.load_state_dict(ck.scaler)
+        if early and "early_stopping" in ck.callbacks:
+            early.load_state_dict(*ck.callbacks["early_stopping"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise NetdietError(f"{cfg.checkpoint_dir}/checkpoint.json is damaged: the scaler or early-stopping state does not load "
+                           f"({type(exc).__name__}: {exc}); train afresh into a new --out") from None
     result.history = list(ck.history)
     result.resumed_from_epoch = ck.epoch
     finished = bool(ck.history and ck.history[-1].get("stopped_early"))

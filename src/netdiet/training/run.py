@@ -8,6 +8,7 @@ Output folder:
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from netdiet.models import ModelSpec, create_model, resolve
 from netdiet.training.budget import choose_for_budget, measure_activation_bytes
 from netdiet.training.checkpoint import INDEX, has_checkpoint
 from netdiet.training.distributed import dist_info, init_from_env, launched_by_torchrun, spawn
-from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.training.loop import TrainConfig, TrainingDiverged, check_train_config, evaluate_accuracy, fit
 from netdiet.training.precision import resolve_device
 from netdiet.training.recompute import disable_checkpointing, enable_checkpointing
 
@@ -58,6 +59,7 @@ class TrainRun:
     flops_method: str | None = None
     memory_method: str = "rss_delta"
     environment: dict = field(default_factory=dict)   # netdiet.environment.environment() where the numbers were made
+    diverged: dict | None = None    # {"epoch", "step", "loss" (a string: "nan"), "checkpoint_epoch"} when the loss blew up
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -72,7 +74,8 @@ class TrainRun:
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "budget": self.budget,
                 "precision_effect": self.precision_effect,
                 "train_flops_per_sample": self.train_flops_per_sample, "flops_method": self.flops_method,
-                "out": self.out, "files": self.files, "environment": self.environment or environment()}
+                "out": self.out, "files": self.files, "diverged": self.diverged,
+                "environment": self.environment or environment()}
 
 
 # ---------------------------------------------------------------- pieces shared with sweep and the budget picker
@@ -95,14 +98,26 @@ def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num
         raise NetdietError(f"model '{spec}' cannot take the dataset's samples of shape {list(sample_shape)}: "
                            f"{str(exc).splitlines()[0]}; adjust --model-kw (e.g. in_channels, image_size, in_features)") from None
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] < num_classes:
+        fix = (f"set --model-kw num_classes={num_classes}" if factory_accepts(spec, "num_classes")
+               else f"its factory takes no num_classes, so make it return {num_classes} class scores (or give it a num_classes argument)")
         raise NetdietError(f"model '{spec}' returns {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__} "
-                           f"for a batch of 2, not (2, >= {num_classes}) class scores; set --model-kw num_classes={num_classes}")
+                           f"for a batch of 2, not (2, >= {num_classes}) class scores; {fix}")
     return model
+
+
+def factory_accepts(spec: str, name: str) -> bool:
+    """Whether the model factory of `spec` takes the keyword `name` (by name or through **kwargs)."""
+    factory, _ = resolve(spec)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):        # a builtin or C callable without a signature: do not guess
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in params)
 
 
 def zoo_kwargs_for(spec: str, kwargs: dict, sample_shape: tuple[int, ...]) -> dict:
     """Fill the zoo factories' input arguments from the data (mlp in_features, cnn in_channels/image_size) unless given."""
-    import inspect
     factory, entry = resolve(spec)
     if entry is None:
         return dict(kwargs)
@@ -225,7 +240,12 @@ def execute(params: dict, dataset=None) -> dict:
     fingerprint = {"model": ModelSpec(params["spec"], kwargs).to_dict(), "data": params["data"],
                    "val_fraction": params.get("val_fraction", 0.1)}
     with steady_threads():   # the record below names the threads the fit really ran on
-        res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+        try:
+            res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+        except TrainingDiverged as exc:
+            if out is not None and rank == 0:
+                _write_diverged(out, params, kwargs, data, len(tr), len(va), cfg, world, model, exc)
+            raise
         env = environment(resolve_device(cfg.device))
     run = TrainRun(model=ModelSpec(params["spec"], kwargs).to_dict(), data={**data.summary(), "train_used": len(tr),
                    "validation": len(va), "val_fraction": params.get("val_fraction", 0.1)},
@@ -247,6 +267,20 @@ def execute(params: dict, dataset=None) -> dict:
     return run.to_dict()
 
 
+def _write_diverged(out: Path, params: dict, kwargs: dict, data, n_train: int, n_val: int, cfg: TrainConfig, world: int,
+                    model: torch.nn.Module, exc: TrainingDiverged) -> None:
+    """train.json for a run whose loss blew up: the epochs it finished, where it diverged, the checkpoint kept.
+    No weights are written (they are NaN); the last good checkpoint stays loadable by --resume."""
+    ck = out / "checkpoint" / INDEX
+    run = TrainRun(model=ModelSpec(params["spec"], kwargs).to_dict(), data={**data.summary(), "train_used": n_train,
+                   "validation": n_val, "val_fraction": params.get("val_fraction", 0.1)},
+                   config=cfg.to_dict(), history=exc.history, steps=exc.step, seconds=0.0, test_acc=None,
+                   params=sum(p.numel() for p in model.parameters()), world_size=world, out=str(out), diverged=exc.record(),
+                   files={"log": str(out / "train.json"), **({"checkpoint": str(ck)} if ck.is_file() else {})},
+                   environment=environment(resolve_device(cfg.device)))
+    atomic_write_json(out / "train.json", run.to_dict())
+
+
 def _logger() -> Callable[[str], None]:
     import sys
     def log(msg: str) -> None:
@@ -263,6 +297,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
           val_fraction: float = 0.1, log: Callable[[str], None] | None = None) -> TrainRun:
     """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
     cfg = config or TrainConfig()
+    check_train_config(cfg)                          # bad numbers fail before the dataset is even loaded
     if out is not None:
         check_out_dir(out, cfg.resume)
     elif cfg.resume:

@@ -22,7 +22,7 @@ from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.models import ModelSpec
-from netdiet.training.loop import TrainConfig, evaluate_accuracy, fit
+from netdiet.training.loop import TrainConfig, check_train_config, evaluate_accuracy, fit
 from netdiet.training.precision import resolve_device
 from netdiet.training.run import build_classifier, zoo_kwargs_for
 
@@ -127,6 +127,7 @@ def sweep(spec: str, knob: str, values: list[Any], *, model_kw: dict | None = No
           data_dir: str | None = None, k: int = 3, config: TrainConfig | None = None,
           log: Callable[[str], None] | None = None) -> SweepResult:
     cfg = config or TrainConfig()
+    check_train_config(cfg)
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     base = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)
     folds = stratified_folds(dataset.y_train, k, cfg.seed)
