@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from netdiet.analysis.counter import count_ops
+from netdiet.checks import check_integer, check_number, check_seed
 from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
@@ -19,6 +20,7 @@ from netdiet.incremental.strategies import STRATEGIES, ContinualConfig, Strategy
 from netdiet.models import create_model
 from netdiet.progress import progress_bar
 from netdiet.training import predict
+from netdiet.training.run import factory_accepts
 
 SCHEMA = "netdiet.continual/1"
 
@@ -98,6 +100,29 @@ def task_accuracy(model: nn.Module, scenario: Scenario, after: int, task: int) -
     return (logits.argmax(1) == t.y_test).float().mean().item()
 
 
+# ContinualConfig's numbers: (field, kind, low, high, example); kind int = whole number, real = finite, pos = finite > 0
+_NUMBERS = [("epochs", "int", 1, None, 5), ("batch_size", "int", 1, None, 64), ("exemplar_downsample", "int", 1, None, 1),
+            ("fisher_samples", "int", 1, None, 256), ("exemplars", "int", 1, None, 200), ("packnet_finetune_epochs", "int", 1, None, 2),
+            ("budget", "int", 1, None, "256KiB"), ("exemplar_bits", "int", 1, 32, 8), ("lr", "pos", 0, None, 0.001),
+            ("ewc_lambda", "real", 0, None, 5000), ("ewc_gamma", "real", 0, 1, 1.0), ("lwf_temperature", "pos", 0, None, 2.0),
+            ("lwf_alpha", "real", 0, None, 1.0)]
+_OPTIONAL = ("exemplars", "packnet_finetune_epochs", "budget")     # None = not set
+
+
+def check_continual_config(cfg: ContinualConfig) -> None:
+    """Every number of a ContinualConfig finite, in range and integer where meant (NetdietError naming the option).
+    The one check for the CLI and the API: `continual` and `run_continual` run it before any work."""
+    for name, kind, low, high, example in _NUMBERS:
+        value, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
+        if value is None and name in _OPTIONAL:
+            continue
+        if kind == "int":
+            check_integer(name, value, low=low, high=high, flag=flag, example=f"{flag} {example}")
+        else:
+            check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=f"{flag} {example}")
+    check_seed(cfg.seed)
+
+
 def run_strategy(name: str, scenario: Scenario, model_fn: Callable[[], nn.Module], cfg: ContinualConfig,
                  on_task: Callable[[int], None] | None = None, meter: FlopMeter | None = None) -> StrategyResult:
     """Train `name` through every task. Raises NetdietError if it cannot fit the budget."""
@@ -136,6 +161,7 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
                   model_info: dict | None = None) -> ContinualResult:
     """One strategy, or `all` applicable ones. Under `all`, a strategy that cannot fit the budget is reported as
     stopped (with the reason) and the others still run; a single strategy raises instead."""
+    check_continual_config(cfg)
     names = applicable(scenario.setting) if strategy == "all" else [strategy]
     # bad input (unknown or inapplicable strategy, a budget below the model itself) fails before any training
     create_strategy(names[0] if strategy == "all" else strategy, scenario, cfg).check_start(model_fn())
@@ -163,9 +189,12 @@ DEFAULT_MODEL_KW = {"widths": [64, 64]}
 
 
 def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tuple[Callable[[], nn.Module], dict]:
-    """A factory for fresh models whose output matches the scenario (num_classes is passed unless given)."""
+    """A factory for fresh models whose output matches the scenario. num_classes is passed (unless given) only to
+    factories that take it; any other factory's output width is checked against the scenario."""
     kw = dict(DEFAULT_MODEL_KW if spec == DEFAULT_MODEL and not model_kw else (model_kw or {}))
-    kw.setdefault("num_classes", scenario.num_outputs)
+    takes_classes = factory_accepts(spec, "num_classes")
+    if takes_classes:
+        kw.setdefault("num_classes", scenario.num_outputs)
     if spec == "mlp":
         kw.setdefault("in_features", int(torch.tensor(scenario.sample_shape).prod()))
 
@@ -173,14 +202,23 @@ def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tupl
         return create_model(spec, **kw)
 
     probe = make()
-    with torch.no_grad():
-        was = probe.training
-        probe.eval()
-        out = probe(scenario.tasks[0].x_train[:1])
-        probe.train(was)
-    if out.dim() != 2 or out.shape[1] != scenario.num_outputs:
-        raise NetdietError(f"model '{spec}' gives outputs of shape {tuple(out.shape)}; the {scenario.name}/{scenario.setting} "
-                           f"scenario needs (batch, {scenario.num_outputs}); pass --model-kw num_classes={scenario.num_outputs}")
+    sample = scenario.tasks[0].x_train[:1]
+    try:
+        with torch.no_grad():
+            was = probe.training
+            probe.eval()
+            out = probe(sample)
+            probe.train(was)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot take the samples is bad input, said in one line
+        raise NetdietError(f"model '{spec}' cannot take the scenario's samples of shape {list(sample.shape[1:])}: "
+                           f"{(str(exc).splitlines() or [type(exc).__name__])[0]}; adjust --model-kw or the model") from None
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] != scenario.num_outputs:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        fix = (f"pass --model-kw num_classes={scenario.num_outputs}" if takes_classes else
+               f"its factory takes no num_classes, so make it return {scenario.num_outputs} class scores "
+               "(or give it a num_classes argument)")
+        raise NetdietError(f"model '{spec}' gives outputs of shape {shape}; the {scenario.name}/{scenario.setting} "
+                           f"scenario needs (batch, {scenario.num_outputs}); {fix}")
     return make, {"spec": spec, "kwargs": kw, "params": sum(p.numel() for p in probe.parameters())}
 
 
@@ -196,13 +234,7 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
     if strategy != "all" and setting not in STRATEGIES[strategy].settings:
         raise NetdietError(f"strategy '{strategy}' does not apply to {setting}-incremental learning; "
                            f"it needs --setting {' or '.join(STRATEGIES[strategy].settings)}")
-    for name, value, low in (("epochs", cfg.epochs, 1), ("batch size", cfg.batch_size, 1), ("downsample", cfg.exemplar_downsample, 1)):
-        if value < low:
-            raise NetdietError(f"{name} must be at least {low}, got {value}")
-    if cfg.exemplars is not None and cfg.exemplars < 1:
-        raise NetdietError(f"--exemplars must be at least 1, got {cfg.exemplars}; leave it out to fill the budget")
-    if cfg.budget is not None and cfg.budget <= 0:
-        raise NetdietError(f"budget must be a positive size such as 256KiB, got {cfg.budget}")
+    check_continual_config(cfg)   # numbers first: finite, in range, integer where meant (before the dataset is loaded)
     ds = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     sc = make_scenario(scenario, ds, setting, num_tasks=tasks, classes_per_task=classes_per_task,
                        order_seed=order_seed, seed=cfg.seed)
