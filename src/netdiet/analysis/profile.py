@@ -297,7 +297,7 @@ def describe_misfit(model_inputs: Sequence[torch.Tensor], name: str, mod: nn.Mod
         return (f"layer '{name or type(mod).__name__}' ({type(mod).__name__}) has {want} weights but got a {have} "
                 f"input; give the input as :{want} (e.g. --input {','.join(str(d) for d in shapes[0]) if shapes else 'SHAPE'}"
                 f":{want}), or cast the model")
-    if is_meta_limit(exc):
+    if is_meta_limit(exc) and any(t.device.type == "meta" for t in model_inputs):
         layer = f"layer '{name}' ({type(mod).__name__})" if name else f"model {type(mod).__name__}"
         return (f"{layer} cannot run on the meta device: its forward reads tensor values or uses an op without a "
                 f"meta kernel ({_first_line(exc)}); this is a meta-device limit, not a bad input: profile a real "
