@@ -482,3 +482,15 @@ def test_the_writer_refuses_a_caller_header_nested_deeper_than_the_reader_reads(
         deep = [deep]
     with pytest.raises(NetdietError, match="cannot be read back .*nested"):
         archive.encode(model, state, header={"metrics": deep})
+
+
+def test_a_user_factory_that_cannot_run_on_the_meta_device_is_still_read(tmp_path):
+    src = tmp_path / "valued.py"
+    src.write_text("import torch.nn as nn\n"
+                   "def build():\n    m = nn.Sequential(nn.Linear(3, 2))\n"
+                   "    assert float(m[0].weight.detach().abs().sum()) >= 0  # reads a value: fails on the meta device\n"
+                   "    return m\n")
+    spec = f"{src}:build"
+    model = create_model(spec)
+    data = archive.encode(model, CompressionState(spec={"spec": spec, "kwargs": {}}))
+    assert _states_equal(model, archive.read(data, model_spec=spec).model)

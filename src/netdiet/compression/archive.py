@@ -724,8 +724,7 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None, ma
                                "it may use; free memory or pass a larger max_memory")
         data, source = path.read_bytes(), str(path)
     header, payload = read_header(data, source)
-    with torch.device("meta"), _tensor_count_limit(4 * len(header["tensors"]) + 1024, source):
-        skeleton = _rebuild_model(header, model_spec, source)
+    skeleton = _build_skeleton(header, model_spec, source)
     _check_tensor_list(skeleton, header, source)
     _check_budget(skeleton, header, max_memory, source)
     _check_streams(skeleton, header, payload, source)
@@ -761,8 +760,8 @@ def _tensor_count_limit(limit: int, source: str):
             h.remove()
 
 
-def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Module:
-    """The model the header describes, on the current default device (the meta device for the budget)."""
+def _factory_model(header: dict, model_spec: str | None, source: str) -> tuple[nn.Module, bool]:
+    """(the factory's dense model the header names, on the current default device; whether it is user code)."""
     spec = header.get("model")
     if not isinstance(spec, dict) or not isinstance(spec.get("spec"), str) or not isinstance(spec.get("kwargs") or {}, dict):
         raise NetdietError(f"{source} records no model spec, so it cannot be rebuilt; write it with state.spec set")
@@ -776,14 +775,39 @@ def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Modu
     if user_code and not name.endswith(".py") and torch.empty(0).is_meta:
         with torch.device("cpu"):  # import the user's module outside the meta device: its globals stay real
             resolve(name)
-    model = create_model(name, **kwargs)
+    return create_model(name, **kwargs), user_code
+
+
+def _replay(model: nn.Module, header: dict, source: str) -> nn.Module:
     try:
-        model = replay_structure(model, header.get("structure") or [])
+        return replay_structure(model, header.get("structure") or [])
     except NetdietError:
         raise
     except Exception as exc:  # noqa: BLE001 - a structure edit that does not fit this model
-        raise NetdietError(f"{source}: its architecture edits do not apply to '{name}' ({type(exc).__name__}: {str(exc)[:120]})") from None
-    return model
+        raise NetdietError(f"{source}: its architecture edits do not apply to '{header['model']['spec']}' "
+                           f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Module:
+    """The model the header describes, on the current default device."""
+    return _replay(_factory_model(header, model_spec, source)[0], header, source)
+
+
+def _build_skeleton(header: dict, model_spec: str | None, source: str) -> nn.Module:
+    """The model the header describes on the meta device. A user's factory that cannot run there (it reads a
+    value, say) is run for real -- the caller named that code -- and its model moved to meta before the
+    header's structure edits are replayed."""
+    most = 4 * len(header["tensors"]) + 1024
+    try:
+        with torch.device("meta"), _tensor_count_limit(most, source):
+            return _rebuild_model(header, model_spec, source)
+    except NetdietError as exc:
+        spec = str((header.get("model") or {}).get("spec"))
+        if not (":" in spec or spec.endswith(".py")) or not str(exc).startswith("model factory"):
+            raise
+    model = _factory_model(header, model_spec, source)[0].to("meta")
+    with torch.device("meta"), _tensor_count_limit(most, source):
+        return _replay(model, header, source)
 
 
 def _check_tensor_list(skeleton: nn.Module, header: dict, source: str) -> None:
