@@ -636,7 +636,7 @@ def _check_structure(edits: Any) -> None:
                 for key, value in _obj(change.get("attrs"), f"{m}.attrs", optional=True).items():
                     _need(not key.startswith("_"), f"{m}.attrs", "names a private attribute", key)
                     if isinstance(value, list):
-                        _ints(value, f"{m}.attrs.{key}")
+                        _ints(value, f"{m}.attrs.{key}", -(1 << 40))
                     else:
                         _int(value, f"{m}.attrs.{key}", -(1 << 40), 1 << 40)
                 for part in ("params", "buffers"):
