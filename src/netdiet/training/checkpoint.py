@@ -38,6 +38,8 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
     callbacks: dict[str, tuple[dict, dict[str, torch.Tensor]]] = field(default_factory=dict)
     scaler: dict | None = None
+    batch: int = 0                  # batches of epoch `epoch` (0-based) already done: a mid-epoch checkpoint
+    partial: dict | None = None     # that epoch's running sums so far: loss_sum, correct, count, seconds, waited
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -76,13 +78,14 @@ def save_checkpoint(folder: str | os.PathLike, ck: Checkpoint) -> Path:
     for name, (scalars, cb_tensors) in ck.callbacks.items():
         cb_meta[name] = scalars
         tensors.update({f"cb.{name}.{k}": v for k, v in cb_tensors.items()})
-    tensor_file = f"epoch-{ck.epoch:04d}.safetensors"
+    tensor_file = f"epoch-{ck.epoch:04d}.safetensors" if not ck.batch else f"epoch-{ck.epoch:04d}-step-{ck.step:08d}.safetensors"
     replaces = (folder / tensor_file).exists()
     save_state_dict(folder / tensor_file, tensors)
     try:     # NaN/inf (a diverging validation loss, say) is written as null: strict JSON, so the commit always lands
         atomic_write_json(folder / INDEX, json_finite({
             "schema": SCHEMA, "tensors": tensor_file, "epoch": ck.epoch, "step": ck.step, "history": ck.history,
             "fingerprint": ck.fingerprint, "optimizer": opt_meta, "callbacks": cb_meta, "scaler": ck.scaler,
+            **({"batch": ck.batch, "partial": ck.partial} if ck.batch else {}),
         }))
     except BaseException:
         if not replaces:                       # no orphan tensor file next to the previous, still valid, checkpoint
@@ -112,7 +115,8 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     callbacks = {name: (scalars, part(f"cb.{name}.")) for name, scalars in (meta.get("callbacks") or {}).items()}
     return Checkpoint(meta["epoch"], meta["step"], meta["history"], meta["fingerprint"], part("model."),
-                      _unflatten_optimizer(meta["optimizer"], tensors), part("rng."), callbacks, meta.get("scaler"))
+                      _unflatten_optimizer(meta["optimizer"], tensors), part("rng."), callbacks, meta.get("scaler"),
+                      meta.get("batch", 0), meta.get("partial"))
 
 
 # ---------------------------------------------------------------- the schema of checkpoint.json
@@ -162,6 +166,14 @@ def check_index(meta: dict, path: Path) -> None:
     callbacks = meta.get("callbacks")
     if callbacks is not None and (not isinstance(callbacks, dict) or not all(isinstance(v, dict) for v in callbacks.values())):
         raise _bad(path, "callbacks", "must be a mapping of callback name to its scalars")
+    batch = meta.get("batch", 0)
+    if not _is_int(batch) or batch < 0:
+        raise _bad(path, "batch", f"must be an integer >= 0 (batches done in the current epoch), got {batch!r}")
+    partial = meta.get("partial")
+    keys = ("loss_sum", "correct", "count", "seconds", "waited")
+    if batch and (not isinstance(partial, dict) or not all(isinstance(partial.get(k), (int, float))
+                                                           and not isinstance(partial.get(k), bool) for k in keys)):
+        raise _bad(path, "partial", f"must hold the epoch's running {', '.join(keys)} for a mid-epoch checkpoint")
     if meta.get("scaler") is not None and not isinstance(meta["scaler"], dict):
         raise _bad(path, "scaler", f"must be null or the gradient scaler's state, got {meta['scaler']!r}")
 

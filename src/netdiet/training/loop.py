@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -73,8 +74,8 @@ class TrainConfig:
     monitor: str = "val_acc"         # val_acc | val_loss | train_acc | loss
     min_delta: float = 0.0
     restore_best: bool = True
-    checkpoint_dir: str | None = None  # write a resumable checkpoint here every `checkpoint_every` epochs
-    checkpoint_every: int = 1
+    checkpoint_dir: str | None = None  # write a resumable checkpoint here every `checkpoint_every`
+    checkpoint_every: int | str = 1    # N epochs, or "500steps" / "5min" / "90s" / "2h" (mid-epoch; one process)
     resume: bool = False             # continue from the checkpoint in checkpoint_dir
     device: str = "cpu"              # cpu | cuda | auto
     projection_steps: int = 0        # >0: after this many steps, project the full run's time from the throughput
@@ -185,8 +186,12 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     penalised = penalised_weights(model) if (cfg.l1 or cfg.l2) else []
     start_epoch, step = 0, 0
     fingerprint = {**_fingerprint(cfg, world), **(fingerprint or {})}
+    every_unit, every = parse_checkpoint_every(cfg.checkpoint_every)
+    if every_unit != "epochs" and world > 1:
+        every_unit, every = "epochs", 1      # a mid-epoch checkpoint would hold rank 0's partial sums only
+    skip, partial = 0, None                  # a mid-epoch checkpoint: batches already done, their running sums
     if cfg.resume:
-        start_epoch, step = _resume(cfg, model, opt, scaler, early, fingerprint, result, log)
+        start_epoch, step, skip, partial = _resume(cfg, model, opt, scaler, early, fingerprint, result, log)
     saved_epoch = result.resumed_from_epoch          # the last good checkpoint on disk (None: none yet)
     for cb in callbacks:
         cb.on_train_begin(model, opt)
@@ -197,16 +202,20 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     total_steps = cfg.epochs * steps_per_epoch
     progress = _progress(cfg.progress and rank == 0, (cfg.epochs - start_epoch) * batches_per_epoch, cfg.description)
     rss, t_start, first_step, t_first = PeakRSS(), time.perf_counter(), step, None
+    t_saved = t_start
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         rss.reset()
         batches = epoch_batches(n, per_rank, epoch, cfg.seed, rank=rank, world=world)
-        data = batch_iterator(x_train, y_train, batches, workers=cfg.workers, prefetch=cfg.prefetch,
+        first = skip if epoch == start_epoch else 0
+        data = batch_iterator(x_train, y_train, batches[first:], workers=cfg.workers, prefetch=cfg.prefetch,
                               pin_memory=cfg.pin_memory, transform=transform)
-        loss_sum, correct, count = 0.0, 0, 0
-        t0, waited = time.perf_counter(), 0.0
-        for i in range(len(batches)):
+        loss_sum, correct, count, done_s, waited = 0.0, 0, 0, 0.0, 0.0
+        if first and partial:
+            loss_sum, correct, count, done_s, waited = (partial[k] for k in ("loss_sum", "correct", "count", "seconds", "waited"))
+        t0 = time.perf_counter() - done_s
+        for i in range(first, len(batches)):
             t_wait = time.perf_counter()
             x, y = next(data)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -265,6 +274,14 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                                                    train_flops_per_sample)
                     if log:
                         log(_projection_line(result.projection))
+                due = (every_unit == "steps" and step % every == 0
+                       or every_unit == "seconds" and time.perf_counter() - t_saved >= every)
+                if cfg.checkpoint_dir and rank == 0 and due and i + 1 < len(batches):   # mid-epoch (ends save below)
+                    sums = {"loss_sum": loss_sum, "correct": correct, "count": count,    # this batch is already in them
+                            "seconds": time.perf_counter() - t0, "waited": waited}
+                    _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch, step, result.history, fingerprint,
+                          batch=i + 1, partial=sums)
+                    t_saved = time.perf_counter()
             progress.advance()
         seconds = time.perf_counter() - t0
         sums = all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))  # over all ranks
@@ -273,9 +290,10 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         result.history.append(metrics)
         stop = any([cb.on_epoch_end(model, epoch, metrics) for cb in callbacks])
         metrics["stopped_early"] = bool(stop)
-        if cfg.checkpoint_dir and rank == 0 and (stop or epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
+        if cfg.checkpoint_dir and rank == 0 and (stop or epoch + 1 == cfg.epochs or every_unit != "epochs"
+                                                 or (epoch + 1) % every == 0):
             _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch + 1, step, result.history, fingerprint)
-            saved_epoch = epoch + 1
+            saved_epoch, t_saved = epoch + 1, time.perf_counter()
         if stop:
             break
     progress.close()
@@ -306,7 +324,6 @@ _NUMBERS: dict[str, tuple[str, float | None, float | None, str, str]] = {
     "prefetch": ("int", 1, None, "--prefetch", "--prefetch 2"),
     "patience": ("int", 0, None, "--patience", "--patience 3"),
     "min_delta": ("real", 0, None, "--min-delta", "--min-delta 0.001"),
-    "checkpoint_every": ("int", 1, None, "--checkpoint-every", "--checkpoint-every 1"),
     "projection_steps": ("int", 0, None, "--projection-steps", "--projection-steps 5"),
 }
 
@@ -322,6 +339,29 @@ def check_train_config(cfg: TrainConfig) -> None:
         else:
             check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=example)
     check_seed(cfg.seed)
+    parse_checkpoint_every(cfg.checkpoint_every)
+
+
+_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(epochs?|steps?|s|sec|min|h)\s*$")
+_SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600}
+
+
+def parse_checkpoint_every(value: int | str) -> tuple[str, float]:
+    """checkpoint_every as (unit, amount): ("epochs", N), ("steps", N) or ("seconds", T).
+    An integer is epochs; a string is "3epochs", "500steps", "90s", "5min" or "2h"."""
+    example = "--checkpoint-every 1 (epochs), 500steps or 5min"
+    if not isinstance(value, str):
+        return "epochs", check_integer("checkpoint_every", value, low=1, flag="--checkpoint-every", example=example)
+    m = _EVERY.match(value.lower())
+    if not m:
+        raise NetdietError(f"checkpoint_every (--checkpoint-every) {value!r} is not N epochs, N steps or a time; "
+                           f"e.g. {example}")
+    amount, unit = float(m.group(1)), m.group(2)
+    if unit in _SECONDS:
+        return "seconds", check_number("checkpoint_every", amount * _SECONDS[unit], low=0, low_open=True,
+                                       flag="--checkpoint-every", example=example)
+    n = check_integer("checkpoint_every", amount, low=1, flag="--checkpoint-every", example=example)
+    return ("steps" if unit.startswith("step") else "epochs"), n
 
 
 def _check_config(cfg: TrainConfig, n: int, world: int) -> None:
@@ -353,10 +393,11 @@ def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float
     return metrics
 
 
-def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint) -> None:
+def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint, batch=0, partial=None) -> None:
     callbacks = {"early_stopping": early.state_dict()} if early else {}
     save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model.state_dict(), opt.state_dict(),
-                                       capture_rng(), callbacks, scaler.state_dict() if scaler else None))
+                                       capture_rng(), callbacks, scaler.state_dict() if scaler else None,
+                                       batch=batch, partial=partial))
 
 
 def _non_finite(total: torch.Tensor) -> float | None:
@@ -365,11 +406,12 @@ def _non_finite(total: torch.Tensor) -> float | None:
     return None if math.isfinite(value) else value
 
 
-def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[int, int]:
+def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[int, int, int, dict | None]:
+    """(epoch to start, steps done, batches of that epoch already done, their running sums)."""
     if not has_checkpoint(cfg.checkpoint_dir):   # killed before its first checkpoint: nothing is lost by starting over
         if log:
             log(f"--resume: no checkpoint in {cfg.checkpoint_dir} yet (the run stopped before its first one); starting fresh")
-        return 0, 0
+        return 0, 0, 0, None
     ck = load_checkpoint(cfg.checkpoint_dir)
     check_compatible(ck, model, fingerprint, cfg.checkpoint_dir)
     model.load_state_dict(ck.model)
@@ -392,7 +434,7 @@ def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[i
     result.history = list(ck.history)
     result.resumed_from_epoch = ck.epoch
     finished = bool(ck.history and ck.history[-1].get("stopped_early"))
-    return (cfg.epochs if finished else ck.epoch), ck.step
+    return (cfg.epochs if finished else ck.epoch), ck.step, (0 if finished else ck.batch), ck.partial
 
 
 def _projection_line(p: dict) -> str:
