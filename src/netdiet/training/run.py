@@ -8,6 +8,7 @@ Output folder:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -298,10 +299,48 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
     cfg = config or TrainConfig()
     check_train_config(cfg)                          # bad numbers fail before the dataset is even loaded
-    if out is not None:
-        check_out_dir(out, cfg.resume)
-    elif cfg.resume:
+    if out is None and cfg.resume:
         raise NetdietError("--resume needs --out DIR (the folder of the run to continue)")
+    with out_dir_lock(out) if out is not None else contextlib.nullcontext():
+        if out is not None:
+            check_out_dir(out, cfg.resume)
+        return _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_fraction, log)
+
+
+def out_dir_lock(out: str | os.PathLike):
+    """Hold an exclusive lock on --out for the whole run: a second `netdiet train` into the same folder is refused
+    (one line) instead of interleaving its checkpoints with this run's. The OS drops the lock when the process ends,
+    so a killed run never leaves the folder locked. Under torchrun only rank 0 takes it."""
+    @contextlib.contextmanager
+    def held():
+        try:
+            import fcntl
+        except ImportError:                          # no flock (Windows): run unlocked
+            yield
+            return
+        folder = Path(out)
+        if os.environ.get("RANK", "0") != "0" or (folder.exists() and not folder.is_dir()):
+            yield                                     # other ranks share rank 0's lock; check_out_dir names a file
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / ".netdiet.lock", "a+b")
+        except OSError:                               # unwritable: check_out_dir says so in one line
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise NetdietError(f"--out {folder} is in use by another netdiet train run; wait for it to finish "
+                                   "or choose another --out") from None
+            yield
+        finally:
+            handle.close()                            # closing releases the lock
+    return held()
+
+
+def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_fraction, log) -> TrainRun:
     if nproc < 1:
         raise NetdietError(f"--nproc must be at least 1, got {nproc}")
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
