@@ -15,6 +15,7 @@ import netdiet
 from netdiet.cli import main
 from netdiet.errors import NetdietError
 from netdiet.fileio import load_state_dict, save_state_dict
+from netdiet.models import create_model
 from netdiet.training import TrainConfig, fit
 
 
@@ -184,7 +185,7 @@ def good_checkpoint(tmp_path_factory):
 
 
 def _mlp():
-    return netdiet.models.create_model("mlp", widths=[16], in_features=64)
+    return create_model("mlp", widths=[16], in_features=64)
 
 
 def _cfg(folder, epochs=3, resume=True):
@@ -340,3 +341,72 @@ def test_user_factory_with_the_wrong_width_says_what_is_wrong(tmp_path, capsys):
         code, _, err = _run(capsys, argv)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "takes no num_classes" in lines[0] and "10 class scores" in lines[0], err
+
+
+# ---------------------------------------------------------------- 6. one run per --out folder
+def test_a_second_train_into_a_locked_out_folder_is_refused(tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "busy"
+    out.mkdir()
+    argv = ["train", "mlp", "--model-kw", "widths=[16]", "--data", "digits", "--epochs", "1", "--projection-steps", "0",
+            "--out", str(out)]
+    with open(out / ".netdiet.lock", "a+b") as other:          # another run holds the folder
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _run(capsys, argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "in use by another netdiet train" in lines[0], err
+        assert not (out / "checkpoint").exists() and not (out / "train.json").exists()
+    code, _, err = _run(capsys, argv)                         # released (as when that run ends or is killed)
+    assert code == 0, err
+    code, _, err = _run(capsys, argv)                         # and this run released it too
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------- 3b. checkpoints by steps or time, resumed mid-epoch
+class _Killed(Exception):
+    pass
+
+
+def test_step_checkpoints_resume_mid_epoch_to_the_same_metrics_and_weights(tmp_path):
+    from netdiet.data import get_dataset
+    from netdiet.training import Callback
+
+    class KillAt(Callback):
+        def after_step(self, model, step):
+            if step == 33:
+                raise _Killed()
+
+    d = get_dataset("digits")
+
+    def run(folder, resume=False, callbacks=()):
+        torch.manual_seed(0)
+        model = create_model("mlp", widths=[24], in_features=64, dropout=0.2)  # dropout: RNG resumes too
+        cfg = TrainConfig(epochs=3, batch_size=64, lr=3e-3, schedule="cosine", progress=False, checkpoint_dir=str(folder),
+                          checkpoint_every="5steps", resume=resume)
+        res = fit(model, d.x_train, d.y_train, cfg, x_val=d.x_test, y_val=d.y_test, callbacks=list(callbacks))
+        keep = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "lr", "steps")
+        return [{k: h[k] for k in keep} for h in res.history], [p.detach().clone() for p in model.parameters()], res
+
+    full_history, full_weights, _ = run(tmp_path / "full")
+    with pytest.raises(_Killed):
+        run(tmp_path / "cut", callbacks=[KillAt()])
+    index = _strict_json(tmp_path / "cut" / "checkpoint.json")
+    assert index["epoch"] == 1 and index["step"] == 30 and index["batch"] == 7     # 23 steps an epoch: inside epoch 2
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoint.json", "epoch-0001-step-00000030.safetensors"]
+    history, weights, res = run(tmp_path / "cut", resume=True)
+    assert res.resumed_from_epoch == 1 and history == full_history
+    for a, b in zip(weights, full_weights):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("value,ok", [(1, ("epochs", 1)), ("500steps", ("steps", 500)), ("5min", ("seconds", 300.0)),
+                                      ("90s", ("seconds", 90.0)), ("2h", ("seconds", 7200.0)), ("3epochs", ("epochs", 3)),
+                                      (0, None), (-1, None), ("0steps", None), ("2.5steps", None), ("5 parsecs", None),
+                                      ("nanmin", None), (float("nan"), None)])
+def test_checkpoint_every_parses_epochs_steps_and_time(value, ok):
+    from netdiet.training.loop import parse_checkpoint_every
+    if ok is None:
+        with pytest.raises(NetdietError, match="--checkpoint-every"):
+            parse_checkpoint_every(value)
+    else:
+        assert parse_checkpoint_every(value) == ok
