@@ -350,12 +350,16 @@ def test_a_second_train_into_a_locked_out_folder_is_refused(tmp_path, capsys):
     out.mkdir()
     argv = ["train", "mlp", "--model-kw", "widths=[16]", "--data", "digits", "--epochs", "1", "--projection-steps", "0",
             "--out", str(out)]
-    with open(out / ".netdiet.lock", "a+b") as other:          # another run holds the folder
-        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    import os
+    other = os.open(out, os.O_RDONLY)                          # another run holds the folder
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code, _, err = _run(capsys, argv)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "in use by another netdiet train" in lines[0], err
-        assert not (out / "checkpoint").exists() and not (out / "train.json").exists()
+        assert list(out.iterdir()) == []                      # nothing written, not even a lock file
+    finally:
+        os.close(other)
     code, _, err = _run(capsys, argv)                         # released (as when that run ends or is killed)
     assert code == 0, err
     code, _, err = _run(capsys, argv)                         # and this run released it too

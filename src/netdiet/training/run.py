@@ -308,7 +308,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
 
 
 def out_dir_lock(out: str | os.PathLike):
-    """Hold an exclusive lock on --out for the whole run: a second `netdiet train` into the same folder is refused
+    """Hold an exclusive lock (flock) on the --out folder for the whole run: a second `netdiet train` into the same folder is refused
     (one line) instead of interleaving its checkpoints with this run's. The OS drops the lock when the process ends,
     so a killed run never leaves the folder locked. Under torchrun only rank 0 takes it."""
     @contextlib.contextmanager
@@ -322,21 +322,21 @@ def out_dir_lock(out: str | os.PathLike):
         if os.environ.get("RANK", "0") != "0" or (folder.exists() and not folder.is_dir()):
             yield                                     # other ranks share rank 0's lock; check_out_dir names a file
             return
-        try:
+        try:                                          # the folder itself is locked: no lock file to leave behind
             folder.mkdir(parents=True, exist_ok=True)
-            handle = open(folder / ".netdiet.lock", "a+b")
-        except OSError:                               # unwritable: check_out_dir says so in one line
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:                               # uncreatable: check_out_dir says so in one line
             yield
             return
         try:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise NetdietError(f"--out {folder} is in use by another netdiet train run; wait for it to finish "
                                    "or choose another --out") from None
             yield
         finally:
-            handle.close()                            # closing releases the lock
+            os.close(fd)                              # closing releases the lock
     return held()
 
 
