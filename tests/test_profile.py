@@ -405,3 +405,17 @@ def test_measure_ram_check_adds_the_deep_copy_of_the_weights_to_the_estimated_pe
     code, _, err = run_cli(capsys, "profile", "lenet300", "--measure")
     assert code == 2 and "stopped after the RAM check" in err
     assert asked and set(asked) == {peak + 266_610 * 4}   # checked before materialising and before measuring
+
+
+def test_profile_json_carries_the_cpu_rules_and_the_kernels_no_rule_covers():
+    # a transposed conv has no CPU scratch rule: the estimate lists it as unmodelled, and the profile says so
+    import netdiet
+    from torch import nn
+
+    model = nn.Sequential(nn.ConvTranspose2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 10 * 10, 3))
+    doc = netdiet.profile(model, (1, 1, 8, 8), progress=False).to_dict()
+    mem = doc["memory"]
+    assert isinstance(mem["cpu_rules"], str) and mem["cpu_rules"]
+    ops = {u["op"] for u in mem["unmodelled"]}
+    assert any(op.startswith("aten.convolution") for op in ops), mem["unmodelled"]
+    assert mem["warnings"] and all(isinstance(w, str) for w in mem["warnings"])

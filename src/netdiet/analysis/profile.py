@@ -451,6 +451,10 @@ def _memory_section(estimate: Any, measured: dict | None, inference: Any = None,
     for extra in ("recompute_flops", "checkpointing_saved"):
         if hasattr(estimate, extra):
             out[extra] = _plain(getattr(estimate, extra))
+    # which CPU's kernel-scratch rules priced the step, and the kernels no rule covers (counted as 0 bytes)
+    out["cpu_rules"] = getattr(source, "cpu_rules", None) or None
+    out["unmodelled"] = list(getattr(source, "unmodelled", None) or [])
+    out["warnings"] = list(getattr(source, "warnings", None) or [])
     out["peak_measured"] = None
     out["inference_peak_measured"] = None
     out["measure_method"] = None
