@@ -414,3 +414,37 @@ def test_checkpoint_every_parses_epochs_steps_and_time(value, ok):
             parse_checkpoint_every(value)
     else:
         assert parse_checkpoint_every(value) == ok
+
+
+def test_a_non_finite_gradient_stops_before_the_weights_are_spoiled(tmp_path):
+    from netdiet.data import get_dataset
+    from netdiet.training.loop import TrainingDiverged
+
+    class InfGrad(torch.autograd.Function):      # finite forward, infinite gradient from the 5th training pass on
+        calls = 0
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            InfGrad.calls += 1
+            return g * float("inf") if InfGrad.calls >= 5 else g
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return InfGrad.apply(y) if self.training else y
+
+    d = get_dataset("digits")
+    torch.manual_seed(0)
+    model = Net()
+    with pytest.raises(TrainingDiverged) as exc:
+        fit(model, d.x_train, d.y_train, TrainConfig(epochs=1, batch_size=64, progress=False, checkpoint_dir=str(tmp_path)))
+    assert exc.value.step == 5 and exc.value.record()["gradient_norm"] in ("inf", "nan")
+    assert "gradient norm" in str(exc.value) and all(torch.isfinite(p).all() for p in model.parameters())

@@ -108,8 +108,8 @@ class TrainingDiverged(NetdietError):
     `history` holds the epochs completed before it; `checkpoint_epoch` is the last good checkpoint (None: none)."""
 
     def __init__(self, epoch: int, step: int, loss: float, history: list[dict], checkpoint_epoch: int | None,
-                 checkpoint_dir: str | None) -> None:
-        self.epoch, self.step, self.loss = epoch, step, loss
+                 checkpoint_dir: str | None, grad_norm: float | None = None) -> None:
+        self.epoch, self.step, self.loss, self.grad_norm = epoch, step, loss, grad_norm
         self.history, self.checkpoint_epoch = history, checkpoint_epoch
         if checkpoint_epoch is not None:
             kept = (f"; the last good checkpoint (epoch {checkpoint_epoch}) is kept in {checkpoint_dir}: "
@@ -118,11 +118,13 @@ class TrainingDiverged(NetdietError):
             kept = "; no checkpoint had been written yet"
         else:
             kept = ""
-        super().__init__(f"training diverged at epoch {epoch} step {step} (loss {loss}); lower --lr{kept}")
+        what = f"loss {loss}" + (f", gradient norm {grad_norm}" if grad_norm is not None else "")
+        super().__init__(f"training diverged at epoch {epoch} step {step} ({what}); lower --lr{kept}")
 
     def record(self) -> dict:
         """The divergence as JSON-safe values (the loss as a string: 'nan', 'inf')."""
-        return {"epoch": self.epoch, "step": self.step, "loss": str(self.loss), "checkpoint_epoch": self.checkpoint_epoch}
+        return {"epoch": self.epoch, "step": self.step, "loss": str(self.loss), "checkpoint_epoch": self.checkpoint_epoch,
+                **({"gradient_norm": str(self.grad_norm)} if self.grad_norm is not None else {})}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -255,6 +257,12 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                                     step_epochs=cfg.step_epochs, gamma=cfg.gamma)
                 if scaler:
                     scaler.unscale_(opt)
+                else:   # a NaN/inf gradient would make NaN weights, and the next checkpoint would keep them
+                    grad_norm = _non_finite_grad(opt)   # (the fp16 GradScaler skips such steps by itself)
+                    if grad_norm is not None:
+                        progress.close()
+                        raise TrainingDiverged(epoch + 1, step + 1, loss_value, json_finite(result.history), saved_epoch,
+                                               cfg.checkpoint_dir, grad_norm=grad_norm)
                 for cb in callbacks:
                     cb.before_step(model, step)
                 if scaler:
@@ -404,6 +412,16 @@ def _non_finite(total: torch.Tensor) -> float | None:
     """The loss with penalties and callback terms, when it is NaN or infinite (None when finite)."""
     value = float(total.detach())
     return None if math.isfinite(value) else value
+
+
+def _non_finite_grad(opt: torch.optim.Optimizer) -> float | None:
+    """The total gradient norm when it is NaN or infinite (None when finite). Under DDP the gradients are already
+    averaged, so every rank sees the same value and stops at the same step."""
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    return None if math.isfinite(norm) else norm
 
 
 def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[int, int, int, dict | None]:
