@@ -79,7 +79,7 @@ def test_api_numbers_go_through_the_same_check():
         fit(torch.nn.Linear(4, 2), torch.zeros(8, 4), torch.zeros(8, dtype=torch.long), TrainConfig(lr=float("inf")))
 
 
-def test_a_recipe_lr_nan_is_refused_through_trainconfig(tmp_path, capsys):
+def test_a_recipe_lr_nan_is_refused_at_load_with_its_line(tmp_path, capsys):
     recipe = tmp_path / "nan.yaml"
     recipe.write_text(textwrap.dedent("""\
         name: nan-lr
@@ -88,11 +88,12 @@ def test_a_recipe_lr_nan_is_refused_through_trainconfig(tmp_path, capsys):
           - technique: quantize
             options: {mode: dynamic}
     """))
-    with pytest.raises(NetdietError, match=r"lr \(--lr\) nan is not finite"):
+    with pytest.raises(NetdietError, match=r"nan\.yaml line 2: baseline lr nan must be a finite positive number"):
         netdiet.compress("mlp", str(recipe), data="digits", latency=False, progress=False)
     code, _, err = _run(capsys, ["compress", "mlp", "--data", "digits", "--recipe", str(recipe), "--no-latency"])
-    last = err.strip().splitlines()[-1]        # (recipe.py logs the baseline's settings first)
-    assert code == 2 and last.startswith("netdiet: error: lr (--lr) nan") and "Traceback" not in err
+    # refused before anything trains: the only line is the error
+    assert code == 2 and err.strip().splitlines() == [err.strip().splitlines()[-1]]
+    assert "line 2: baseline lr nan" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- 2. a diverging run is not lost

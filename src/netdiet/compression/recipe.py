@@ -19,6 +19,7 @@ object), no duplicate keys, at most MAX_YAML_DEPTH levels of nesting and MAX_REC
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,8 +329,11 @@ def _train_settings(doc: _Doc, node: yaml.Node, what: str) -> dict[str, Any]:
             if value not in OPTIMIZERS:
                 raise doc.error(vnode, f"{what} optimizer {value!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
         else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (key == "lr" and value == 0):
-                raise doc.error(vnode, f"{what} {key} {value!r} must be a {'positive' if key == 'lr' else 'non-negative'} number")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                    or (key == "lr" and value == 0)):
+                # checked at load, with its line: a `lr: .nan` used to surface only after the baseline had trained
+                raise doc.error(vnode, f"{what} {key} {value!r} must be a finite "
+                                       f"{'positive' if key == 'lr' else 'non-negative'} number")
             value = float(value)
         out[key] = value
     return out
