@@ -104,3 +104,12 @@ def test_evaluate_passes_max_memory_to_the_reader(tmp_path):
     with pytest.raises(NetdietError, match="max_memory is 1.00 MiB"):
         evaluate(path, None, latency=False, max_memory=1 << 20)
     assert evaluate(path, None, latency=False, max_memory=1 << 30).params == 266_610
+
+
+def test_evaluate_cli_max_memory_refuses_an_archive_above_it_in_one_line(tmp_path, capsys):
+    _, path, _ = _int4_lenet300(tmp_path)
+    assert main(["evaluate", str(path), "--data", "mnist5k", "--no-latency", "--max-memory", "1MiB"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "max_memory is 1.00 MiB" in err
+    assert main(["evaluate", str(path), "--data", "mnist5k", "--no-latency", "--max-memory", "a lot"]) == 2
+    assert "cannot read size 'a lot'" in capsys.readouterr().err

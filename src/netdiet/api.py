@@ -171,13 +171,14 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
 
 def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, latency: bool = True,
              onnx: bool | None = None, model_spec: str | None = None, data_dir: str | None = None,
-             latency_batch: int = 64, warmup: int = 5, repeats: int = 30):
+             latency_batch: int = 64, warmup: int = 5, repeats: int = 30, max_memory: str | int | None = None):
     """Accuracy, bytes on disk, ratio to the dense fp32 safetensors file, MACs and latency (PyTorch, and ONNX
     Runtime when the archive carries an int8 ONNX model) of a model or a .ndz archive; an `EvaluateResult`
-    (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split)."""
+    (`.to_dict()` is schema netdiet.evaluate/1). `data` is a Dataset or a dataset name (its test split).
+    `max_memory` (bytes or '512MiB') caps what reading the archive may take; default: the RAM available."""
     return evaluation.evaluate(model_or_archive_path, data, batch_size=batch_size, latency=latency, onnx=onnx,
-                     model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats,
-                     data_dir=data_dir)
+                               model_spec=model_spec, latency_batch=latency_batch, warmup=warmup, repeats=repeats,
+                               data_dir=data_dir, max_memory=None if max_memory is None else parse_size(max_memory))
 
 
 # ==================================================================== train / sweep

@@ -280,6 +280,8 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--onnx", action="store_true", help="also time an fp32 ONNX Runtime export when the archive has no int8 ONNX model")
     p.add_argument("--tensors", action="store_true", help="also print the storage of every tensor")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="refuse an archive whose model would take more than SIZE to read, e.g. 2GiB (default: free RAM)")
     add_threads_option(p)
     add_json_option(p)
     p.set_defaults(func=_run_evaluate)
@@ -291,7 +293,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     apply_threads(args)
     result = api.evaluate(args.archive, args.data, data_dir=args.data_dir, batch_size=args.batch_size,
                           latency=not args.no_latency, onnx=True if args.onnx else None, model_spec=args.model,
-                          latency_batch=args.latency_batch, repeats=args.repeats)
+                          latency_batch=args.latency_batch, repeats=args.repeats, max_memory=args.max_memory)
     doc = result.to_dict()
     console.print(evaluate_report(doc, tensors=args.tensors))
     write_json(args, doc)
