@@ -20,7 +20,7 @@ from netdiet.incremental.strategies import STRATEGIES, ContinualConfig, Strategy
 from netdiet.models import create_model
 from netdiet.progress import progress_bar
 from netdiet.training import predict
-from netdiet.training.run import factory_accepts
+from netdiet.training.run import eval_output, factory_accepts
 
 SCHEMA = "netdiet.continual/1"
 
@@ -204,11 +204,7 @@ def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tupl
     probe = make()
     sample = scenario.tasks[0].x_train[:1]
     try:
-        with torch.no_grad():
-            was = probe.training
-            probe.eval()
-            out = probe(sample)
-            probe.train(was)
+        out = eval_output(probe, sample)
     except Exception as exc:  # noqa: BLE001 - a model that cannot take the samples is bad input, said in one line
         raise NetdietError(f"model '{spec}' cannot take the scenario's samples of shape {list(sample.shape[1:])}: "
                            f"{(str(exc).splitlines() or [type(exc).__name__])[0]}; adjust --model-kw or the model") from None

@@ -90,11 +90,7 @@ def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num
     model = create_model(spec, **kwargs)
     probe = torch.zeros((2,) + tuple(sample_shape))
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            out = model(probe)
-            model.train(was)
+        out = eval_output(model, probe)
     except Exception as exc:  # noqa: BLE001 - a shape mismatch is bad input, said in one line
         raise NetdietError(f"model '{spec}' cannot take the dataset's samples of shape {list(sample_shape)}: "
                            f"{str(exc).splitlines()[0]}; adjust --model-kw (e.g. in_channels, image_size, in_features)") from None
@@ -104,6 +100,18 @@ def build_classifier(spec: str, kwargs: dict, sample_shape: tuple[int, ...], num
         raise NetdietError(f"model '{spec}' returns {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__} "
                            f"for a batch of 2, not (2, >= {num_classes}) class scores; {fix}")
     return model
+
+
+def eval_output(model: torch.nn.Module, x: torch.Tensor):
+    """The model's output for `x` in eval mode without gradients (its train/eval mode is restored): the probe that
+    checks a model fits the data before any training."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was)
 
 
 def factory_accepts(spec: str, name: str) -> bool:
