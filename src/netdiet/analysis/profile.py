@@ -16,6 +16,7 @@ meta-device limit lose only the figures that depend on them, each with its one-l
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import types
 import warnings
@@ -31,17 +32,17 @@ from netdiet.analysis.counter import count_ops
 from netdiet.analysis.latency import measure_latency
 from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import estimate_memory
-from netdiet.analysis.ram import check_fits_in_ram, measure_copy_bytes
+from netdiet.analysis.ram import available_ram, check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
 from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
 from netdiet.fileio import load_state_dict
 from netdiet.models import create_model, default_inputs
-from netdiet.models.inputs import (bind_inputs, collect_inputs, input_names, integer_range, materialise,
+from netdiet.models.inputs import (InputSpec, bind_inputs, collect_inputs, input_names, integer_range, materialise,
                                    structured_forward)
 from netdiet.progress import progress_bar
-from netdiet.units import parse_size
+from netdiet.units import format_bytes, parse_size
 
 SCHEMA = "netdiet.profile/1"
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
@@ -235,6 +236,7 @@ def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_siz
     if high is None:
         high = integer_range(model)
     args, kwargs = collect_inputs(inputs)
+    check_inputs_fit(args, kwargs, dtype, batch_size, device)
     args, kwargs = materialise(args, kwargs, dtype=dtype, high=high, device=device, seed=seed)
     if model is not None:
         args, kwargs = bind_inputs(model, args, kwargs)
@@ -242,6 +244,31 @@ def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_siz
         leaves, tree = tree_flatten((args, kwargs))
         args, kwargs = tree_unflatten(list(with_batch(leaves, int(batch_size))), tree)
     return PreparedInputs(list(args), dict(kwargs), input_names(args, kwargs))
+
+
+def check_inputs_fit(args: list[Any], kwargs: dict[str, Any], dtype: torch.dtype, batch_size: int | None,
+                     device: torch.device) -> None:
+    """Refuse (one line) input shapes whose tensors could not be made on a real device: their bytes (at
+    `batch_size` when given) above the RAM available. On the meta device nothing is allocated, so any size passes."""
+    if device.type == "meta":
+        return
+    avail = available_ram()
+    if avail is None:
+        return
+    leaves = [leaf for leaf in tree_flatten((list(args), dict(kwargs)))[0] if isinstance(leaf, InputSpec)]
+    total, largest = 0, None
+    for leaf in leaves:
+        shape = tuple(int(d) for d in leaf.shape)  # made at its own shape first, then cut or repeated to the batch
+        if batch_size is not None and shape and int(batch_size) > shape[0]:
+            shape = (int(batch_size), *shape[1:])
+        size = math.prod(shape) * torch.empty((), dtype=leaf.dtype or dtype).element_size()
+        total += size
+        if largest is None or size > largest[0]:
+            largest = (size, shape)
+    if largest is not None and total > avail:
+        raise NetdietError(f"the input {_shape_text(largest[1])} needs {format_bytes(largest[0])}"
+                           f"{f' ({format_bytes(total)} for all inputs)' if len(leaves) > 1 else ''} but only "
+                           f"{format_bytes(avail)} of RAM is available; give a smaller --input shape or --batch-size")
 
 
 def prepare_inputs(inputs: Any, spec: str | None, model_kw: dict | None, batch_size: int | None,

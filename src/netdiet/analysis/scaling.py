@@ -18,8 +18,9 @@ from torch import nn
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.ram import available_ram
 from netdiet.errors import NetdietError
-from netdiet.units import parse_size
+from netdiet.units import format_bytes, parse_size
 
 # The largest batch `largest_batch_within` will consider: beyond it the answer is "the budget is not the limit".
 MAX_BATCH = 1 << 24
@@ -154,6 +155,7 @@ def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor
     On the meta device this allocates nothing; on real tensors it repeats the batch-1 rows, which is all a
     memory or FLOP count needs.
     """
+    check_batch_fits(inputs, batch)
     out = []
     for t in inputs:
         if t.dim() == 0:
@@ -166,6 +168,24 @@ def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor
             reps = math.ceil(batch / t.shape[0])
             out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous())
     return tuple(out)
+
+
+def batch_input_bytes(inputs: Sequence[torch.Tensor], batch: int) -> int:
+    """Bytes the real (not meta) `inputs` take with dim 0 replaced by `batch`."""
+    return sum(batch * math.prod(t.shape[1:]) * t.element_size() for t in inputs
+               if t.dim() and t.device.type != "meta")
+
+
+def check_batch_fits(inputs: Sequence[torch.Tensor], batch: int, *, flag: str = "the batch size") -> None:
+    """Refuse (one line) a batch whose real input tensors alone exceed the RAM available, before allocating them.
+    Meta tensors need no memory and always pass."""
+    need = batch_input_bytes(inputs, int(batch))
+    if not need:
+        return
+    avail = available_ram()
+    if avail is not None and need > avail:
+        raise NetdietError(f"batch {batch} needs {format_bytes(need)} for its input tensors alone, but only "
+                           f"{format_bytes(avail)} of RAM is available; give a smaller {flag}")
 
 
 def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_sizes: Sequence[int], *,
@@ -187,6 +207,8 @@ def sweep_batch_sizes(model: nn.Module, inputs: Sequence[torch.Tensor], batch_si
     counter = counter or (count_ops if count_flops else None)
     measurer = measurer or (measure_memory if measure else None)
     points = []
+    for b in sorted(set(int(b) for b in batch_sizes)):  # every size is checked before any work
+        check_batch_fits(inputs, b, flag="batch size in --batch-sizes")
     for b in sorted(set(int(b) for b in batch_sizes)):
         x = with_batch(inputs, b)
         est = estimator(model, x, optimizer=optimizer, dtype=dtype, amp=amp, checkpointing=checkpointing)
@@ -219,14 +241,14 @@ def _int_or_none(v: Any) -> int | None:
 def _as_example_inputs(input_shape_at_batch1: Any, input_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
     """Meta tensors at batch 1 from a shape, a list of shapes, a tensor or a tuple of tensors."""
     if isinstance(input_shape_at_batch1, torch.Tensor):
-        return (input_shape_at_batch1,)
+        input_shape_at_batch1 = [input_shape_at_batch1]
     items = input_shape_at_batch1
     if isinstance(items, (tuple, list)) and items and all(isinstance(d, int) for d in items):
         items = [items]
     out = []
     for item in items:
-        if isinstance(item, torch.Tensor):
-            out.append(item)
+        if isinstance(item, torch.Tensor):  # only its shape and dtype matter: the search may reach MAX_BATCH
+            out.append(torch.empty(tuple(item.shape), dtype=item.dtype, device="meta"))
         else:
             out.append(torch.empty(tuple(int(d) for d in item), dtype=input_dtype or torch.float32, device="meta"))
     return tuple(out)
