@@ -4,6 +4,7 @@ A crash mid-write leaves the previous file intact, never half of a new one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,6 +22,16 @@ def _check_dir(path: Path) -> None:
         raise NetdietError(f"cannot create folder {parent}: {exc.strerror}; choose a writable output path") from None
     if not os.access(parent, os.W_OK):
         raise NetdietError(f"folder {parent} is not writable; choose a writable output path")
+    # os.access trusts permission bits; a read-only mount, /proc or a quota says no only when a file is made
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".netdiet-probe.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise NetdietError(f"cannot create a file in folder {parent}: {exc.strerror}; choose a writable output path") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -39,22 +50,34 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically. An OSError (a full disk, a quota, an I/O error) is a NetdietError naming
+    the path and the reason; the temp file is removed, and a previous file at `path` is left as it was."""
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a result file should get the usual permissions
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual permissions
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> NetdietError:
+    reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc) or type(exc).__name__
+    return NetdietError(f"cannot write {path}: {reason}; free space or choose another output path, then rerun")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
