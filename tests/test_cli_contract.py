@@ -8,6 +8,7 @@ Everything runs in-process on scikit-learn's digits with one epoch and tiny mode
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,19 @@ BAD_INPUTS = [
     ("report-json-list", ["report", "{d}/list.json", "-o", "{d}/r.html"], "not a netdiet result"),
     ("report-out-is-a-folder", ["report", "{d}/other.json", "-o", "{d}/adir"], "is a folder"),
     ("demo-json-into-folder", ["demo", "--out", "{d}/demo", "--json", "{d}/adir"], "is a folder"),
+    # sizes whose real inputs could not be made (issue 11, item 6): refused before allocating, naming the value
+    ("profile-input-beyond-ram", ["profile", "mlp", "--input", "99999999999,784"], "99999999999x784"),
+    ("profile-input-beyond-ram-cut-to-batch", ["profile", "mlp", "--input", "99999999999,784", "--batch-size", "2"],
+     "99999999999x784"),
+    ("profile-batch-size-beyond-ram", ["profile", "mlp", "--input", "1,784", "--batch-size", "99999999999"],
+     "99999999999x784"),
+    ("profile-batch-sizes-beyond-ram", ["profile", "mlp", "--batch-sizes", "1000000000000000"], "batch 1000000000000000"),
+    ("profile-batch-sizes-float", ["profile", "mlp", "--batch-sizes", "1e15"], "--batch-sizes"),
+    ("profile-max-batch-for-float", ["profile", "mlp", "--max-batch-for", "1e40"], "cannot read size"),
+    # an unwritable target fails before the work (issue 11, item 7): /proc passes os.access as root
+    ("profile-json-into-proc", ["profile", "mlp", "--json", "/proc/x.json"], "/proc"),
+    ("train-json-into-proc", ["train", "mlp", "--data", "digits", "--json", "/proc/x.json"], "/proc"),
+    ("report-out-into-proc", ["report", "{d}/other.json", "-o", "/proc/x.html"], "/proc"),
 ]
 
 
@@ -273,3 +287,51 @@ def test_mistyped_command_suggests_the_closest_in_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["netdiet: error: unknown command 'proflie'; did you mean 'profile'? `netdiet --help` lists the commands"]
     assert cli_main(["--debug", "models"]) == 0
+
+
+def test_max_batch_search_for_a_huge_budget_stops_at_the_cap_without_allocating(scratch):
+    """--max-batch-for 10^39 bytes: the search runs on meta tensors and stops at its cap (it allocated 52 GB)."""
+    out = scratch / "huge-budget.json"
+    assert main(["profile", "mlp", "--max-batch-for", str(10 ** 39), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["max_batch"]["capped"] is True and doc["max_batch"]["batch_size"] >= 1 << 24
+
+
+def test_7b_preset_at_8x2048_still_profiles_on_meta(capsys):
+    code, _, err = _run(capsys, ["profile", "transformer", "--model-kw", "preset=7b", "--input", "8,2048"])
+    assert code == 0, err
+
+
+WRONG_TYPED = [
+    # (the result it is planted in, the field, its wrong-typed value): each failed `netdiet report` with exit 1
+    ("profile", "totals", 5),
+    ("profile", "memory", "x"),
+    ("profile", "modules", [3]),
+    ("compress", "stages", {}),
+    ("train", "history", [1, 2]),
+    ("continual", "strategies", [{"accuracy_matrix": "abc"}]),
+]
+
+
+@pytest.mark.parametrize("name,field,value", WRONG_TYPED, ids=[f"{n}-{f}" for n, f, _ in WRONG_TYPED])
+def test_report_skips_a_section_with_a_wrong_typed_field_and_says_so(capsys, docs, tmp_path, name, field, value):
+    doc = json.loads((docs / f"{name}.json").read_text())
+    doc[field] = value
+    bad = tmp_path / f"{name}-bad.json"
+    bad.write_text(json.dumps(doc))
+    out = tmp_path / "r.html"
+    code, _, err = _run(capsys, ["report", str(bad), str(docs / "models.json"), "-o", str(out)])
+    assert code == 0, err
+    page = out.read_text()
+    assert "Model zoo" in page  # the other result still renders
+    notes = re.findall(r"<p class='warn skipped'>([^<]*)</p>", page)
+    assert len(notes) == 1, page[-2000:]
+    named = "accuracy_matrix" if field == "strategies" else f"&#x27;{field}&#x27;"
+    assert named in notes[0] and "skipped" in notes[0]
+
+
+def test_report_of_untouched_results_skips_nothing(docs, tmp_path):
+    names = ["profile", "compress", "evaluate", "train", "sweep", "continual", "data", "models", "report"]
+    out = tmp_path / "all.html"
+    assert main(["report", *[str(docs / f"{n}.json") for n in names], "-o", str(out)]) == 0
+    assert "skipped" not in out.read_text()

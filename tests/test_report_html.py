@@ -125,3 +125,19 @@ def test_section_titles_name_the_scenario_and_archive_not_their_json(tmp_path):
     text = out.read_text()
     assert "<h2>Continual learning · split · class-incremental · budget 256.00 KiB</h2>" in text
     assert "<h2>Evaluation · model.ndz</h2>" in text
+
+
+def test_a_3000x3000_accuracy_matrix_is_summarised_and_renders_in_seconds(tmp_path):
+    """A heatmap annotates every cell: 9 million cells took over 180 s. At most 50x50 are drawn, with a note."""
+    import time
+    doc = {"schema": "netdiet.continual/1", "setting": "class",
+           "strategies": [{"name": "big", "accuracy_matrix": [[0.5] * 3000 for _ in range(3000)]}]}
+    src = tmp_path / "big.json"
+    src.write_text(json.dumps(doc))
+    out = tmp_path / "big.html"
+    start = time.perf_counter()
+    assert main(["report", str(src), "-o", str(out)]) == 0
+    assert time.perf_counter() - start < 60
+    page = out.read_text()
+    assert "3000×3000; shown as 50×50 evenly spaced cells" in page
+    assert page.count("<img") == 1

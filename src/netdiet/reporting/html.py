@@ -17,6 +17,8 @@ from netdiet.fileio import atomic_write_text
 from netdiet.reporting import plots
 from netdiet.units import format_bytes, format_count
 
+# The most rows (and columns) of an accuracy matrix drawn as a heatmap; larger matrices are summarised.
+MAX_MATRIX = 50
 KNOWN_SCHEMAS = {"profile": {1}, "compress": {1}, "evaluate": {1}, "train": {1}, "sweep": {1}, "continual": {1},
                  "data": {1}, "models": {1}, "demo": {1}, "datasets": {1}, "recipes": {1}, "report": {1}}
 
@@ -267,9 +269,14 @@ def _section_continual(page: Page, src: str, doc: dict) -> None:
                                  ("forgetting", f"strategies.{i}.forgetting", "pct"), ("BWT", f"strategies.{i}.bwt", "pct")])
         mat = s.get("accuracy_matrix")
         bytes_per_task = s.get("bytes_per_task") or []
+        if mat is not None and not isinstance(mat, list):
+            page.add(f"<p class='warn skipped'>{esc(s.get('name') or f'strategy {i + 1}')}: accuracy_matrix is "
+                     f"{esc(_json_type(mat))}, not a list of rows; its heatmap is skipped</p>")
         if isinstance(mat, list) and mat:
+            mat, rows_shown, cols_shown = _bounded_matrix(page, mat, s.get("name"))
             page.image(plots.heatmap(mat, title=f"{s.get('name')}: accuracy after task i on task j", xlabel="evaluated on task j",
-                                     ylabel="after training task i"), f"accuracy matrix {s.get('name')}")
+                                     ylabel="after training task i", row_labels=[str(i + 1) for i in rows_shown],
+                                     col_labels=[str(j + 1) for j in cols_shown]), f"accuracy matrix {s.get('name')}")
         if bytes_per_task:
             page.image(plots.hbar([f"after task {k + 1}" for k in range(len(bytes_per_task))], bytes_per_task,
                                   title=f"{s.get('name')}: bytes kept", xlabel="bytes", color=plots.PALETTE[2]), f"bytes {s.get('name')}")
@@ -278,6 +285,29 @@ def _section_continual(page: Page, src: str, doc: dict) -> None:
     if rows:
         page.add("<h3>Accuracy vs bytes</h3>")
         page.table(["strategy", "average accuracy", "forgetting", "BWT", "max bytes kept"], rows)
+
+
+def _bounded_matrix(page: Page, mat: list, name: Any) -> tuple[list[list[Any]], list[int], list[int]]:
+    """(cells, row indexes, column indexes): at most MAX_MATRIX x MAX_MATRIX cells of `mat` (evenly spaced rows and
+    columns, first and last kept), with a visible note when cut: a heatmap annotates every cell, so a
+    3000 x 3000 matrix would take minutes."""
+    if not all(isinstance(r, list) for r in mat) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for r in mat for v in r):
+        raise TypeError("accuracy_matrix must be a list of rows of numbers")
+    n_rows, n_cols = len(mat), max((len(r) for r in mat), default=0)
+    rows = _spread(n_rows, MAX_MATRIX)
+    cols = _spread(n_cols, MAX_MATRIX)
+    if len(rows) < n_rows or len(cols) < n_cols:
+        page.add(f"<p class='muted'>{esc(name)}: the accuracy matrix is {n_rows}×{n_cols}; shown as {len(rows)}×"
+                 f"{len(cols)} evenly spaced cells (rows {rows[0] + 1}…{rows[-1] + 1}, columns "
+                 f"{cols[0] + 1}…{cols[-1] + 1}); the JSON holds every value</p>")
+    return [[mat[i][j] if j < len(mat[i]) else None for j in cols] for i in rows], rows, cols
+
+
+def _spread(n: int, most: int) -> list[int]:
+    if n <= most:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / (most - 1)) for k in range(most)})
 
 
 def _section_data(page: Page, src: str, doc: dict) -> None:
@@ -333,13 +363,77 @@ figure{margin:1em 0} img{max-width:100%;height:auto}
 """
 
 
+# The fields a section reads, by kind, and the JSON type each must have when present (None is "absent");
+# "rows" is a list whose items are all objects.
+FIELD_TYPES: dict[str, dict[str, str]] = {
+    "profile": {"model": "object", "inputs": "rows", "totals": "object", "memory": "object", "modules": "rows",
+                "operators": "object", "uncounted": "object", "scaling": "object"},
+    "compress": {"model": "object", "recipe": "object", "baseline": "object", "stages": "rows", "pareto": "list"},
+    "train": {"model": "object", "history": "rows"},
+    "sweep": {"model": "object", "points": "rows"},
+    "continual": {"strategies": "rows"},
+    "models": {"models": "rows"},
+    "demo": {"headlines": "rows"},
+}
+
+
+def _wrong_type(value: Any, expected: str) -> str | None:
+    """What is wrong with `value` for `expected` ("object", "list" or "rows"), or None when it fits."""
+    if value is None:
+        return None
+    if expected == "object":
+        return None if isinstance(value, dict) else f"is {_json_type(value)}, not an object"
+    if not isinstance(value, list):
+        return f"is {_json_type(value)}, not a list"
+    if expected == "rows":
+        bad = [v for v in value if not isinstance(v, dict)]
+        if bad:
+            return f"holds {_json_type(bad[0])}, not objects"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _skip_note(page: Page, kind: str, src: str, why: str) -> None:
+    page.add(f"<h2>{esc(kind.capitalize())} · {esc(src)}</h2>")
+    page.add(f"<p class='warn skipped'>This section was skipped: in {esc(src)}, {esc(why)}; "
+             "regenerate the result with netdiet.</p>")
+
+
+def _render_section(page: Page, kind: str, src: str, doc: dict) -> None:
+    """One section; a field of the wrong type (e.g. `memory: "x"`, `stages: {}`) skips the section with a
+    visible note instead of failing the whole report: the JSON may come from anywhere."""
+    for key, expected in FIELD_TYPES.get(kind, {}).items():
+        wrong = _wrong_type(doc.get(key), expected)
+        if wrong:
+            _skip_note(page, kind, src, f"'{key}' {wrong}")
+            return
+    part = Page()
+    try:
+        SECTIONS[kind](part, src, doc)
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError) as exc:  # a wrong type deeper down
+        _skip_note(page, kind, src, f"a field has the wrong type ({type(exc).__name__}: {str(exc)[:200]})")
+        return
+    page.parts.extend(part.parts)
+
+
 def render_html(docs: list[tuple[str, dict]], title: str = "netdiet report") -> str:
     """docs: (source name, parsed JSON) pairs, rendered in a fixed order of kinds."""
     page = Page()
     for kind in ORDER:
         for src, doc in docs:
             if doc["schema"].split("/")[0] == f"netdiet.{kind}":
-                SECTIONS[kind](page, src, doc)
+                _render_section(page, kind, src, doc)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sources = ", ".join(esc(s) for s, _ in docs)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"

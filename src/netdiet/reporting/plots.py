@@ -91,7 +91,8 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str,
     return _to_data_uri(fig)
 
 
-def heatmap(matrix: list[list[float | None]], *, title: str, xlabel: str, ylabel: str) -> str:
+def heatmap(matrix: list[list[float | None]], *, title: str, xlabel: str, ylabel: str,
+            row_labels: list[str] | None = None, col_labels: list[str] | None = None) -> str:
     import numpy as np
     arr = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * arr.shape[1], 0.8 + 0.6 * arr.shape[0]))
@@ -101,8 +102,8 @@ def heatmap(matrix: list[list[float | None]], *, title: str, xlabel: str, ylabel
             if not np.isnan(arr[i, j]):
                 ax.text(j, i, f"{100 * arr[i, j]:.1f}", ha="center", va="center", fontsize=7,
                         color="white" if arr[i, j] < 0.6 else "black")
-    ax.set_xticks(range(arr.shape[1]), labels=[str(j + 1) for j in range(arr.shape[1])])
-    ax.set_yticks(range(arr.shape[0]), labels=[str(i + 1) for i in range(arr.shape[0])])
+    ax.set_xticks(range(arr.shape[1]), labels=col_labels or [str(j + 1) for j in range(arr.shape[1])])
+    ax.set_yticks(range(arr.shape[0]), labels=row_labels or [str(i + 1) for i in range(arr.shape[0])])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
