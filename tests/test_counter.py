@@ -462,3 +462,16 @@ def test_keyword_inputs_as_a_dict_are_counted_like_positional_ones():
     assert trained.backward_flops == count_ops(model, (q, k), train=True).backward_flops > 0
     with pytest.raises(NetdietError, match="not a parameter of Pair.forward"):
         count_ops(model, {"qurey": q, "key": k})
+
+
+def test_a_torch_without_the_autograd_internals_is_one_line_naming_its_version(monkeypatch):
+    import netdiet.analysis.counter as counter_mod
+
+    monkeypatch.setattr(counter_mod, "_next_sequence_nr", None)
+    model = nn.Linear(3, 2)
+    with pytest.raises(NetdietError) as err:
+        counter_mod.count_ops(model, torch.zeros(1, 3), train=True)
+    msg = str(err.value)
+    assert f"torch {torch.__version__} lacks torch._C._autograd._get_sequence_nr" in msg and "torch==2.13.0" in msg
+    monkeypatch.undo()
+    assert counter_mod.count_ops(model, torch.zeros(1, 3), train=True).macs == 6   # with them, 3 x 2 MACs

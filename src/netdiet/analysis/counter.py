@@ -170,7 +170,21 @@ def _flash_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                                                                       scale=scale)[0]
 
 
-_next_sequence_nr = torch._C._autograd._get_sequence_nr   # the number the next autograd node will get
+# Attributing ops to modules reads two private autograd APIs (present in torch 2.3 - 2.14): the number the next autograd
+# node will get, and the node being run. A torch without them is one line naming its version, not a crash.
+_next_sequence_nr = getattr(getattr(torch._C, "_autograd", None), "_get_sequence_nr", None)
+TESTED_TORCH = "2.13 - 2.14"
+
+
+def check_autograd_api() -> None:
+    """NetdietError when this torch lacks the autograd internals the counter attributes ops with."""
+    missing = [name for name, ok in (("torch._C._autograd._get_sequence_nr", _next_sequence_nr is not None),
+                                     ("torch._C._current_autograd_node", hasattr(torch._C, "_current_autograd_node")))
+               if not ok]
+    if missing:
+        raise NetdietError(f"torch {torch.__version__} lacks {', '.join(missing)}, which netdiet's counter uses to "
+                           f"attribute ops to modules (tested on torch {TESTED_TORCH}); install torch==2.13.0, the "
+                           "version in requirements/lock.txt")
 
 
 class _Counter:
@@ -358,6 +372,7 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
         raise NetdietError(f"unknown loss '{loss}'; choose auto (sum of outputs), sum or mean")
     opt_key = str(optimizer).lower()
     optimizer_step_flops(opt_key, 0)  # validates the name
+    check_autograd_api()
     args = _as_tuple(inputs)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
