@@ -34,6 +34,7 @@ from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.ram import available_ram, check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
+from netdiet.analysis.step import DTYPE_NAMES, normalise_optimizer, parse_dtype
 from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
@@ -45,11 +46,6 @@ from netdiet.progress import progress_bar
 from netdiet.units import format_bytes, parse_size
 
 SCHEMA = "netdiet.profile/1"
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "none")
-DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32",
-          "bf16": "bf16", "bfloat16": "bf16",
-          "fp16": "fp16", "float16": "fp16", "half": "fp16"}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A spec whose weights alone exceed this is counted and estimated on the meta device (nothing allocated)
 # unless the user asks to measure it.
 META_THRESHOLD_BYTES = 1 << 30
@@ -107,26 +103,10 @@ class ProfileResult:
 
 
 # ------------------------------------------------------------------ argument checks
-def normalise_optimizer(name: str | None) -> str:
-    key = "none" if name is None else str(name).lower()
-    if key not in OPTIMIZERS:
-        raise NetdietError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
-    return key
-
-
 def normalise_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """None (keep the model's own precision), 'fp32', 'bf16' or 'fp16'."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        for name, td in TORCH_DTYPES.items():
-            if td == dtype:
-                return name
-        raise NetdietError(f"dtype {dtype} is not supported for profiling; choose fp32, bf16 or fp16")
-    key = str(dtype).lower()
-    if key not in DTYPES:
-        raise NetdietError(f"unknown dtype '{dtype}'; choose fp32, bf16 or fp16")
-    return DTYPES[key]
+    """None (keep the model's own precision), 'fp32', 'bf16' or 'fp16': the step's dtype (step.parse_dtype), named."""
+    parsed = parse_dtype(dtype)
+    return None if parsed is None else DTYPE_NAMES[parsed]
 
 
 def _shape_text(shape: Sequence[int]) -> str:

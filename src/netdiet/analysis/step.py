@@ -31,10 +31,11 @@ STEP_ORDER = "zero_grad(set_to_none) -> forward -> loss -> backward -> optimizer
 
 # ------------------------------------------------------------------ input normalisation
 def normalise_optimizer(name: str | None) -> str:
-    name = (name or "none").lower()
-    if name not in OPTIMIZERS:
+    """One of OPTIMIZERS, lower-cased; None means "none" (the step without an optimizer)."""
+    key = "none" if name is None else str(name).lower()
+    if key not in OPTIMIZERS:
         raise NetdietError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
-    return name
+    return key
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
