@@ -70,7 +70,8 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "mnist5k"
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for PyTorch (and ONNX Runtime) compute and timing (default: torch's own choice)")
+                   help="CPU threads for PyTorch (and ONNX Runtime) compute and timing (default: torch's own choice "
+                        "for compute, 1 thread for timings)")
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -487,33 +488,37 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole story on mnist5k: train, profile, compress, evaluate, continual, report")
     p.add_argument("--out", default="netdiet-demo", help="folder for every JSON, archive and report.html (default netdiet-demo)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="passed to every step that takes it: CPU threads for compute and timings (default: torch's own "
+                        "choice for compute, 1 thread for timings; the report names the count)")
     add_seed_option(p)
     add_json_option(p)
     p.set_defaults(func=_run_demo)
 
 
-def demo_steps(out: str, seed: int = 0) -> list[tuple[str, list[str], list[str]]]:
+def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tuple[str, list[str], list[str]]]:
     """(title, argv, files the step must leave behind) — the same commands a user would type."""
     from pathlib import Path
     d = Path(out)
     s = ["--seed", str(seed)]
+    t = [] if threads is None else ["--threads", str(threads)]
     steps: list[tuple[str, list[str], list[str]]] = []
     for net, epochs in (("lenet300", 12), ("lenet5", 8)):
         steps.append((f"train {net}", ["train", net, "--data", "mnist5k", "--epochs", str(epochs), "--batch-size", "64",
                                       "--lr", "0.001", "--optimizer", "adam", "--out", str(d / net),
-                                      "--json", str(d / f"train-{net}.json"), *s],
+                                      "--json", str(d / f"train-{net}.json"), *s, *t],
                       [str(d / f"train-{net}.json"), str(d / net / "model.safetensors")]))
     for net in ("lenet300", "lenet5"):
         steps.append((f"profile {net}", ["profile", net, "--batch-sizes", "1,32,128", "--measure",
-                                        "--json", str(d / f"profile-{net}.json"), *s], [str(d / f"profile-{net}.json")]))
+                                        "--json", str(d / f"profile-{net}.json"), *s, *t], [str(d / f"profile-{net}.json")]))
     for net, recipe in (("lenet300", "deep-compression"), ("lenet5", "deep-compression"), ("lenet300", "int8")):
         tag = f"{net}-{recipe}"
         steps.append((f"compress {net} ({recipe})", ["compress", net, "--weights", str(d / net / "model.safetensors"),
                                                      "--recipe", recipe, "--data", "mnist5k", "--out", str(d / f"{tag}.ndz"),
-                                                     "--json", str(d / f"compress-{tag}.json"), *s],
+                                                     "--json", str(d / f"compress-{tag}.json"), *s, *t],
                       [str(d / f"compress-{tag}.json"), str(d / f"{tag}.ndz")]))
         steps.append((f"evaluate {tag}.ndz", ["evaluate", str(d / f"{tag}.ndz"), "--data", "mnist5k",
-                                              "--json", str(d / f"evaluate-{tag}.json")], [str(d / f"evaluate-{tag}.json")]))
+                                              "--json", str(d / f"evaluate-{tag}.json"), *t], [str(d / f"evaluate-{tag}.json")]))
     steps.append(("continual replay under 256 KiB", ["continual", "--scenario", "split", "--data", "mnist5k", "--setting", "class",
                                                     "--strategy", "replay", "--budget", "256KiB", "--exemplar-bits", "4",
                                                     "--json", str(d / "continual.json"), *s], [str(d / "continual.json")]))
@@ -543,7 +548,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.reporting.terminal import demo_summary_table
     out = Path(args.out)
-    steps = demo_steps(str(out), args.seed)
+    steps = demo_steps(str(out), args.seed, args.threads)
     t0 = time.perf_counter()
     for i, (title, argv, files) in enumerate(steps, 1):
         if not args.fresh and _step_done(files):
@@ -604,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", None):  # a bad --json path fails now, not after minutes of work
             from netdiet.fileio import check_writable
             check_writable(args.json)
+        from netdiet.analysis.latency import timing_threads_of
         from netdiet.environment import steady_threads
-        with steady_threads():   # a fixed OpenMP team; --threads applies to this command only, never to the next
+        # a fixed OpenMP team; --threads applies to this command only (its compute and its timings), never to the next
+        with steady_threads(), timing_threads_of(getattr(args, "threads", None)):
             return int(args.func(args) or 0)
     except NetdietError as exc:
         if debug:

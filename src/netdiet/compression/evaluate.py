@@ -3,6 +3,10 @@
 An archive is evaluated as it is stored: the model is rebuilt from the file (so the figures are those of the
 bytes on disk), and when the file carries an int8 ONNX model (quantize mode dynamic/static) that model is run on
 ONNX Runtime and its accuracy is the headline one, next to the PyTorch model rebuilt from the same codes.
+
+The compression ratio of netdiet is defined here once (compression_ratio) and used by compress, evaluate, the
+report and the demo. PyTorch and ONNX Runtime are timed interleaved (A B A B) until both medians are stable
+(netdiet.analysis.latency); their ratio, `latency_speedup.value`, exists only when both are.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from netdiet.analysis.counter import count_ops
-from netdiet.analysis.latency import time_callable
+from netdiet.analysis.latency import DEFAULT_TIME_LIMIT_S, ratio_of, time_interleaved, timing_threads
 from netdiet.compression import archive
 from netdiet.compression.quantize import export_onnx, ort_predict, ort_session
 from netdiet.data import get_dataset
@@ -32,7 +36,7 @@ class EvaluateResult:
     accuracy: float | None                   # of the runtime that deploys the file (ORT int8 when stored, else PyTorch)
     bytes_on_disk: int                       # the archive's size (a plain model: its dense fp32 safetensors size)
     dense_fp32_bytes: int                    # the uncompressed model as dense fp32 safetensors
-    ratio: float                             # dense_fp32_bytes / bytes_on_disk
+    ratio: float                             # compression_ratio(dense_fp32_bytes, bytes_on_disk)
     macs: int | None                         # per sample, dense count of the rebuilt architecture
     latency_ms: dict[str, float | None] = field(default_factory=lambda: {"pytorch": None, "onnxruntime": None})
     source: str = "model"
@@ -45,8 +49,10 @@ class EvaluateResult:
     params: int = 0
     nonzero_params: int = 0
     latency_batch: int = 0
-    latency_detail: dict[str, dict] = field(default_factory=dict)
-    threads: int = 0
+    latency_detail: dict[str, dict] = field(default_factory=dict)   # per runtime: median, p95, ci, stable, threads...
+    latency_speedup: dict | None = None      # PyTorch median / ORT median (ratio_of): value None unless both stable
+    threads: int = 0                         # compute threads (accuracy); timings name their own in latency_detail
+    timing_threads: int = 0
     tensors: list[dict] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -65,17 +71,28 @@ class EvaluateResult:
             "bytes_on_disk": self.bytes_on_disk, "dense_fp32_bytes": self.dense_fp32_bytes, "ratio": self.ratio,
             "params": self.params, "nonzero_params": self.nonzero_params, "sparsity": self.sparsity,
             "macs": self.macs, "latency_ms": dict(self.latency_ms), "latency_batch": self.latency_batch,
-            "latency_detail": self.latency_detail, "threads": self.threads,
+            "latency_detail": self.latency_detail, "latency_speedup": self.latency_speedup, "threads": self.threads,
+            "timing_threads": self.timing_threads,
             "tensors": self.tensors, "stages": self.stages, "warnings": self.warnings,
             "environment": self.environment or environment(),
         }
 
 
-def _time(fn, warmup: int, repeats: int) -> dict:
-    """Median/p95 milliseconds from netdiet.analysis.latency.time_callable (the one timer of netdiet)."""
-    raw = time_callable(fn, warmup=warmup, repeats=repeats)
-    return {"median": raw["median_ms"], "p95": raw["p95_ms"], "min": raw["min_ms"], "repeats": raw["repeats"],
-            "warmup": raw["warmup"], "threads": raw["threads"]}
+def compression_ratio(dense_fp32_bytes: int | None, bytes_on_disk: int | None) -> float | None:
+    """THE compression ratio of netdiet: the model before compression, as the dense fp32 safetensors file of its
+    dense architecture (archive.dense_fp32_bytes / dense_baseline_bytes), over the whole .ndz file on disk
+    (header, every stream, any ONNX artifact). None without a file. Every ratio shown anywhere is this one."""
+    if not bytes_on_disk or not dense_fp32_bytes:
+        return None
+    return dense_fp32_bytes / bytes_on_disk
+
+
+def _detail(raw: dict) -> dict:
+    """One runtime's timing (netdiet.analysis.latency.time_interleaved, the one timer of netdiet) in milliseconds."""
+    ci = None if raw["ci_low_ms"] is None else [raw["ci_low_ms"], raw["ci_high_ms"]]
+    return {"median": raw["median_ms"], "p95": raw["p95_ms"], "min": raw["min_ms"], "ci": ci, "ci_rel": raw["ci_rel"],
+            "stable": raw["stable"], "repeats": raw["repeats"], "warmup": raw["warmup"], "threads": raw["threads"],
+            "seconds": raw["seconds"], "time_limit_s": raw["time_limit_s"], "target": raw["target"]}
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -85,13 +102,14 @@ def _macs(model: nn.Module, x: torch.Tensor) -> int:
 def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_size: int = 256, latency: bool = True,
              onnx: bool | None = None, model_spec: str | None = None, latency_batch: int = 64,
              warmup: int = 5, repeats: int = 30, data_dir: str | None = None,
-             max_memory: int | None = None) -> EvaluateResult:
+             max_memory: int | None = None, time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> EvaluateResult:
     """Evaluate a model or a .ndz archive on `data` (a Dataset or a dataset name; its test split).
 
     onnx: None = run ONNX Runtime only when the archive carries an int8 ONNX model; True = also export an fp32
     model to ONNX Runtime for comparison; False = PyTorch only. max_memory: bytes reading the archive may take
     (default: the RAM available now; see archive.read). The dense fp32 size is recomputed from the rebuilt
-    architecture, never taken from the header.
+    architecture, never taken from the header. Timings repeat (at least `repeats`) until stable or `time_limit_s`
+    seconds, on timing_threads() threads; ONNX Runtime's session runs on the same count.
     """
 
     if batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
@@ -122,15 +140,16 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
         data = get_dataset(data, data_dir=data_dir)
     if data is not None and not hasattr(data, "x_test"):
         raise NetdietError(f"data must be a dataset name or a netdiet Dataset, got {type(data).__name__}")
-    result.ratio = result.dense_fp32_bytes / result.bytes_on_disk if result.bytes_on_disk else 0.0
+    result.ratio = compression_ratio(result.dense_fp32_bytes, result.bytes_on_disk) or 0.0
     model.eval()
     result.params = sum(p.numel() for p in model.parameters())
     result.nonzero_params = int(sum(int((p != 0).sum()) for p in model.parameters()))
     result.threads = torch.get_num_threads()
+    result.timing_threads = timing_threads()
 
     session = None
     if onnx_bytes is not None:
-        session = ort_session(onnx_bytes)
+        session = ort_session(onnx_bytes, threads=result.timing_threads)
         result.runtime = "onnxruntime-int8"
     if data is None:
         return result
@@ -144,7 +163,7 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
                            f"({type(exc).__name__}: {str(exc)[:120]}); pass the dataset it was trained on with --data") from None
     result.accuracy_pytorch = evaluate_accuracy(model, x, y, batch_size)
     if session is None and onnx:
-        session = ort_session(export_onnx(model, x[:1]).SerializeToString())
+        session = ort_session(export_onnx(model, x[:1]).SerializeToString(), threads=result.timing_threads)
         result.runtime = "pytorch"
     if session is not None:
         result.accuracy_onnxruntime = (ort_predict(session, x, batch_size).argmax(1) == y).float().mean().item()
@@ -160,12 +179,19 @@ def evaluate(model_or_archive_path: nn.Module | str | Path, data: Any, *, batch_
         def torch_fn() -> None:
             with torch.inference_mode():
                 model(xb)
-        result.latency_detail["pytorch"] = _time(torch_fn, warmup, repeats)
-        result.latency_ms["pytorch"] = result.latency_detail["pytorch"]["median"]
+        fns = {"pytorch": torch_fn}
         if session is not None:
             name, xn = session.get_inputs()[0].name, xb.numpy()
-            result.latency_detail["onnxruntime"] = _time(lambda: session.run(None, {name: xn}), warmup, repeats)
-            result.latency_ms["onnxruntime"] = result.latency_detail["onnxruntime"]["median"]
+            fns["onnxruntime"] = lambda: session.run(None, {name: xn})
+        # interleaved, A B A B: a burst of load on a shared machine falls on both runtimes
+        stats = time_interleaved(fns, warmup=warmup, repeats=repeats, time_limit_s=time_limit_s,
+                                 threads=result.timing_threads)
+        for key, raw in stats.items():
+            result.latency_detail[key] = _detail(raw)
+            result.latency_ms[key] = raw["median_ms"]
+        if "onnxruntime" in stats:
+            result.latency_speedup = {**ratio_of(stats["pytorch"], stats["onnxruntime"]), "interleaved": True,
+                                      "of": "PyTorch median / ONNX Runtime median (above 1: ONNX Runtime is faster)"}
     result.environment = environment(next(model.parameters(), torch.empty(0)).device)
     return result
 

@@ -28,7 +28,7 @@ import yaml
 
 from netdiet.compression import archive
 from netdiet.compression.base import CompressionState, StageContext, create_technique, list_techniques
-from netdiet.compression.evaluate import evaluate
+from netdiet.compression.evaluate import compression_ratio, evaluate
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS
@@ -350,7 +350,7 @@ class StageResult:
     options: dict[str, Any]
     accuracy: float | None              # of the runtime that deploys the archive (ORT int8 when stored, else PyTorch)
     bytes_on_disk: int | None           # the stage's .ndz archive
-    ratio: float | None                 # dense fp32 safetensors bytes / bytes_on_disk
+    ratio: float | None                 # evaluate.compression_ratio(dense fp32 bytes, bytes_on_disk)
     macs: int | None                    # per sample
     latency_ms: dict[str, float | None] | None   # {pytorch, onnxruntime}: median of one batch of LATENCY_BATCH
     params: int
@@ -361,6 +361,8 @@ class StageResult:
     accuracy_onnxruntime: float | None = None
     evaluated: bool = True
     seconds: float = 0.0
+    latency_detail: dict[str, Any] | None = None   # evaluate's per-runtime timing: interval, stable, threads
+    latency_speedup: dict[str, Any] | None = None  # evaluate's PyTorch / ORT ratio (value None unless both stable)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "technique": self.technique, "options": self.options, "accuracy": self.accuracy,
@@ -368,7 +370,8 @@ class StageResult:
                 "latency_ms": self.latency_ms, "params": self.params, "nonzero_params": self.nonzero_params,
                 "runtime": self.runtime, "accuracy_pytorch": self.accuracy_pytorch,
                 "accuracy_onnxruntime": self.accuracy_onnxruntime, "evaluated": self.evaluated,
-                "seconds": self.seconds, "report": self.report}
+                "seconds": self.seconds, "report": self.report, "latency_detail": self.latency_detail,
+                "latency_speedup": self.latency_speedup}
 
 
 @dataclass
@@ -406,7 +409,8 @@ def measure(model, state, data, *, latency: bool = True, header: dict | None = N
     return {"accuracy": result.accuracy, "bytes_on_disk": int(result.bytes_on_disk), "macs": result.macs,
             "latency_ms": dict(result.latency_ms), "params": int(result.params),
             "nonzero_params": int(result.nonzero_params), "runtime": result.runtime,
-            "accuracy_pytorch": result.accuracy_pytorch, "accuracy_onnxruntime": result.accuracy_onnxruntime}
+            "accuracy_pytorch": result.accuracy_pytorch, "accuracy_onnxruntime": result.accuracy_onnxruntime,
+            "latency_detail": result.latency_detail or None, "latency_speedup": result.latency_speedup}
 
 
 def deployed_latency(latency_ms: dict | None) -> float | None:
@@ -449,8 +453,8 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
     base = evaluate(model, data, latency=latency, latency_batch=LATENCY_BATCH)
     dense_bytes = int(base.dense_fp32_bytes)
     baseline = {"accuracy": base.accuracy, "bytes_on_disk": dense_bytes, "macs": base.macs,
-                "latency_ms": dict(base.latency_ms), "params": int(base.params), "nonzero_params": int(base.nonzero_params),
-                "trained_by_netdiet": not trained, "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
+                "latency_ms": dict(base.latency_ms), "latency_detail": base.latency_detail or None,
+                "params": int(base.params), "nonzero_params": int(base.nonzero_params), "trained_by_netdiet": not trained, "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
     say(f"baseline: accuracy {baseline['accuracy']:.4f}, dense fp32 safetensors {dense_bytes} bytes")
 
     teacher = copy.deepcopy(model)
@@ -473,14 +477,15 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
             m = {"accuracy": None, "bytes_on_disk": None, "macs": None, "latency_ms": None,
                  "params": int(sum(p.numel() for p in params)),
                  "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params))}
-        ratio = dense_bytes / m["bytes_on_disk"] if m["bytes_on_disk"] else None
+        ratio = compression_ratio(dense_bytes, m["bytes_on_disk"])
         result = StageResult(name=stage.name, technique=stage.technique, options=tech.options, report=report,
                              ratio=ratio, evaluated=stage.evaluate, seconds=seconds, **m)
         stages.append(result)
         if on_stage is not None:
             on_stage(result, model, state)
         # what the archive header records per stage; wall-clock seconds stay out so the same seed gives the same file
-        state.stages.append({k: v for k, v in result.to_dict().items() if k not in ("report", "seconds", "latency_ms")})
+        state.stages.append({k: v for k, v in result.to_dict().items()
+                             if k not in ("report", "seconds", "latency_ms", "latency_detail", "latency_speedup")})
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
         size = f"{m['bytes_on_disk']} bytes ({ratio:.1f}x)" if ratio else "-"
         say(f"stage {stage.name}: accuracy {acc}, {size}")
@@ -492,7 +497,9 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
         written = archive.write(out, model, state, header={
             **header, "metrics": {"accuracy": last.accuracy, "baseline_accuracy": baseline["accuracy"],
                                   "data": getattr(data, "name", None)}})
-        archive_info = {"path": str(out), "bytes": int(written)}
+        # the file kept: its ratio is the one `evaluate` of it gives (the stage rows are each stage's own file)
+        archive_info = {"path": str(out), "bytes": int(written), "dense_fp32_bytes": dense_bytes,
+                        "ratio": compression_ratio(dense_bytes, int(written))}
     return CompressResult(model=dict(spec), data=getattr(data, "name", ""), recipe=recipe.to_dict(), baseline=baseline,
                           stages=stages, pareto=pareto_front(points), archive=archive_info, seed=seed,
                           compressed_model=model, state=state)
