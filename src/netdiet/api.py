@@ -141,11 +141,12 @@ def load_recipe(recipe: str):
 def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | None = None, out: str | None = None,
              weights: str | None = None, model_kwargs: dict[str, Any] | None = None, seed: int = 0,
              baseline_epochs: int | None = None, finetune_epochs: int | None = None, latency: bool = True,
-             progress: bool = True, log=None):
+             progress: bool = True, log=None, resume: bool = False):
     """Run a compression recipe on a model; returns a `CompressResult` (`.to_dict()` is schema netdiet.compress/1).
 
     Without `weights` the dense baseline is trained first (the recipe's `baseline` settings). `baseline_epochs`
-    and `finetune_epochs` override the recipe's epochs (for quick runs). `out` writes the final .ndz archive.
+    and `finetune_epochs` override the recipe's epochs (for quick runs). `out` writes the final .ndz archive and
+    checkpoints every finished stage into `<out>.partial/` until then; `resume` continues such an unfinished run.
     """
     kwargs = dict(model_kwargs or {})
     rec = load_recipe(recipe)
@@ -166,7 +167,7 @@ def compress(model: str, recipe: str, *, data: str = "mnist5k", data_dir: str | 
     torch.manual_seed(seed)
     net = load_model(model, weights, **kwargs)
     return recipes.run_recipe(net, rec, dataset, spec={"spec": model, "kwargs": kwargs}, trained=weights is not None, seed=seed,
-                      out=out, latency=latency, progress=progress, log=log)
+                      out=out, latency=latency, progress=progress, log=log, resume=resume)
 
 
 def evaluate(model_or_archive_path, data="mnist5k", *, batch_size: int = 256, latency: bool = True,

@@ -224,6 +224,7 @@ def _compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement of each stage")
     add_threads_option(p)
     add_json_option(p)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run into --out after its last finished stage")
     add_seed_option(p)
     p.set_defaults(func=_run_compress)
 
@@ -239,7 +240,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     result = api.compress(args.model, args.recipe, data=args.data, data_dir=args.data_dir, out=args.out,
                           weights=args.weights, model_kwargs=parse_model_kw(args.model_kw), seed=args.seed,
                           baseline_epochs=args.baseline_epochs, finetune_epochs=args.finetune_epochs,
-                          latency=not args.no_latency, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+                          latency=not args.no_latency, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+                          resume=args.resume)
     doc = result.to_dict()
     console.print(compress_table(doc))
     if doc["archive"]:

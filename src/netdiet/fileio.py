@@ -4,6 +4,7 @@ A crash mid-write leaves the previous file intact, never half of a new one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -12,6 +13,34 @@ from pathlib import Path
 from typing import Any
 
 from netdiet.errors import NetdietError
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, busy: str):
+    """Hold an exclusive lock (flock) on `folder` itself (created if need be) while the block runs; a second holder
+    gets NetdietError(`busy`). The OS drops the lock when the process ends, so a killed run never leaves the
+    folder locked, and no lock file is left behind. Without flock (Windows), or when the folder cannot be made
+    (the caller's own check then says why in one line), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise NetdietError(busy) from None
+        yield
+    finally:
+        os.close(fd)                              # closing releases the lock
 
 
 def _check_dir(path: Path) -> None:

@@ -43,7 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from netdiet import __version__
 from netdiet.analysis.ram import available_ram
@@ -808,6 +811,32 @@ def _build_skeleton(header: dict, model_spec: str | None, source: str) -> nn.Mod
     model = _factory_model(header, model_spec, source)[0].to("meta")
     with torch.device("meta"), _tensor_count_limit(most, source):
         return _replay(model, header, source)
+
+
+def rebuild_model(spec: Any, structure: Any, *, expect: dict[str, tuple[int, ...]], model_spec: str | None = None,
+                  max_memory: int | None = None, source: str = "checkpoint") -> nn.Module:
+    """The model a file describes by `spec` + `structure` edits (a compress stage checkpoint, say), with the same
+    guards as an archive: the edits type-checked, the model built on the meta device first (with at most a few more
+    parameters and buffers than `expect` lists), its state_dict names and shapes checked against `expect` (the
+    tensors the file holds), its weights twice over (the model and the file's copy) compared with `max_memory`
+    (default: the RAM available), and only then built for real."""
+    try:
+        _check_structure(structure)
+    except _Bad as exc:
+        raise NetdietError(f"{source}: field {exc}; the file is damaged") from None
+    header = {"model": spec, "structure": structure, "tensors": range(len(expect) + 8)}
+    skeleton = _build_skeleton(header, model_spec, source)
+    own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if own != {k: tuple(v) for k, v in expect.items()}:
+        odd = sorted(set(own) ^ set(expect)) or sorted(k for k in own if own[k] != tuple(expect[k]))
+        raise NetdietError(f"{source}: its tensors do not fit the model it describes (first difference: {odd[0]!r}); "
+                           "the file is damaged or was written for another model")
+    need, limit = 2 * _storage_bytes(skeleton), max_memory if max_memory is not None else available_ram()
+    if limit is not None and need > limit:
+        raise NetdietError(f"{source} describes a model of {format_bytes(need // 2)} (loading it needs about "
+                           f"{format_bytes(need)}) but only {format_bytes(limit)} may be used; load it on a bigger machine")
+    del skeleton
+    return _rebuild_model(header, model_spec, source)
 
 
 def _check_tensor_list(skeleton: nn.Module, header: dict, source: str) -> None:

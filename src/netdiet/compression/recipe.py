@@ -26,12 +26,14 @@ from typing import Any
 
 import yaml
 
-from netdiet.compression import archive
+from netdiet.compression import archive, stage_checkpoint
 from netdiet.compression.base import CompressionState, StageContext, create_technique, list_techniques
 from netdiet.compression.evaluate import compression_ratio, evaluate
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
+from netdiet.fileio import folder_lock
 from netdiet.optim import OPTIMIZERS
+from netdiet.training.checkpoint import has_checkpoint
 from netdiet.training.loop import TrainConfig, fit
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -433,35 +435,84 @@ def pareto_front(points: list[tuple[str, float | None, int | None]]) -> list[str
 
 def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bool = False, seed: int = 0,
                out: str | Path | None = None, latency: bool = True, progress: bool = True,
-               log=None, on_stage=None) -> CompressResult:
+               log=None, on_stage=None, resume: bool = False) -> CompressResult:
     """Train the dense baseline unless `trained`, run every stage, evaluate each stage's archive, write the last to `out`.
 
-    `on_stage(stage_result, model, state)` is called after each stage (e.g. to keep intermediate archives)."""
+    With `out`, the run checkpoints into `<out>.partial/` after the baseline and after every stage (and during the
+    baseline's training); `resume` continues an unfinished run from its last finished stage, with the same numbers
+    as a run never stopped. `on_stage(stage_result, model, state)` is called after each stage run here (e.g. to
+    keep intermediate archives)."""
+    if resume and out is None:
+        raise NetdietError("--resume needs --out MODEL.ndz (the archive of the unfinished run to continue)")
+    folder = stage_checkpoint.partial_dir(out) if out is not None else None
+    fingerprint = {"model": dict(spec), "recipe": {k: v for k, v in recipe.to_dict().items() if k != "source"},
+                   "seed": seed, "data": getattr(data, "name", None), "trained": trained, "latency": latency,
+                   "weights": stage_checkpoint.weights_digest(model)}
+    if folder is None:
+        return _run_stages(model, recipe, data, spec, trained, seed, out, latency, progress, log, on_stage, None, fingerprint, False)
+    with folder_lock(folder, f"{out} is being written by another netdiet compress run ({folder} is locked); wait for it "
+                             "to finish or choose another --out"):
+        if not resume and any(has_checkpoint(folder / part) for part in ("stages", "baseline")):
+            raise NetdietError(f"{folder} holds an unfinished compress run into {out}; pass --resume to continue it, "
+                               "or delete that folder to start over")
+        result = _run_stages(model, recipe, data, spec, trained, seed, out, latency, progress, log, on_stage, folder,
+                             fingerprint, resume)
+    stage_checkpoint.remove(out)     # the archive is written: nothing is left to resume
+    return result
+
+
+def _run_stages(model, recipe, data, spec, trained, seed, out, latency, progress, log, on_stage, folder, fingerprint,
+                resume) -> CompressResult:
     import copy
+    import dataclasses
     import time
 
     import torch
 
-
     say = log or (lambda _msg: None)
-    baseline_cfg = None
-    if not trained:
-        baseline_cfg = recipe.baseline_config(seed, progress)
-        say(f"training the dense baseline: {baseline_cfg.epochs} epochs, {baseline_cfg.optimizer}, lr {baseline_cfg.lr}")
-        fit(model, data.x_train, data.y_train, baseline_cfg)
-    model.eval()
-    base = evaluate(model, data, latency=latency, latency_batch=LATENCY_BATCH)
-    dense_bytes = int(base.dense_fp32_bytes)
-    baseline = {"accuracy": base.accuracy, "bytes_on_disk": dense_bytes, "macs": base.macs,
-                "latency_ms": dict(base.latency_ms), "latency_detail": base.latency_detail or None,
-                "params": int(base.params), "nonzero_params": int(base.nonzero_params), "trained_by_netdiet": not trained, "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
+    resumed = None
+    if resume:
+        resumed = stage_checkpoint.load(folder / "stages", fingerprint=fingerprint, stages_in_recipe=len(recipe.stages),
+                                        model_spec=spec["spec"])
+        if resumed is None:
+            say(f"--resume: no finished stage in {folder} yet; starting from the baseline")
+    baseline_cfg = recipe.baseline_config(seed, progress) if not trained else None
+    if resumed is not None:
+        names = [s.name for s in recipe.stages[:resumed.done]]
+        if [s.get("name") for s in resumed.stages] != names:
+            raise NetdietError(f"{folder} is damaged: its finished stages are not the recipe's first {resumed.done} "
+                               f"({', '.join(names) or 'none'}); delete that folder and run afresh")
+        model, teacher, state, baseline = resumed.model, resumed.teacher, resumed.state, resumed.baseline
+        stages = [StageResult(**{f.name: s.get(f.name) for f in dataclasses.fields(StageResult)}) for s in resumed.stages]
+        say(f"--resume: the baseline and {resumed.done} of {len(recipe.stages)} stages are done; continuing")
+    else:
+        if baseline_cfg is not None:
+            say(f"training the dense baseline: {baseline_cfg.epochs} epochs, {baseline_cfg.optimizer}, lr {baseline_cfg.lr}")
+            run_cfg = baseline_cfg if folder is None else dataclasses.replace(
+                baseline_cfg, checkpoint_dir=str(folder / "baseline"), resume=resume)
+            fit(model, data.x_train, data.y_train, run_cfg, fingerprint={"compress": fingerprint}, log=say if resume else None)
+        model.eval()
+        base = evaluate(model, data, latency=latency, latency_batch=LATENCY_BATCH)
+        baseline = {"accuracy": base.accuracy, "bytes_on_disk": int(base.dense_fp32_bytes), "macs": base.macs,
+                    "latency_ms": dict(base.latency_ms), "latency_detail": base.latency_detail or None,
+                    "params": int(base.params),
+                    "nonzero_params": int(base.nonzero_params), "trained_by_netdiet": not trained,
+                    "train": baseline_cfg.to_dict() if baseline_cfg is not None else None}
+        teacher = copy.deepcopy(model)
+        state = CompressionState(spec=dict(spec))
+        stages: list[StageResult] = []
+    dense_bytes = baseline["bytes_on_disk"]
     say(f"baseline: accuracy {baseline['accuracy']:.4f}, dense fp32 safetensors {dense_bytes} bytes")
 
-    teacher = copy.deepcopy(model)
-    state = CompressionState(spec=dict(spec))
-    stages: list[StageResult] = []
+    def checkpoint() -> None:
+        if folder is not None:
+            stage_checkpoint.save(folder / "stages", done=len(stages), fingerprint=fingerprint, baseline=baseline,
+                                  stages=[s.to_dict() for s in stages], model=model, teacher=teacher, state=state)
+
+    if resumed is None:
+        checkpoint()
     header = {"recipe": recipe.to_dict(), "baseline": {"accuracy": baseline["accuracy"], "dense_fp32_bytes": dense_bytes}}
-    for stage in recipe.stages:
+    for stage in recipe.stages[len(stages):]:
         t0 = time.perf_counter()
         tech = create_technique(stage.technique, **stage.options)
         ctx = StageContext(data=data, finetune=stage.train_config(seed, progress),
@@ -489,6 +540,7 @@ def run_recipe(model, recipe: Recipe, data, *, spec: dict[str, Any], trained: bo
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "-"
         size = f"{m['bytes_on_disk']} bytes ({ratio:.1f}x)" if ratio else "-"
         say(f"stage {stage.name}: accuracy {acc}, {size}")
+        checkpoint()
 
     points = [("baseline", baseline["accuracy"], dense_bytes)] + [(s.name, s.accuracy, s.bytes_on_disk) for s in stages]
     archive_info = None

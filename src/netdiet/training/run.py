@@ -23,7 +23,7 @@ from netdiet.data import get_dataset
 from netdiet.data.registry import stratified_split
 from netdiet.environment import environment, steady_threads
 from netdiet.errors import NetdietError
-from netdiet.fileio import atomic_write_json, save_state_dict
+from netdiet.fileio import atomic_write_json, folder_lock, save_state_dict
 from netdiet.models import ModelSpec, create_model, resolve
 from netdiet.training.budget import choose_for_budget, measure_activation_bytes
 from netdiet.training.checkpoint import INDEX, has_checkpoint
@@ -319,33 +319,11 @@ def out_dir_lock(out: str | os.PathLike):
     """Hold an exclusive lock (flock) on the --out folder for the whole run: a second `netdiet train` into the same folder is refused
     (one line) instead of interleaving its checkpoints with this run's. The OS drops the lock when the process ends,
     so a killed run never leaves the folder locked. Under torchrun only rank 0 takes it."""
-    @contextlib.contextmanager
-    def held():
-        try:
-            import fcntl
-        except ImportError:                          # no flock (Windows): run unlocked
-            yield
-            return
-        folder = Path(out)
-        if os.environ.get("RANK", "0") != "0" or (folder.exists() and not folder.is_dir()):
-            yield                                     # other ranks share rank 0's lock; check_out_dir names a file
-            return
-        try:                                          # the folder itself is locked: no lock file to leave behind
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder, os.O_RDONLY)
-        except OSError:                               # uncreatable: check_out_dir says so in one line
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise NetdietError(f"--out {folder} is in use by another netdiet train run; wait for it to finish "
-                                   "or choose another --out") from None
-            yield
-        finally:
-            os.close(fd)                              # closing releases the lock
-    return held()
+    folder = Path(out)
+    if os.environ.get("RANK", "0") != "0" or (folder.exists() and not folder.is_dir()):
+        return contextlib.nullcontext()               # other ranks share rank 0's lock; check_out_dir names a file
+    return folder_lock(folder, f"--out {folder} is in use by another netdiet train run; wait for it to finish "
+                               "or choose another --out")
 
 
 def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_fraction, log) -> TrainRun:
