@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from netdiet.errors import NetdietError
 from netdiet.incremental import metrics
 from netdiet.incremental.buffer import ExemplarBuffer
 from netdiet.incremental.ledger import LedgerEntry, enforce, measure, safetensors_payload_bytes, serialise
@@ -13,7 +14,6 @@ from netdiet.incremental.packing import pack_bits, pack_mask, unpack_bits, unpac
 from netdiet.incremental.runner import build_model_fn, run_strategy
 from netdiet.incremental.scenarios import make_scenario
 from netdiet.incremental.strategies import ContinualConfig, create_strategy
-from netdiet.errors import NetdietError
 
 torch.set_num_threads(1)
 
@@ -256,15 +256,17 @@ def test_shrink_prune_and_int8_keeps_kept_codes_plus_bit_masks(digits):
 
 def test_strategy_all_stops_only_what_cannot_fit_and_writes_the_schema(digits):
     import json
-    from netdiet.incremental.runner import run_continual
+
     from netdiet.fileio import dumps_json
+    from netdiet.incremental.runner import run_continual
     sc = make_scenario("split", digits, "task")
     model_fn, info = build_model_fn("mlp", {"widths": [16]}, sc)
     doc = json.loads(dumps_json(run_continual(sc, "all", model_fn, _cfg(budget=12000, exemplar_bits=4), info)))
     assert doc["schema"] == "netdiet.continual/1" and doc["setting"] == "task" and doc["budget"] == 12000
     status = {s["name"]: s["status"] for s in doc["strategies"]}
     assert status == {"naive": "ok", "joint": "stopped", "ewc": "ok", "lwf": "ok", "replay": "ok",
-                      "replay-reservoir": "ok", "packnet": "ok", "shrink": "ok"}
+                      "replay-reservoir": "ok", "packnet": "ok", "shrink": "ok", "rehearsal": "ok", "replay-wa": "ok",
+                      "nme": "ok", "der++": "ok", "lwf-logits": "ok", "auto": "ok"}
     for s in doc["strategies"]:
         if s["status"] == "ok":
             assert len(s["accuracy_matrix"]) == 5 and all(b <= 12000 for b in s["bytes_per_task"])
@@ -314,6 +316,7 @@ def test_reservoir_counts_the_stream_and_never_holds_more_than_its_capacity(digi
 
 def test_cli_writes_the_continual_json(tmp_path):
     import json
+
     from netdiet.cli import main
     out = tmp_path / "c.json"
     assert main(["continual", "--data", "digits", "--setting", "task", "--strategy", "packnet", "--epochs", "1",

@@ -211,7 +211,7 @@ def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: di
 
 # ==================================================================== continual
 def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
-              model: str = "mlp", model_kw: dict | None = None, budget: str | int | None = None, seed: int = 0,
+              model: str | None = None, model_kw: dict | None = None, budget: str | int | None = None, seed: int = 0,
               epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
               exemplar_bits: int = 32, exemplar_downsample: int = 1, exemplars: int | None = None,
               shrink: str | None = None, data_dir: str | None = None, tasks: int | None = None,

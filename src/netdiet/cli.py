@@ -415,14 +415,16 @@ def _continual(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("continual", help="learn task after task under a hard byte budget; accuracy matrix, forgetting, bytes kept")
     p.add_argument("--scenario", default="split", help="split | permuted | incremental-data (default split)")
     p.add_argument("--setting", default="class", help="task | domain | class -incremental (default class)")
-    p.add_argument("--strategy", default="replay",
-                   help="naive | joint | ewc | lwf | replay | replay-reservoir | packnet | shrink | all (default replay)")
+    p.add_argument("--strategy", default=None,
+                   help="naive | joint | ewc | lwf | lwf-logits | replay | replay-reservoir | rehearsal | replay-wa | nme | "
+                        "der++ | packnet | shrink | auto | all (default: auto with --budget, else replay)")
     p.add_argument("--budget", default=None, help="hard cap on the bytes a strategy keeps, e.g. 256KiB (default: none)")
     p.add_argument("--exemplar-bits", type=int, default=32, help="bits per stored exemplar pixel: 32, 16, 8, 4, 2, 1 (default 32)")
     p.add_argument("--exemplar-downsample", type=int, default=1, help="store exemplars down-sampled by this factor (default 1)")
     p.add_argument("--exemplars", type=int, default=None, help="at most this many exemplars (default: what the budget allows, else 200)")
-    p.add_argument("--shrink", default=None, help="after every task: int8 | prune=0.5 | prune=0.5+int8 (compress techniques)")
-    p.add_argument("--model", default="mlp", help="zoo name or package.module:callable (default mlp with widths [64,64])")
+    p.add_argument("--shrink", default=None, help="after every task: int8 | int4 | prune=0.5 | prune=0.5+int4 (compress techniques)")
+    p.add_argument("--model", default=None, help="zoo name or package.module:callable (default mlp with widths [64,64]; "
+                                                 "for auto a small cnn, channels [8,16,32])")
     p.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE", help="argument for the model factory (repeatable)")
     p.add_argument("--tasks", type=int, default=None, help="number of tasks (split: from classes; permuted 5; incremental-data 4)")
     p.add_argument("--classes-per-task", type=int, default=None, help="split: classes per task (default 2)")
@@ -442,18 +444,21 @@ def _continual(sub: argparse._SubParsersAction) -> None:
 def _run_continual(args: argparse.Namespace) -> int:
     from netdiet import api
     from netdiet.models import parse_model_kw
-    from netdiet.reporting.continual_tables import matrix_table, stopped_lines, summary_table
-    result = api.continual(args.scenario, args.data, args.setting, args.strategy, model=args.model,
+    from netdiet.reporting.continual_tables import decision_lines, matrix_table, stopped_lines, summary_table
+    strategy = args.strategy or ("auto" if args.budget else "replay")
+    result = api.continual(args.scenario, args.data, args.setting, strategy, model=args.model,
                            model_kw=parse_model_kw(args.model_kw) or None, budget=args.budget, seed=args.seed,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                            exemplar_bits=args.exemplar_bits, exemplar_downsample=args.exemplar_downsample,
                            exemplars=args.exemplars, shrink=args.shrink, data_dir=args.data_dir, tasks=args.tasks,
                            classes_per_task=args.classes_per_task, order_seed=args.order_seed, ewc_lambda=args.ewc_lambda)
     doc = result.to_dict()
-    if args.matrix or args.strategy != "all":
+    if args.matrix or strategy != "all":
         for s in doc["strategies"]:
             if s["status"] == "ok":
                 console.print(matrix_table(s))
+    for line in decision_lines(doc):
+        console.print(line)
     console.print(summary_table(doc))
     for line in stopped_lines(doc):
         console.print(f"[red]{line}[/red]")

@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from netdiet.incremental.packing import pack_bits, packed_row_bytes, unpack_bits
 from netdiet.errors import NetdietError
+from netdiet.incremental.packing import pack_bits, packed_row_bytes, unpack_bits
 
 EXEMPLAR_BITS = (32, 16, 8, 4, 2, 1)
 

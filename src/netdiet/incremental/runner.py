@@ -13,7 +13,7 @@ from netdiet.checks import check_integer, check_number, check_seed
 from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
-from netdiet.incremental import metrics
+from netdiet.incremental import autosplit, metrics, rehearsal  # noqa: F401 - they register auto, rehearsal, nme, der++, ...
 from netdiet.incremental.ledger import enforce, measure
 from netdiet.incremental.scenarios import Scenario, check_setting, make_scenario
 from netdiet.incremental.strategies import STRATEGIES, ContinualConfig, Strategy, Work, applicable, create_strategy
@@ -41,6 +41,7 @@ class StrategyResult:
     ledger_per_task: list[dict[str, int]] = field(default_factory=list)
     train_flops_per_task: list[int | None] = field(default_factory=list)
     exemplars_per_task: list[int] | None = None
+    decision: dict | None = None                # strategy auto: what it measured, chose and predicted (bytes)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -150,6 +151,8 @@ def run_strategy(name: str, scenario: Scenario, model_fn: Callable[[], nn.Module
             on_task(i)
     if hasattr(strategy, "capacity_per_task"):
         res.exemplars_per_task = list(strategy.capacity_per_task)
+    if getattr(strategy, "decision", None) is not None:
+        res.decision = dict(strategy.decision, actual_bytes=max(res.bytes_per_task))
     summary = metrics.summarise(res.accuracy_matrix, res.baseline_accuracy if scenario.setting != "class" else None)
     res.average_accuracy, res.bwt, res.forgetting = summary["average_accuracy"], summary["bwt"], summary["forgetting"]
     res.forgetting_per_task, res.fwt = summary["forgetting_per_task"], summary["fwt"]
@@ -186,6 +189,16 @@ def run_continual(scenario: Scenario, strategy: str, model_fn: Callable[[], nn.M
 
 DEFAULT_MODEL = "mlp"
 DEFAULT_MODEL_KW = {"widths": [64, 64]}
+# strategy auto's default: a convnet of 8,834 parameters that reaches 97.7 % joint accuracy on mnist5k class-IL
+# (the 55,050-parameter MLP: 92.0 %), so its int4 weights leave 95 % of 64 KiB to exemplars
+AUTO_MODEL, AUTO_MODEL_KW = "cnn", {"channels": [8, 16, 32], "dropout": 0.0}
+
+
+def default_model(strategy: str, scenario: Scenario) -> tuple[str, dict | None]:
+    shape = scenario.sample_shape
+    if strategy == "auto" and len(shape) == 3 and shape[1] == shape[2] and shape[1] >= 8:
+        return AUTO_MODEL, dict(AUTO_MODEL_KW, in_channels=shape[0], image_size=shape[1])
+    return DEFAULT_MODEL, None
 
 
 def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tuple[Callable[[], nn.Module], dict]:
@@ -219,7 +232,7 @@ def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tupl
 
 
 def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
-              model: str = DEFAULT_MODEL, model_kw: dict | None = None, data_dir: str | None = None,
+              model: str | None = None, model_kw: dict | None = None, data_dir: str | None = None,
               tasks: int | None = None, classes_per_task: int | None = None, order_seed: int | None = None,
               config: ContinualConfig | None = None) -> ContinualResult:
     """Build the scenario from a registered dataset and run one strategy (or `all`)."""
@@ -234,5 +247,8 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
     ds = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     sc = make_scenario(scenario, ds, setting, num_tasks=tasks, classes_per_task=classes_per_task,
                        order_seed=order_seed, seed=cfg.seed)
+    if model is None:
+        model, auto_kw = default_model(strategy, sc)
+        model_kw = model_kw or auto_kw
     model_fn, info = build_model_fn(model, model_kw, sc)
     return run_continual(sc, strategy, model_fn, cfg, info)

@@ -1,5 +1,6 @@
 """Shrinking a continual learner's weights after each task through the compress techniques (`--shrink int8`,
-`prune=S`, `prune=S+int8`), and the weights as an archive would keep them, so the byte ledger counts those bytes."""
+`int4`, `prune=S`, `prune=S+int8`, `prune=S+int4`): training runs in fp32 from the dequantized values, and the kept
+copy is re-quantized after every task. And the weights as an archive would keep them, so the byte ledger counts those bytes."""
 from __future__ import annotations
 
 import torch
@@ -18,11 +19,11 @@ class Shrinker:
     def __init__(self, spec: str) -> None:
         self.spec = spec
         self.sparsity: float | None = None
-        self.int8 = False
+        self.bits: int | None = None          # weight bits kept (8 or 4), None = float32
         for part in str(spec).split("+"):
             part = part.strip()
-            if part == "int8":
-                self.int8 = True
+            if part in ("int8", "int4"):
+                self.bits = int(part[3:])
             elif part.startswith("prune="):
                 try:
                     self.sparsity = float(part.split("=", 1)[1])
@@ -31,12 +32,13 @@ class Shrinker:
                 if not 0.0 < self.sparsity < 1.0:
                     raise NetdietError(f"--shrink {spec!r}: the sparsity after prune= must be in (0, 1), e.g. prune=0.5")
             else:
-                raise NetdietError(f"--shrink {spec!r} is not understood; use int8, prune=0.5 or prune=0.5+int8")
+                raise NetdietError(f"--shrink {spec!r} is not understood; use int8, int4, prune=0.5 or prune=0.5+int4")
 
     def estimate(self, model: nn.Module) -> int:
         """A lower bound on the weights' bytes after shrinking (for the start-of-run budget check)."""
         n = sum(t.numel() for t in model.state_dict().values())
-        return n if self.int8 else int(n * 4 * (1 - (self.sparsity or 0)))
+        keep = 1 - (self.sparsity or 0)
+        return int(n * keep * self.bits / 8) if self.bits else int(n * 4 * keep)
 
     def apply(self, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
         state, ctx = CompressionState(), StageContext(seed=seed)
@@ -44,8 +46,8 @@ class Shrinker:
         try:
             if self.sparsity is not None:
                 techniques.append(create_technique("prune", sparsity=self.sparsity))
-            if self.int8:
-                techniques.append(create_technique("quantize", mode="int8-weight"))
+            if self.bits:
+                techniques.append(create_technique("quantize", mode=f"int{self.bits}-weight"))
         except NetdietError as exc:
             raise NetdietError(f"--shrink {self.spec} needs a compress technique this build lacks ({exc})") from None
         for tech in techniques:

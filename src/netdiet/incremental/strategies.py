@@ -10,10 +10,9 @@ replay            class-balanced exemplar buffer (compressed codes)   all
 replay-reservoir  reservoir-sampled exemplar buffer                   all
 packnet           one bit-packed mask per task (weights frozen)       task
 shrink            class-balanced replay + int8 weights after each task (through the compress interface)  all
-
+(rehearsal, replay-wa, nme, der++, lwf-logits: rehearsal.py; auto, the automatic budget split: autosplit.py)
 A byte budget is a hard cap: replay sizes its buffer to what is left after the weights; EWC and LwF keep their
-extra copies at float32, or at bfloat16 if only that fits; anything that cannot fit raises NetdietError.
-"""
+extra copies at float32, or at bfloat16 if only that fits; anything that cannot fit raises NetdietError."""
 from __future__ import annotations
 
 import copy
@@ -54,7 +53,7 @@ class ContinualConfig:
     lwf_temperature: float = 2.0
     lwf_alpha: float = 1.0
     packnet_finetune_epochs: int | None = None   # None: max(1, epochs // 2)
-    shrink: str | None = None                # None | int8 | prune=S | prune=S+int8 (after every task)
+    shrink: str | None = None                # None | int8 | int4 | prune=S | prune=S+int8|int4 (after every task)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -365,6 +364,9 @@ class Replay(Strategy):
     def _fixed(self) -> int:
         return self.buffer.fixed_bytes() + (8 if self.policy == "reservoir" else 0)
 
+    def _extra_per_exemplar(self) -> int:
+        return 1 if self.track_tasks else 0     # the task id of each exemplar (domain-IL)
+
     def capacity(self, model: nn.Module, task: int) -> int:
         sched = {}
         for k in sorted(self.cfg.exemplar_schedule):
@@ -374,7 +376,7 @@ class Replay(Strategy):
             self.buffer.reformat(sched.get("bits"), sched.get("downsample"))
         limit = sched.get("exemplars", self.cfg.exemplars)
         room = self.room(model)
-        per = self.buffer.bytes_per_exemplar() + (1 if self.track_tasks else 0)
+        per = self.buffer.bytes_per_exemplar() + self._extra_per_exemplar()
         by_budget = None if room is None else max(0, (room - self._fixed()) // per)
         if by_budget is None:
             cap = limit if limit is not None else 200
@@ -600,6 +602,12 @@ class PackNet(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in
                                          (Naive, Joint, EWC, LwF, Replay, ReservoirReplay, PackNet, ShrinkReplay)}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: strategies defined in other modules (rehearsal.py, autosplit.py) join the registry."""
+    STRATEGIES[cls.name] = cls
+    return cls
 
 
 def create_strategy(name: str, scenario: Scenario, cfg: ContinualConfig) -> Strategy:

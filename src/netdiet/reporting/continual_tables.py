@@ -60,3 +60,17 @@ def matrix_table(strategy: dict) -> Table:
 def stopped_lines(doc: dict) -> list[str]:
     """One line per strategy that stopped, with its full reason."""
     return [f"{s['name']} stopped: {escape(s['message'])}" for s in doc["strategies"] if s["status"] != "ok"]
+
+
+def decision_lines(doc: dict) -> list[str]:
+    """What the automatic budget split chose for each strategy that made a decision, predicted vs actual bytes."""
+    lines = []
+    for s in doc["strategies"]:
+        d = s.get("decision") if s.get("status") == "ok" else None
+        if not d:
+            continue
+        c = d["chosen"]
+        lines.append(f"{escape(s['name'])} chose: weights {c['model']}, exemplars {c['bits']}-bit at 1/{c['downsample']} "
+                     f"resolution x {c['exemplars']} (coverage {100 * c['coverage']:.0f} % of old-class samples); "
+                     f"predicted {d['predicted_bytes']} B, actual max {d['actual_bytes']} B of {d['budget']} B")
+    return lines
