@@ -29,26 +29,42 @@ def parse_size(text: str | int) -> int:
     return int(round(float(m.group(1)) * _UNITS[unit]))
 
 
-def format_bytes(n: float | int | None) -> str:
-    """Human-readable bytes for terminal tables (JSON always keeps plain bytes)."""
+def _short(v: float) -> str:
+    """Three significant digits, trailing zeros dropped: 512, 16.1, 4.94, 2.5, 4."""
+    text = f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def byte_unit(n: float) -> tuple[str, int]:
+    """The binary unit ('B', 'KiB' ... 'TiB') and its size that `n` bytes are written in."""
+    scale = 1
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 * scale:
+            return unit, scale
+        scale *= 1024
+    return "TiB", scale
+
+
+def format_bytes(n: float | int | None, short: bool = False) -> str:
+    """Human-readable bytes: '9.63 MiB' (JSON always keeps plain bytes). `short`: three significant digits,
+    trailing zeros dropped ('512 MiB', '4.9 MiB', '2.5 KiB'), for narrow columns and chart axes."""
     if n is None:
         return "-"
     n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    unit, scale = byte_unit(n)
+    if unit == "B":
+        return f"{n:.0f} B"
+    return f"{_short(n / scale)} {unit}" if short else f"{n / scale:.2f} {unit}"
 
 
-def format_count(n: float | int | None) -> str:
-    """1234567 -> '1.23M' for terminal tables."""
+def format_count(n: float | int | None, short: bool = False) -> str:
+    """1234567 -> '1.23M' (K, M, G, T: powers of 1000). `short`: '1.2M', '500K', '2.5G' (chart axes)."""
     if n is None:
         return "-"
     n = float(n)
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
+            return f"{_short(n / scale) if short else f'{n / scale:.2f}'}{unit}"
     return f"{n:.0f}"
 
 

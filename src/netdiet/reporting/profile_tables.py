@@ -44,16 +44,6 @@ def header(doc: dict) -> str:
     return f"[bold]{escape(str(name))}[/bold]{escape(f'({kw})') if kw else ''} ({escape(m.get('class') or '')}) input {inputs}{where}"
 
 
-def _bytes3(n) -> str:
-    """Bytes to three significant digits ('512 MiB', '16.1 GiB'): leaves the module names room at 80 columns."""
-    text = format_bytes(n)
-    if " " not in text or text.endswith(" B"):
-        return text
-    value, unit = text.split(" ")
-    v = float(value)
-    return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.1f} {unit}" if abs(v) >= 10 else f"{v:.2f} {unit}"
-
-
 def module_table(doc: dict, depth: int | None = None) -> Table:
     """The module tree as an indented table: params, forward MACs/FLOPs, backward FLOPs, saved activations."""
     t = _table("modules: forward MACs/FLOPs, backward FLOPs (bwd), activations saved for backward (inclusive)")
@@ -73,7 +63,7 @@ def module_table(doc: dict, depth: int | None = None) -> Table:
         cell.append(" " + row["type"], style="dim")
         t.add_row(cell, format_count(row["params"]),
                   format_count(row["macs"]), format_count(row["flops"]), format_count(row["backward_flops"]),
-                  _bytes3(row["activation_bytes"]) if row.get("activation_bytes") is not None else "-",
+                  format_bytes(row["activation_bytes"], short=True) if row.get("activation_bytes") is not None else "-",
                   escape(_shape(row["output_shape"])))
     if hidden:
         t.caption = f"{hidden} deeper modules not shown: --depth {depth + 1} or more shows them, --json keeps them all"

@@ -17,16 +17,6 @@ def _num(v, fmt: str = "{:.4f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _short_bytes(n) -> str:
-    """Bytes with three significant digits ('415 MiB', '4.94 MiB', '32.0 KiB') so nine columns fit 80 characters."""
-    text = format_bytes(n)
-    if n is None or " " not in text or text.endswith(" B"):
-        return text
-    value, unit = text.split(" ")
-    v = float(value)
-    return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.1f} {unit}" if abs(v) >= 10 else f"{v:.2f} {unit}"
-
-
 def train_history_table(doc: dict) -> Table:
     """One row per epoch of a netdiet.train/1 document."""
     model = doc.get("model", {})
@@ -40,7 +30,7 @@ def train_history_table(doc: dict) -> Table:
     for h in doc.get("history", []):
         t.add_row(str(h.get("epoch")), _num(h.get("loss"), "{:.3f}"), pct1(h.get("train_acc")), pct1(h.get("val_acc")),
                   _num(h.get("seconds"), "{:.1f}"), _num(h.get("samples_per_s"), "{:.0f}"),
-                  pct1(h.get("data_wait_fraction")), _short_bytes(h.get("peak_rss")), _short_bytes(h.get("peak_rss_delta")))
+                  pct1(h.get("data_wait_fraction")), format_bytes(h.get("peak_rss"), short=True), format_bytes(h.get("peak_rss_delta"), short=True))
     t.caption = ("ep = epoch; train/val = accuracy; s = seconds; smp/s = samples per second; wait = share of epoch time "
                  "waiting for the next batch; +RSS = peak RSS above the epoch's start")
     return t
