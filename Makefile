@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 LATEST := .venv-latest
 PIP_QUIET := --progress-bar off --no-color --disable-pip-version-check
 
-.PHONY: demo test test-slow test-latest bench lock clean
+.PHONY: demo test test-slow test-latest bench lock lock-upgrade clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "netdiet: installing into $(VENV) from $(LOCK) (about a minute on a fresh machine)"
@@ -44,16 +44,26 @@ test-latest:
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade pip
 	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) torch==2.13.0
-	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e '.[data,onnx,dev]'
-	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|onnx|onnxruntime|onnxscript|numpy|scikit-learn|mlxtend|torch-pruning|safetensors|rich|matplotlib|zstandard)==' | tr '\n' ' '; echo
+	@$(LATEST)/bin/python -m pip install -q $(PIP_QUIET) --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e '.[data,onnx,dev,hf]'
+	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|onnx|onnxruntime|onnxscript|numpy|scikit-learn|mlxtend|torch-pruning|safetensors|rich|matplotlib|zstandard|transformers)==' | tr '\n' ' '; echo
 	$(LATEST)/bin/python -m pytest
 
-# Re-resolve requirements/lock.txt from pyproject's ranges (see requirements/README.md).
-lock:
-	@test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(PIP_QUIET) pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION); }
-	.venv-lock/bin/pip-compile -q --upgrade --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
-		--extra data --extra onnx --extra dev -c requirements/torch-cpu.txt \
-		-o $(LOCK) pyproject.toml requirements/build.in
+# requirements/lock.txt from pyproject's ranges (see requirements/README.md). `make lock` keeps every pin the
+# lock already has and resolves only what is new or no longer fits (a new dependency or extra); `make
+# lock-upgrade` re-resolves everything to the newest releases the ranges allow.
+LOCK_VENV := .venv-lock/bin/pip-compile
+LOCK_ARGS := --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	--extra data --extra onnx --extra dev --extra hf -c requirements/torch-cpu.txt \
+	-o $(LOCK) pyproject.toml requirements/build.in
+
+$(LOCK_VENV):
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(PIP_QUIET) pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+
+lock: $(LOCK_VENV)
+	$(LOCK_VENV) -q $(LOCK_ARGS)
+
+lock-upgrade: $(LOCK_VENV)
+	$(LOCK_VENV) -q --upgrade $(LOCK_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q $(PIP_QUIET) -e '.[bench]'

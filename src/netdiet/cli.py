@@ -148,6 +148,8 @@ def _profile(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_input_options(p)
     p.add_argument("--batch-size", default=None, help="replace dim 0 of every input")
+    p.add_argument("--seq-len", default=None, metavar="N",
+                   help="length of an hf: model's default inputs (input_ids, attention_mask; default 128)")
     p.add_argument("--depth", default=None, help="module tree depth to show and keep (default: 3 shown, all kept in --json)")
     p.add_argument("--optimizer", default="adam", help="sgd|momentum|adam|adamw|none (default adam)")
     p.add_argument("--measure", action="store_true", help="also run real steps: measured memory peak and latency")
@@ -199,7 +201,7 @@ def _run_profile(args: argparse.Namespace) -> int:
                          dataset_size=_profile_int(args.dataset_size, "--dataset-size", 1),
                          epochs=_profile_int(args.epochs, "--epochs", 1), seed=args.seed,
                          warmup=_profile_int(args.warmup, "--warmup", 0), repeats=_profile_int(args.repeats, "--repeats", 1),
-                         weights=args.weights)
+                         weights=args.weights, seq_len=_profile_int(args.seq_len, "--seq-len", 1))
     doc = result.to_dict()
     console.print(profile_report(doc, depth if depth is not None else 3))  # the JSON keeps every module
     write_json(args, doc)

@@ -12,6 +12,11 @@ The step simulated is netdiet's trainer step (`training/loop.py`): zero_grad(set
 backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
 During step 2 the tracker also keeps a copy of what is alive at each new high (`peak_breakdown`).
 
+When a forward reads tensor values (transformers' masking utilities ask `.item()` whether an attention mask is
+all ones), the meta simulation stops (MetaDeviceLimit). For a real model with real inputs the same tracked step
+then runs on a real copy, within the caller's bound and the available RAM, and the result says so (`simulation`
+"cpu", `simulation_reason`). Fake tensors would stop at the same `.item()`, so they are not tried.
+
 The measurement (measurement.py) runs the same step (step.py) on a real copy of the model and reads the
 allocator; the RAM guard is ram.py.
 
@@ -40,11 +45,23 @@ from torch.utils._pytree import tree_leaves
 
 from netdiet.analysis import scratch
 from netdiet.analysis.counter import count_ops
-from netdiet.analysis.step import (STEP_ORDER, as_tuple, batch_size_of, cast_input,
-                                   default_loss, dtype_label, model_device, normalise_optimizer, parse_dtype,
-                                   step_optimizer, train_step)
+from netdiet.analysis.ram import available_ram
+from netdiet.analysis.step import (
+    STEP_ORDER,
+    as_tuple,
+    batch_size_of,
+    cast_input,
+    default_loss,
+    dtype_label,
+    model_device,
+    normalise_optimizer,
+    parse_dtype,
+    real_copy,
+    step_optimizer,
+    train_step,
+)
 from netdiet.errors import NetdietError
-
+from netdiet.units import format_bytes
 
 
 # ------------------------------------------------------------------ result
@@ -76,6 +93,10 @@ class MemoryEstimate:
     checkpointed_blocks: list[str] = field(default_factory=list)
     step_order: str = STEP_ORDER
     method: str = "meta-device simulation (dispatch-mode storage tracking)"
+    # where the step was simulated: "meta" (nothing allocated), or "cpu" when a value-dependent op stopped the
+    # meta simulation and the same tracked step ran on a real copy (`simulation_reason` says which op)
+    simulation: str = "meta"
+    simulation_reason: str | None = None
     cpu_rules: str = ""                  # the CPU the kernel-scratch rules were chosen for (scratch.probe_cpu)
     # kernels whose in-op scratch has no rule for this CPU / dtype / backend: {op, dtype, backend, capability,
     # reason, calls}; their scratch is counted as 0 bytes, and `warnings` says so
@@ -84,6 +105,17 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class MetaDeviceLimit(NetdietError):
+    """The meta simulation stopped: the forward reads a tensor's values (.item(), .tolist(), a data-dependent
+    shape) or runs an op without a meta kernel. Not a bad input: a real-tensor step can still be simulated."""
+
+
+def _is_meta_limit(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, NotImplementedError) or "meta tensor" in text or "Cannot copy out of meta" in text
+            or "data-dependent" in text.lower() or "data dependent" in text.lower())
 
 
 # ------------------------------------------------------------------ storage bookkeeping
@@ -462,25 +494,66 @@ def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", dtype: str | torch.dtype | None = None,
                     amp: bool = False, checkpointing: bool = False,
-                    loss_fn: Callable[[Any], torch.Tensor] | None = None) -> MemoryEstimate:
-    """Training and inference memory of `model` on `inputs`, predicted without allocating any of it."""
+                    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+                    real_step_bytes: int | None = None) -> MemoryEstimate:
+    """Training and inference memory of `model` on `inputs`, predicted without allocating any of it.
+
+    When the meta simulation stops at a value-dependent op (transformers' masking utilities ask whether an
+    attention mask is all ones with .item()), the same tracked step runs on a real copy of the model with the
+    real inputs, so the op sees real values and decides as a real run does. That needs a real model and real
+    inputs, and `real_step_bytes` (the caller's upper bound of what the step allocates) within the available
+    RAM; otherwise the MetaDeviceLimit stands. `simulation` / `simulation_reason` record which path ran.
+    """
     opt_name = normalise_optimizer(optimizer)
     dt = parse_dtype(dtype)
     inputs = as_tuple(inputs)
     loss_fn = loss_fn or default_loss
-    result = _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn)
+    fallback: list[str] = []   # the reason, once the meta simulation has stopped
+
+    def simulate(ckpt: bool) -> MemoryEstimate:
+        if not fallback:
+            try:
+                return _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=False)
+            except MetaDeviceLimit as exc:
+                _check_real_step(model, inputs, real_step_bytes, exc)
+                fallback.append(str(exc))
+        with torch.random.fork_rng(devices=[]):  # the real step's dropout must not move the caller's RNG
+            est = _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=True)
+        est.simulation = model_device(model).type
+        est.method = (f"real-tensor step on {est.simulation} under the same storage tracker (the meta-device "
+                      "simulation stopped at a value-dependent op)")
+        est.simulation_reason = fallback[0]
+        return est
+
+    result = simulate(checkpointing)
     if checkpointing:
-        plain = _simulate(model, inputs, opt_name, dt, amp, False, loss_fn)
+        plain = simulate(False)
         result.checkpointing_saved = plain.peak_estimated - result.peak_estimated
         flops, method = _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn)
         result.recompute_flops, result.recompute_flops_method = flops, method
     return result
 
 
-def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> MemoryEstimate:
+def _check_real_step(model: nn.Module, inputs: tuple[torch.Tensor, ...], bound: int | None,
+                     exc: MetaDeviceLimit) -> None:
+    """Raise `exc` (with why) unless a real-tensor step can replace the meta simulation within the RAM."""
+    if model_device(model).type == "meta" or any(t.device.type == "meta" for t in inputs):
+        raise MetaDeviceLimit(f"{exc}; the model or its inputs are on the meta device, so no real-tensor step "
+                              "can stand in (profile a real model: a spec under 1 GiB of weights, or --measure)")
+    if bound is None:
+        raise exc
+    avail = available_ram()
+    if avail is not None and bound > avail:
+        raise MetaDeviceLimit(f"{exc}; the real-tensor step that would stand in needs up to {format_bytes(bound)} "
+                              f"but only {format_bytes(avail)} of RAM is available; use a smaller batch or input")
+
+
+def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bool = False) -> MemoryEstimate:
+    """One tracked simulation: on a meta copy (nothing allocated), or with `real` on a real copy of the model and
+    the real inputs (the variable keeps the name `meta` for the copy either way)."""
     target = model_device(model)
-    meta = _meta_copy(model, dt)
-    x = tuple(cast_input(t, dt, "meta") for t in inputs)
+    meta = real_copy(model, dt) if real else _meta_copy(model, dt)
+    x = tuple(cast_input(t, dt, target if real else "meta") for t in inputs)
     blocks = apply_checkpointing(meta) if checkpointing else []
     policy = _MetaPolicy(target)
     amp_ctx = lambda: policy.amp(amp)  # noqa: E731
@@ -511,6 +584,9 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     except NetdietError:
         raise
     except Exception as exc:
+        if not real and _is_meta_limit(exc):
+            raise MetaDeviceLimit(f"the meta-device simulation stopped in the forward at a value-dependent op "
+                                  f"({type(exc).__name__}: {_first_line(exc)})") from exc
         raise NetdietError(f"the model's forward failed on inputs {[tuple(t.shape) for t in inputs]} "
                            f"({type(exc).__name__}: {exc}); give inputs the model accepts") from None
     meta.train()
@@ -557,6 +633,9 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
     except NetdietError:
         raise
     except Exception as exc:
+        if not real and _is_meta_limit(exc):
+            raise MetaDeviceLimit(f"the meta-device simulation stopped in the training step at a value-dependent "
+                                  f"op ({type(exc).__name__}: {_first_line(exc)})") from exc
         raise NetdietError(f"simulating a training step failed ({type(exc).__name__}: {exc}); "
                            "check the inputs fit the model (or pass a loss_fn for this output)") from None
     finally:
@@ -608,6 +687,11 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn) -> Memor
         unmodelled=cpu_scratch.entries() if cpu_scratch is not None else [],
         warnings=_unmodelled_warnings(cpu_scratch),
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _unmodelled_warnings(cpu_scratch: _CpuScratch | None) -> list[str]:

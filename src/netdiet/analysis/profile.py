@@ -31,7 +31,7 @@ from netdiet.analysis import scaling
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.latency import measure_latency
 from netdiet.analysis.measurement import measure_memory
-from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.memory import MetaDeviceLimit, estimate_memory
 from netdiet.analysis.ram import available_ram, check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
 from netdiet.analysis.step import DTYPE_NAMES, normalise_optimizer, parse_dtype
@@ -40,8 +40,18 @@ from netdiet.environment import environment  # the one record of what decides th
 from netdiet.errors import NetdietError
 from netdiet.fileio import load_state_dict
 from netdiet.models import create_model, default_inputs
-from netdiet.models.inputs import (InputSpec, bind_inputs, collect_inputs, input_names, integer_range, materialise,
-                                   structured_forward)
+from netdiet.models.inputs import (
+    InputSpec,
+    bind_inputs,
+    collect_inputs,
+    default_call,
+    input_names,
+    integer_range,
+    masks_of_ones,
+    materialise,
+    structured_forward,
+    text_input_dtype,
+)
 from netdiet.progress import progress_bar
 from netdiet.units import format_bytes, parse_size
 
@@ -198,24 +208,32 @@ class PreparedInputs:
 
 
 def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_size: int | None,
-                 device: torch.device, seed: int, model: nn.Module | None = None) -> PreparedInputs:
+                 device: torch.device, seed: int, model: nn.Module | None = None,
+                 seq_len: int | None = None) -> PreparedInputs:
     """The call to profile `model` with, on `device`: from a tensor, a tuple of tensors, a dict of named tensors,
-    shape(s), 'SHAPE[:DTYPE]' / 'NAME=SHAPE[:DTYPE]' text, InputSpecs, or the zoo default (inputs None).
+    shape(s), 'SHAPE[:DTYPE]' / 'NAME=SHAPE[:DTYPE]' text, InputSpecs, or the spec's default (inputs None: the
+    zoo entry's input; for hf: input_ids and attention_mask of batch 1 x `seq_len`, see models.hub).
 
     Integer inputs are drawn in [0, N): N from the spec (--input-range), else the zoo model's vocabulary, else
-    the num_embeddings of the model's first nn.Embedding, else 2."""
+    the model's config.vocab_size or the num_embeddings of its first nn.Embedding, else 2; integer inputs named
+    *mask are ones."""
     if batch_size is not None and int(batch_size) <= 0:
         raise NetdietError(f"batch size must be positive, got {batch_size}")
     dtype, high = torch.float32, None
     is_zoo = spec is not None and ":" not in spec and not spec.endswith(".py")
     if is_zoo:  # shapes given for a zoo model take its input dtype (token ids for the transformer)
         _, dtype, high = default_inputs(spec, model_kw)
+    dtype = text_input_dtype(spec, model) or dtype  # shapes given for an hf: text model are token ids
+    if seq_len is not None and (inputs is not None or spec is None or not spec.startswith("hf:")):
+        raise NetdietError("--seq-len sets the length of an hf: model's default inputs; "
+                           + ("with --input, give the length in its shape" if inputs is not None
+                              else "give this model an --input shape instead"))
     if inputs is None:
-        shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
-        inputs = [tuple(shape)]
+        inputs, dtype, high = default_call(spec, model, model_kw, seq_len)
     if high is None:
         high = integer_range(model)
     args, kwargs = collect_inputs(inputs)
+    kwargs = masks_of_ones(kwargs, dtype)
     check_inputs_fit(args, kwargs, dtype, batch_size, device)
     args, kwargs = materialise(args, kwargs, dtype=dtype, high=high, device=device, seed=seed)
     if model is not None:
@@ -459,6 +477,9 @@ def _memory_section(estimate: Any, measured: dict | None, inference: Any = None,
         if hasattr(estimate, extra):
             out[extra] = _plain(getattr(estimate, extra))
     # which CPU's kernel-scratch rules priced the step, and the kernels no rule covers (counted as 0 bytes)
+    # where the step was simulated: "meta", or "cpu" when a value-dependent op stopped the meta simulation
+    out["simulation"] = getattr(source, "simulation", None)
+    out["simulation_reason"] = getattr(source, "simulation_reason", None)
     out["cpu_rules"] = getattr(source, "cpu_rules", None) or None
     out["unmodelled"] = list(getattr(source, "unmodelled", None) or [])
     out["warnings"] = list(getattr(source, "warnings", None) or [])
@@ -539,7 +560,18 @@ def _constant_loss(output: Any) -> torch.Tensor:
     return torch.zeros((), device="meta")
 
 
-def inference_memory(net: nn.Module, x: Sequence[torch.Tensor], dtype: str | None, amp: bool) -> Any:
+def real_step_bound(net: nn.Module, x: Sequence[torch.Tensor], counts: Any) -> int | None:
+    """An upper bound of the bytes a real-tensor step of `net` allocates (memory.estimate_memory's fallback when a
+    value-dependent op stops the meta simulation): the model's copy, the inputs, and twice every byte the counted
+    step's ops write (step 1 creates the optimizer state, step 2 runs beside it). None without a count."""
+    if counts is None:
+        return None
+    inputs = sum(t.numel() * t.element_size() for t in x)
+    return measure_copy_bytes(net) + inputs + 2 * int(counts.bytes_written)
+
+
+def inference_memory(net: nn.Module, x: Sequence[torch.Tensor], dtype: str | None, amp: bool,
+                     real_step_bytes: int | None = None) -> Any:
     """The memory estimate's inference part alone, for a model whose training step cannot run.
 
     estimate_memory simulates the eval-mode forward first, then training steps; here the model's copy is kept in
@@ -550,7 +582,7 @@ def inference_memory(net: nn.Module, x: Sequence[torch.Tensor], dtype: str | Non
     net.train = types.MethodType(_eval_only_train, net)
     try:
         return estimate_memory(net, x, optimizer="none", dtype=dtype, amp=amp, checkpointing=False,
-                               loss_fn=_constant_loss)
+                               loss_fn=_constant_loss, real_step_bytes=real_step_bytes)
     finally:
         if had:
             net.__dict__["train"] = previous
@@ -586,8 +618,11 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             dtype: str | torch.dtype | None = None, amp: bool = False, checkpointing: bool = False,
             batch_sizes: Sequence[int] | None = None, max_batch_for: int | str | None = None,
             dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
-            warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None) -> ProfileResult:
+            warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None,
+            seq_len: int | None = None) -> ProfileResult:
     """Profile a model: see the module docstring. Bad input raises NetdietError (one line).
+
+    `seq_len` is the length of an hf: spec's default inputs (input_ids, attention_mask; default 128).
 
     `weights` (a safetensors file, never a pickle) loads trained or pruned weights first, so the storage
     figures show the model's real sparsity.
@@ -616,7 +651,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             small = sum(p.numel() * p.element_size() for p in meta_model.parameters()) <= META_THRESHOLD_BYTES
             return small or weights is not None
         meta_call = prepare_call(inputs, model if isinstance(model, str) else None, model_kw, batch_size,
-                                 torch.device("meta"), seed, model=meta_model)
+                                 torch.device("meta"), seed, model=meta_model, seq_len=seq_len)
         with structured_forward(meta_model, meta_call.args, meta_call.kwargs) as x_meta:
             try:
                 first = estimate_memory(meta_model, x_meta, **mem_kw)
@@ -635,7 +670,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     if measure and device.type == "meta":
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
     spec = model_info["spec"]
-    call = prepare_call(inputs, spec, model_kw, batch_size, device, seed, model=net)
+    call = prepare_call(inputs, spec, model_kw, batch_size, device, seed, model=net, seq_len=seq_len)
     stack = contextlib.ExitStack()
     x = stack.enter_context(structured_forward(net, call.args, call.kwargs))
     batch = int(x[0].shape[0]) if x and x[0].dim() else 1
@@ -664,13 +699,14 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             estimate = early["estimate"]
         elif training_unavailable is None:
             try:
-                estimate = estimate_memory(net, x, **mem_kw)
+                estimate = estimate_memory(net, x, **mem_kw, real_step_bytes=real_step_bound(net, x, counts))
             except NetdietError as exc:
                 memory_unavailable = engine_failure(exc, "the meta-device memory estimate")
         inference_estimate = estimate
         if estimate is None:
             try:
-                inference_estimate = inference_memory(net, x, dtype_name, amp)
+                inference_estimate = inference_memory(net, x, dtype_name, amp,
+                                                      real_step_bound(net, x, inference_counts))
             except NetdietError as exc:
                 memory_unavailable = memory_unavailable or engine_failure(exc, "the meta-device memory estimate")
         tick()
@@ -703,17 +739,23 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         # every figure at the profiled batch is already known: the sweep and the budget search reuse it
         estimates, op_counts, measurements = {batch: estimate}, {batch: counts}, {batch: measured}
 
-        def estimate_at(model: nn.Module, inputs: Any, **kw: Any) -> Any:
-            b = int(inputs[0].shape[0])
-            if b not in estimates:
-                estimates[b] = estimate_memory(model, inputs, **kw)
-            return estimates[b]
-
         def count_at(model: nn.Module, inputs: Any, **kw: Any) -> Any:
             b = int(inputs[0].shape[0])
             if b not in op_counts:
                 op_counts[b] = count_ops(model, inputs, **kw)
             return op_counts[b]
+
+        def estimate_at(model: nn.Module, inputs: Any, **kw: Any) -> Any:
+            b = int(inputs[0].shape[0])
+            if b not in estimates:
+                try:
+                    estimates[b] = estimate_memory(model, inputs, **kw)
+                except MetaDeviceLimit:
+                    if any(t.device.type == "meta" for t in inputs):
+                        raise
+                    bound = real_step_bound(model, inputs, count_at(model, inputs, train=True, optimizer=optimizer))
+                    estimates[b] = estimate_memory(model, inputs, **kw, real_step_bytes=bound)
+            return estimates[b]
 
         sweep = None
         if batch_sizes:

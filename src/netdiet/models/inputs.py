@@ -12,6 +12,7 @@ positional tensors while the model gets what it asks for. Module names and param
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import types
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from netdiet.errors import NetdietError
+from netdiet.models.hub import HF_PREFIX, hf_default_inputs, is_hub_spec
 from netdiet.models.registry import default_inputs
 from netdiet.units import parse_shape
 
@@ -41,12 +43,14 @@ _NAME_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 @dataclass(frozen=True)
 class InputSpec:
     """One input to make: its shape (batch first), dtype (None: the model's default), keyword name, and for
-    integer inputs the exclusive upper bound of the values drawn (None: from the model, see `integer_range`)."""
+    integer inputs the exclusive upper bound of the values drawn (None: from the model, see `integer_range`)
+    and the lower bound (None: 0; an attention mask of ones is low=1, high=2)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
     name: str | None = None
     high: int | None = None
+    low: int | None = None
 
 
 def dtype_choices() -> str:
@@ -98,9 +102,13 @@ def input_specs(texts: list[str], high: int | None = None, spec: str | None = No
 
 
 def integer_range(model: nn.Module | None) -> int | None:
-    """The exclusive upper bound of token ids the model takes: num_embeddings of its first nn.Embedding."""
+    """The exclusive upper bound of token ids the model takes: a transformers config's vocab_size, else the
+    num_embeddings of its first nn.Embedding."""
     if model is None:
         return None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        return vocab
     for mod in model.modules():
         if isinstance(mod, nn.Embedding):
             return int(mod.num_embeddings)
@@ -114,8 +122,42 @@ def make_input(spec: InputSpec, dtype: torch.dtype, high: int | None, device: to
     gen = torch.Generator().manual_seed(seed)
     if dtype.is_floating_point:
         return torch.randn(spec.shape, generator=gen).to(dtype=dtype, device=device)
-    upper = 2 if dtype == torch.bool else max(1, int(high or 2))
-    return torch.randint(0, upper, spec.shape, generator=gen).to(dtype=dtype, device=device)
+    low = 0 if spec.low is None else int(spec.low)
+    upper = 2 if dtype == torch.bool else max(low + 1, int(high or 2))
+    return torch.randint(low, upper, spec.shape, generator=gen).to(dtype=dtype, device=device)
+
+
+def default_call(spec: str | None, model: nn.Module | None, model_kw: dict | None,
+                 seq_len: int | None) -> tuple[Any, torch.dtype, int | None]:
+    """(inputs, default dtype, default integer range) a spec is profiled with when no input is given: the zoo
+    entry's input, or for an hf: model its named inputs (hub.hf_default_inputs) of batch 1 x `seq_len`."""
+    if spec is not None and spec.startswith(HF_PREFIX) and model is not None:
+        named = hf_default_inputs(model, seq_len)
+        return ({name: InputSpec(shape, dtype, None, high, low) for name, (shape, dtype, low, high) in named.items()},
+                torch.float32, None)
+    if spec is not None and is_hub_spec(spec):  # timm: an image classifier, its pretrained_cfg says the size
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
+        return [(1, *size)], torch.float32, None
+    shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
+    return [tuple(shape)], dtype, high
+
+
+def masks_of_ones(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Integer keyword inputs named *mask without a range (--input attention_mask=1,128:int64) are ones: every
+    position attended, as a batch without padding (random 0/1 values would mask half the tokens)."""
+    out = dict(kwargs)
+    for name, leaf in kwargs.items():
+        if isinstance(leaf, InputSpec) and name.endswith("mask") and leaf.high is None and leaf.low is None \
+                and not (leaf.dtype or dtype).is_floating_point:
+            out[name] = dataclasses.replace(leaf, low=1, high=2)
+    return out
+
+
+def text_input_dtype(spec: str | None, model: nn.Module | None) -> torch.dtype | None:
+    """The dtype of a shape given without one for an hf: text model: int64 token ids (None: no such rule)."""
+    if spec is None or not spec.startswith(HF_PREFIX) or model is None:
+        return None
+    return torch.int64 if getattr(model, "main_input_name", None) == "input_ids" else None
 
 
 # ------------------------------------------------------------------ binding to forward's parameters
@@ -125,6 +167,10 @@ def _forward_parameters(model: nn.Module) -> tuple[list[inspect.Parameter], bool
     except (TypeError, ValueError):  # a builtin forward: nothing to check against
         return [], True
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    if var_kw and hasattr(model, "main_input_name") and hasattr(model, "config"):
+        # a transformers model's **kwargs carries options (attention flags, output switches), not inputs: an
+        # input name that is no parameter would be dropped silently, so it is refused like any unknown name
+        var_kw = False
     return [p for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)], var_kw
 
 

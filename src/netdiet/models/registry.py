@@ -1,8 +1,10 @@
-"""Name -> factory table, plus the loader for a user's `pkg.module:callable` / `file.py:callable`."""
+"""Name -> factory table, plus the loader for a user's `pkg.module:callable` / `file.py:callable` and the hub
+specs `hf:NAME_OR_FOLDER` / `timm:NAME` (built by hub.py; `hf:` and `timm:` are reserved prefixes)."""
 from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from netdiet.errors import NetdietError
+from netdiet.models.hub import build_hub, is_hub_spec
 
 
 @dataclass
@@ -116,6 +119,8 @@ def _load_callable(spec: str) -> Callable[..., nn.Module]:
 
 
 def resolve(spec: str) -> tuple[Callable[..., nn.Module], ModelEntry | None]:
+    if is_hub_spec(spec):
+        return functools.partial(build_hub, spec), None
     if ":" in spec or spec.endswith(".py"):
         return _load_callable(spec), None
     entry = get_entry(spec)
@@ -142,7 +147,8 @@ def default_inputs(spec: str, kwargs: dict | None = None) -> tuple[tuple[int, ..
     """(shape, dtype, high) of the default input for batch 1; only zoo models have one."""
     _, entry = resolve(spec)
     if entry is None:
-        raise NetdietError(f"model '{spec}' has no default input; give one with --input, e.g. --input 1,3,32,32")
+        hint = " (an hf: model makes its own once built: profile it)" if is_hub_spec(spec) else ""
+        raise NetdietError(f"model '{spec}' has no default input{hint}; give one with --input, e.g. --input 1,3,32,32")
     kwargs = kwargs or {}
     shape = entry.input_for_kwargs(kwargs) if entry.input_for_kwargs else entry.input_shape
     high = entry.input_high_for_kwargs(kwargs) if entry.input_high_for_kwargs else entry.input_high
