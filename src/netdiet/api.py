@@ -7,7 +7,6 @@ first use so that `import netdiet` (and so the CLI) does not import torch until 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from netdiet.compression import evaluate as evaluation
 from netdiet.compression import recipe as recipes
 from netdiet.data import get_dataset as dataset_by_name
 from netdiet.data import registry as data_registry
+from netdiet.documents import read_result
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
 from netdiet.fileio import load_state_dict
@@ -244,8 +244,8 @@ def demo_summary(result_paths: list[str]) -> dict:
     docs = {}
     for p in result_paths:
         try:
-            docs[Path(p).name] = json.loads(Path(p).read_text())
-        except (OSError, ValueError):
+            docs[Path(p).name] = read_result(p)
+        except NetdietError:
             continue
     heads: list[dict] = []
 

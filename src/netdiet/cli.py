@@ -536,17 +536,17 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
 
 def _step_done(files: list[str]) -> bool:
     """A step is reused only when everything it writes exists and its JSON is a netdiet result."""
-    import json
     from pathlib import Path
+
+    from netdiet.documents import read_result
     for f in files:
         path = Path(f)
         if not path.is_file() or path.stat().st_size == 0:
             return False
         if path.suffix == ".json":
             try:
-                if not str(json.loads(path.read_text()).get("schema", "")).startswith("netdiet."):
-                    return False
-            except (ValueError, AttributeError):
+                read_result(path)
+            except NetdietError:
                 return False
     return True
 

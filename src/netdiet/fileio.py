@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -135,14 +137,75 @@ def atomic_write_json(path: str | os.PathLike, doc: Any) -> Path:
     return atomic_write_text(path, dumps_json(doc))
 
 
-def read_json(path: str | os.PathLike) -> Any:
+# ------------------------------------------------------------------ reading JSON: bounded, strict, finite
+MAX_JSON_BYTES = 64 << 20   # netdiet writes well under 1 MiB (a 7B profile: ~0.3 MiB); a 3000x3000 matrix of 0.5: 45 MB
+MAX_JSON_DEPTH = 32         # netdiet nests ~8 deep; json.loads recurses once per level
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_DEPTH_CHUNK = 1 << 20
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply JSON text nests arrays and objects (brackets inside strings do not count), in chunks so the
+    scratch stays ~5 MB whatever the text's size."""
+    import numpy as np
+    text = _JSON_STRING.sub(b'""', raw)
+    depth = deepest = 0
+    for start in range(0, len(text), _DEPTH_CHUNK):
+        a = np.frombuffer(text, dtype=np.uint8, count=min(_DEPTH_CHUNK, len(text) - start), offset=start)
+        step = (a == ord("[")).astype(np.int32) + (a == ord("{")) - (a == ord("]")) - (a == ord("}"))
+        levels = np.cumsum(step) + depth
+        deepest = max(deepest, int(levels.max()))
+        depth = int(levels[-1])
+    return deepest
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is not finite")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON from bytes: UTF-8, nested at most `max_depth` deep, every number finite (NaN, Infinity and
+    1e999 are refused), integers of at most 4,300 digits. ValueError says what is wrong."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} deep (at most {max_depth})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
+def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
+              hint: str = "give a JSON file written by netdiet") -> Any:
+    """A JSON file read within limits: at most `max_bytes` (checked before reading), `max_depth` deep, strict
+    and finite (parse_json). Anything else is one NetdietError naming the file, ending with `hint`."""
     path = Path(path)
     if not path.is_file():
         raise NetdietError(f"file {path} does not exist; check the path")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NetdietError(f"{path} is not valid JSON ({exc}); give a JSON file written by netdiet") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise NetdietError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
+    if len(raw) > max_bytes:
+        raise NetdietError(f"{path} is larger than {max_bytes >> 20} MiB, more than any JSON netdiet writes; {hint}")
+    try:
+        return parse_json(raw, max_depth=max_depth)
+    except ValueError as exc:
+        raise NetdietError(f"{path} is not JSON netdiet can read ({exc}); {hint}") from None
 
 
 def save_state_dict(path: str | os.PathLike, state: dict, metadata: dict[str, str] | None = None) -> Path:

@@ -6,13 +6,12 @@ Everything here works on numpy arrays and bytes; archive.py decides what goes in
 from __future__ import annotations
 
 import heapq
-import json
-import math
-import re
 import struct
 from typing import Any
 
 import numpy as np
+
+from netdiet.fileio import parse_json
 
 MAX_JSON_DEPTH = 32             # nesting of the header JSON (netdiet writes ~8; json.loads recurses per level)
 MAX_HEADER = 8 * 1024 * 1024    # bytes a header may take, compressed or decompressed (a 1,000-tensor model needs ~0.3 MB)
@@ -358,34 +357,7 @@ def best_relidx_bits(positions: np.ndarray) -> tuple[int, int]:
 
 
 # ================================================================== the header's JSON
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
-def json_depth(raw: bytes) -> int:
-    """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
-    a = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    if not a.size:
-        return 0
-    step = (a == ord("[")).astype(np.int32) + (a == ord("{")) - (a == ord("]")) - (a == ord("}"))
-    return int(np.cumsum(step).max())
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is not finite")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def load_header_json(blob: bytes) -> Any:
     """The header's zstd-compressed JSON, decoded into at most MAX_HEADER bytes, nested at most MAX_JSON_DEPTH
     deep, with every number finite (NaN, Infinity and 1e999 are refused): ValueError otherwise."""
-    raw = zstd_decompress(blob, limit=MAX_HEADER)
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested {depth} deep (at most {MAX_JSON_DEPTH})")
-    return json.loads(raw.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
+    return parse_json(zstd_decompress(blob, limit=MAX_HEADER), max_depth=MAX_JSON_DEPTH)

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from netdiet.documents import describe as _json_type
+from netdiet.documents import field_problems, read_result
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_text
 from netdiet.reporting import plots
@@ -39,32 +41,12 @@ from netdiet.units import format_bytes, format_count
 
 # The most rows (and columns) of an accuracy matrix drawn as a heatmap; larger matrices are summarised.
 MAX_MATRIX = 50
-KNOWN_SCHEMAS = {"profile": {1}, "compress": {1}, "evaluate": {1}, "train": {1}, "sweep": {1}, "continual": {1},
-                 "data": {1}, "models": {1}, "demo": {1}, "datasets": {1}, "recipes": {1}, "report": {1}}
 
 
 # ------------------------------------------------------------------ loading
 def load_result(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise NetdietError(f"result file {path} does not exist; give JSON files written with --json")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise NetdietError(f"{path} is not JSON; give a file written by a netdiet command with --json") from None
-    schema = doc.get("schema") if isinstance(doc, dict) else None
-    if not isinstance(schema, str) or not schema.startswith("netdiet.") or "/" not in schema:
-        raise NetdietError(f"{path} is not a netdiet result (no 'schema': 'netdiet.<command>/<version>'); "
-                           "give a file written by a netdiet command with --json")
-    kind, _, version = schema[len("netdiet."):].partition("/")
-    if kind not in KNOWN_SCHEMAS or not version.isdigit() or int(version) not in KNOWN_SCHEMAS[kind]:
-        raise NetdietError(f"{path} has schema {schema!r}, which this netdiet ({_known_list()}) cannot render; "
-                           "upgrade netdiet or regenerate the result")
-    return doc
-
-
-def _known_list() -> str:
-    return ", ".join(f"{k}/{max(v)}" for k, v in sorted(KNOWN_SCHEMAS.items()))
+    """A result document through netdiet.documents' one validating reader (bounded, strict, known schema)."""
+    return read_result(path)
 
 
 # ------------------------------------------------------------------ small HTML helpers
@@ -518,47 +500,6 @@ margin-right:.3em;vertical-align:-.1em;border-radius:2px}
 """
 
 
-# The fields a section reads, by kind, and the JSON type each must have when present (None is "absent");
-# "rows" is a list whose items are all objects.
-FIELD_TYPES: dict[str, dict[str, str]] = {
-    "profile": {"model": "object", "inputs": "rows", "totals": "object", "memory": "object", "modules": "rows",
-                "operators": "object", "uncounted": "object", "scaling": "object"},
-    "compress": {"model": "object", "recipe": "object", "baseline": "object", "stages": "rows", "pareto": "list"},
-    "train": {"model": "object", "history": "rows"},
-    "sweep": {"model": "object", "points": "rows"},
-    "continual": {"strategies": "rows"},
-    "models": {"models": "rows"},
-    "demo": {"headlines": "rows"},
-}
-
-
-def _wrong_type(value: Any, expected: str) -> str | None:
-    """What is wrong with `value` for `expected` ("object", "list" or "rows"), or None when it fits."""
-    if value is None:
-        return None
-    if expected == "object":
-        return None if isinstance(value, dict) else f"is {_json_type(value)}, not an object"
-    if not isinstance(value, list):
-        return f"is {_json_type(value)}, not a list"
-    if expected == "rows":
-        bad = [v for v in value if not isinstance(v, dict)]
-        if bad:
-            return f"holds {_json_type(bad[0])}, not objects"
-    return None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return "a string"
-    return "a list" if isinstance(value, list) else "an object"
-
-
 def _skip_note(page: Page, kind: str, src: str, why: str) -> None:
     page.add(f"<h2>{esc(kind.capitalize())} · {esc(src)}</h2>")
     page.add(f"<p class='warn skipped'>This section was skipped: in {esc(src)}, {esc(why)}; "
@@ -568,11 +509,10 @@ def _skip_note(page: Page, kind: str, src: str, why: str) -> None:
 def _render_section(page: Page, kind: str, src: str, doc: dict) -> None:
     """One section; a field of the wrong type (e.g. `memory: "x"`, `stages: {}`) skips the section with a
     visible note instead of failing the whole report: the JSON may come from anywhere."""
-    for key, expected in FIELD_TYPES.get(kind, {}).items():
-        wrong = _wrong_type(doc.get(key), expected)
-        if wrong:
-            _skip_note(page, kind, src, f"'{key}' {wrong}")
-            return
+    problems = field_problems(doc, kind)        # netdiet.documents.SCHEMAS: every field a section reads, typed
+    if problems:
+        _skip_note(page, kind, src, problems[0])
+        return
     part = Page()
     try:
         SECTIONS[kind](part, src, doc)

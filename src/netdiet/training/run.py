@@ -23,7 +23,7 @@ from netdiet.data import get_dataset
 from netdiet.data.registry import stratified_split
 from netdiet.environment import environment, steady_threads
 from netdiet.errors import NetdietError
-from netdiet.fileio import atomic_write_json, folder_lock, save_state_dict
+from netdiet.fileio import atomic_write_json, folder_lock, read_json, save_state_dict
 from netdiet.models import ModelSpec, create_model, resolve
 from netdiet.training.budget import choose_for_budget, measure_activation_bytes
 from netdiet.training.checkpoint import INDEX, has_checkpoint
@@ -215,14 +215,13 @@ def check_out_dir(out: str | os.PathLike, resume: bool) -> Path:
 def _unfinished(out: Path) -> bool:
     """A checkpoint newer than the run's final train.json: resumable work a fresh run would overwrite.
     (A finished run is replaced by a new one, file by file, atomically.)"""
-    import json
     if not has_checkpoint(out / "checkpoint"):
         return False
     try:
-        ck = json.loads((out / "checkpoint" / INDEX).read_text())
-        final = json.loads((out / "train.json").read_text())
+        ck = read_json(out / "checkpoint" / INDEX)
+        final = read_json(out / "train.json")
         return int(final.get("steps", -1)) != int(ck.get("step", -2))
-    except (OSError, ValueError, AttributeError):
+    except (NetdietError, ValueError, TypeError, AttributeError):
         return True
 
 
