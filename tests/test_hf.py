@@ -220,6 +220,17 @@ def test_the_real_step_fallback_leaves_the_random_state_alone():
     assert est.simulation == "cpu" and torch.equal(state, torch.get_rng_state())
 
 
+def test_the_budget_search_with_a_mask_runs_real_steps_and_agrees_with_meta(folders):
+    spec = f"hf:{folders['gpt2']}"
+    with_mask = netdiet.profile(spec, seq_len=8, max_batch_for="5MiB", progress=False)   # input_ids + mask
+    without = netdiet.profile(spec, {"input_ids": "1,8:int64"}, max_batch_for="5MiB", progress=False)
+    assert with_mask.memory["simulation"] == "cpu" and without.memory["simulation"] == "meta"
+    # the mask adds 8 int64 = 64 bytes per sample: the same largest batch, peaks within 1 %
+    a, b = with_mask.max_batch, without.max_batch
+    assert a["fits"] and a["batch_size"] == b["batch_size"] > 2
+    assert abs(a["peak_estimated"] - b["peak_estimated"]) < 0.01 * b["peak_estimated"]
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2
 def _bad(capsys, argv: list[str], *phrases: str) -> None:
     capsys.readouterr()

@@ -752,10 +752,26 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                     estimates[b] = estimate_memory(model, inputs, **kw)
                 except MetaDeviceLimit:
                     if any(t.device.type == "meta" for t in inputs):
-                        raise
+                        # the budget search passes meta inputs; a value-dependent forward needs the real ones
+                        inputs = real_inputs_at(b, inputs)
                     bound = real_step_bound(model, inputs, count_at(model, inputs, train=True, optimizer=optimizer))
                     estimates[b] = estimate_memory(model, inputs, **kw, real_step_bytes=bound)
             return estimates[b]
+
+        def real_inputs_at(b: int, meta_inputs: Any) -> Any:
+            """The profiled inputs at batch `b`, refused (as the meta limit) when a real step there would not fit:
+            memory grows about linearly with the batch, so the profiled batch's peak scaled to `b` is the guard."""
+            known = estimates.get(batch)
+            avail = available_ram()
+            if known is None or device.type == "meta":
+                raise MetaDeviceLimit("the memory search runs on meta inputs and the forward reads tensor values; "
+                                      "no real-tensor step can stand in here")
+            rough = int(known.peak_estimated * max(1.0, b / batch))
+            if avail is not None and rough > avail:
+                raise MetaDeviceLimit(f"a real-tensor step at batch {b} (the forward reads tensor values, so the meta "
+                                      f"simulation cannot run) would need about {format_bytes(rough)} but only "
+                                      f"{format_bytes(avail)} of RAM is available; give a smaller budget")
+            return with_batch(x, b)
 
         sweep = None
         if batch_sizes:
