@@ -9,7 +9,6 @@ from netdiet.fileio import save_state_dict
 from netdiet.models import create_model
 from netdiet.training import TrainConfig, evaluate_accuracy, fit
 
-
 # one torch thread: these train end to end, and two threads thrash on a loaded 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +47,13 @@ def test_compress_writes_json_and_archive_with_stage_metrics(tmp_path, capsys):
     assert prune["nonzero_params"] == 2048 // 4 + 320 // 4 + 42
     assert quant["bytes_on_disk"] < prune["bytes_on_disk"] < base["bytes_on_disk"]
     assert quant["ratio"] == pytest.approx(base["bytes_on_disk"] / quant["bytes_on_disk"])
-    assert doc["archive"] == {"path": str(out), "bytes": out.stat().st_size}
+    size = out.stat().st_size
+    assert doc["archive"] == {"path": str(out), "bytes": size, "dense_fp32_bytes": base["bytes_on_disk"],
+                              "ratio": base["bytes_on_disk"] / size}
+    # one figure, one producer: `evaluate` of the kept file gives the archive's ratio, to the last bit
+    ev = tmp_path / "e.json"
+    assert main(["evaluate", str(out), "--data", "digits", "--no-latency", "--json", str(ev)]) == 0
+    assert json.loads(ev.read_text())["ratio"] == doc["archive"]["ratio"]
     assert "quantize-int8-weight" in doc["pareto"]
     printed = capsys.readouterr().out
     assert "baseline" in printed and "prune" in printed and f"({out.stat().st_size}" in printed.replace("\n", " ")

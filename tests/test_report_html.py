@@ -2,6 +2,7 @@
 and headline numbers equal to the JSON they came from."""
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,35 @@ import pytest
 from netdiet.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# what the page shows, read in the browser: colours as drawn in each SVG, every text box, every byte figure
+_PAGE_JS = """() => {
+  const hex = c => { const m = (c || '').match(/\\d+/g); if (!m || m.length < 3 || c === 'none') return null;
+                     return '#' + m.slice(0, 3).map(v => (+v).toString(16).padStart(2, '0')).join(''); };
+  const charts = [...document.querySelectorAll('figure.chart')].map(f => {
+    const drawn = [...f.querySelectorAll('svg [id^="nd-"]')].map(g => {
+      const el = g.matches('path, use') ? g : g.querySelector('path, use');
+      const st = el ? getComputedStyle(el) : null;
+      return {category: g.id.split('-')[2], fill: st && hex(st.fill), stroke: st && hex(st.stroke)};
+    });
+    const texts = [...f.querySelectorAll('svg text')].map(t => { const r = t.getBoundingClientRect();
+      return {text: t.textContent, x: r.left, y: r.top, w: r.width, h: r.height}; });
+    const axes = [...f.querySelectorAll('svg g[id^="matplotlib.axis"]')].map(a => ({
+      ticks: [...a.querySelectorAll('g[id^="xtick"] text, g[id^="ytick"] text')].map(t => t.textContent),
+      label: [...a.querySelectorAll(':scope > g[id^="text"] text')].map(t => t.textContent).join(' ')}));
+    return {legend: JSON.parse(f.dataset.legend), drawn, texts, axes};
+  });
+  const tables = [...document.querySelectorAll('table')].map(t => ({
+    head: [...t.querySelectorAll('thead th')].map(h => h.textContent),
+    rows: [...t.querySelectorAll('tbody tr')].map(r => [...r.children].map(c => c.textContent))}));
+  const cards = [...document.querySelectorAll('.kpi')].map(k => ({
+    label: k.querySelector('.kpi-label').textContent, text: k.querySelector('.kpi-value').textContent,
+    headline: !!k.querySelector('.headline')}));
+  const svgText = [...document.querySelectorAll('svg text')].map(t => t.textContent).join(' ');
+  return {palette: JSON.parse(document.getElementById('netdiet-palette').textContent), charts, tables, cards,
+          text: document.body.innerText + ' ' + svgText};
+}"""
 
 
 def _open_in_chromium(html_path: Path, screenshot: Path | None = None) -> dict:
@@ -28,11 +58,64 @@ def _open_in_chromium(html_path: Path, screenshot: Path | None = None) -> dict:
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all("img", "els => els.map(e => ({w: e.naturalWidth, c: e.complete}))")
         headlines = page.eval_on_selector_all(
-            ".headline", "els => els.map(e => ({src: e.dataset.source, path: e.dataset.path, value: e.dataset.value, text: e.textContent}))")
+            ".headline", "els => els.map(e => ({src: e.dataset.source, path: e.dataset.path, value: e.dataset.value, "
+                         "text: e.textContent, kind: e.dataset.kind || null, stableSrc: e.dataset.stableSource || null, "
+                         "stablePath: e.dataset.stablePath || null}))")
+        shown = page.evaluate(_PAGE_JS)
         if screenshot:
             page.screenshot(path=str(screenshot), full_page=False)
         browser.close()
-    return {"errors": errors, "images": images, "headlines": headlines, "requests": requests}
+    return {"errors": errors, "images": images, "headlines": headlines, "requests": requests, **shown}
+
+
+BYTES = re.compile(r"^-?\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)$")
+
+
+def _check_one_visual_language(seen: dict) -> None:
+    """Every category keeps the palette's one colour in every chart, as drawn; bytes carry units; no label overlaps."""
+    palette = seen["palette"]["colours"]
+    assert len(set(palette.values())) == len(palette)                  # no two categories share a colour
+    drawn_anywhere = set()
+    for chart in seen["charts"]:
+        assert chart["legend"], chart
+        for cat, col in chart["legend"].items():
+            assert palette[cat] == col, (cat, col)
+        for d in chart["drawn"]:
+            assert d["category"] in chart["legend"], d
+            assert palette[d["category"]] in (d["fill"], d["stroke"]), d   # the colour really drawn in the SVG
+            drawn_anywhere.add(d["category"])
+        for axis in chart["axes"]:                                     # a byte axis: every tick label has its unit
+            if "bytes" in axis["label"]:
+                assert all(BYTES.match(t) for t in axis["ticks"] if t.strip()), axis
+        boxes = [t for t in chart["texts"] if t["w"] > 0 and t["text"].strip()]
+        for i, a in enumerate(boxes):                                  # no two labels drawn over each other
+            for b in boxes[i + 1:]:
+                dx = min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"])
+                dy = min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"])
+                assert dx <= 1.5 or dy <= 1.5, (a, b)
+    assert drawn_anywhere, "no chart drew a tagged category"
+    # no raw exponent anywhere (5.332e+05, 1e6 offsets); byte columns and byte cards carry a unit
+    assert not re.search(r"\d(\.\d+)?e[+-]?\d", seen["text"]), re.search(r".{30}\de[+-]?\d.{10}", seen["text"])
+    for table in seen["tables"]:
+        for col, head in enumerate(table["head"]):
+            if "bytes" in head or head in ("fixed", "per sample") and "fit" in table["head"][0]:
+                for row in table["rows"]:
+                    if col < len(row) and row[col] not in ("", "–") and ("FLOPs" not in row[0]):
+                        assert BYTES.match(row[col]), (head, row)
+
+
+def _check_headlines(seen: dict, docs: dict) -> None:
+    """Headlines equal the JSON; a byte field is shown with its unit; a timing headline rests on a stable timing."""
+    for h in seen["headlines"]:
+        value = _lookup(docs[h["src"]], h["path"])
+        assert json.loads(h["value"]) == value, h
+        last = h["path"].split(".")[-1]
+        if last.endswith("bytes") or last.startswith("peak") or last in ("bytes", "inference_peak", "param_bytes"):
+            assert BYTES.match(h["text"]), h
+        if "latency" in h["path"] or h["text"].endswith(" ms"):
+            assert h["kind"] in ("timing", "timing-ratio"), h
+        if h["kind"]:
+            assert _lookup(docs[h["stableSrc"]], h["stablePath"]) is True, h   # never from an unstable timing
 
 
 def _lookup(doc, path):
@@ -55,7 +138,8 @@ def _results(tmp_path: Path) -> list[Path]:
         return first + sorted(p for p in folder.glob("*.json") if p.name != "demo.json")
     made = []
     for name, argv in [("models.json", ["models"]),
-                       ("profile.json", ["profile", "lenet5", "--batch-sizes", "1,8,32"]),
+                       ("profile.json", ["profile", "lenet5", "--batch-sizes", "1,8,32", "--measure", "--max-batch-for",
+                                         "16MiB"]),
                        ("continual.json", ["continual", "--scenario", "split", "--data", "digits", "--setting", "class",
                                            "--strategy", "replay", "--budget", "256KiB", "--epochs", "1"])]:
         out = tmp_path / name
@@ -77,9 +161,10 @@ def test_report_renders_in_headless_chromium_with_true_numbers(tmp_path):
     assert seen["images"] and all(i["c"] and i["w"] > 0 for i in seen["images"])
     assert seen["headlines"]
     docs = {p.name: json.loads(p.read_text()) for p in results}
-    for h in seen["headlines"]:
-        assert json.loads(h["value"]) == _lookup(docs[h["src"]], h["path"]), h
-    assert shot.stat().st_size > 10_000
+    _check_headlines(seen, docs)
+    _check_one_visual_language(seen)
+    assert any(c["label"].endswith("latency") or c["label"].startswith("latency") for c in seen["cards"])
+    assert 10_000 < shot.stat().st_size < 300_000
 
 
 def test_report_rejects_non_netdiet_json_with_exit_2(tmp_path, capsys):
@@ -141,3 +226,73 @@ def test_a_3000x3000_accuracy_matrix_is_summarised_and_renders_in_seconds(tmp_pa
     page = out.read_text()
     assert "3000×3000; shown as 50×50 evenly spaced cells" in page
     assert page.count("<img") == 1
+
+
+def _evaluate_doc(**over):
+    doc = {"schema": "netdiet.evaluate/1", "source": "m.ndz", "accuracy": 0.9, "bytes_on_disk": 1024, "dense_fp32_bytes": 4096,
+           "ratio": 4.0, "latency_ms": {"pytorch": 2.0, "onnxruntime": 1.0},
+           "latency_detail": {"pytorch": {"median": 2.0, "ci": [1.0, 3.5], "stable": False, "threads": 1},
+                              "onnxruntime": {"median": 1.0, "ci": [0.95, 1.05], "stable": True, "threads": 1}},
+           "latency_speedup": {"value": None, "median_ratio": 2.0, "low": 0.95, "high": 3.7, "stable": False, "threads": 1}}
+    doc.update(over)
+    return doc
+
+
+def test_an_unstable_timing_is_never_a_headline_nor_part_of_a_ratio(tmp_path):
+    src, out = tmp_path / "e.json", tmp_path / "r.html"
+    src.write_text(json.dumps(_evaluate_doc()))
+    assert main(["report", str(src), "-o", str(out)]) == 0
+    text = out.read_text()
+    # PyTorch: interval 1.0..3.5 around 2.0, larger half-width 1.5 / 2.0 = 75 %: a marked card, not a headline
+    assert 'data-path="latency_ms.pytorch"' not in text and "2 ms, unstable (±75 %) · 1 thread" in text
+    # ONNX Runtime: 0.05 / 1.0 = 5 %: a headline naming the flag it rests on
+    assert 'data-path="latency_ms.onnxruntime"' in text and 'data-stable-path="latency_detail.onnxruntime.stable"' in text
+    assert 'data-path="latency_speedup.value"' not in text and "not shown: a timing was unstable" in text
+    stable = _evaluate_doc(latency_detail={k: {**v, "stable": True, "ci": [v["median"] * 0.95, v["median"] * 1.05]}
+                                           for k, v in _evaluate_doc()["latency_detail"].items()},
+                           latency_speedup={"value": 2.0, "low": 1.8, "high": 2.2, "stable": True, "threads": 1})
+    src.write_text(json.dumps(stable))
+    assert main(["report", str(src), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert 'data-path="latency_speedup.value"' in text and "2.0×" in text and "interval 1.80–2.20" in text
+
+
+def test_results_without_timings_render_with_latency_cards_saying_not_measured(tmp_path):
+    ev, prof, old = tmp_path / "e.json", tmp_path / "p.json", tmp_path / "o.json"
+    ev.write_text(json.dumps({"schema": "netdiet.evaluate/1", "source": "m.ndz", "accuracy": 0.5,
+                              "latency_ms": {"pytorch": None, "onnxruntime": None}}))
+    prof.write_text(json.dumps({"schema": "netdiet.profile/1", "model": {"spec": "x"}, "totals": {"params": 10}}))
+    # written before timings had intervals: a median with no spread is shown, never as a headline
+    old.write_text(json.dumps({"schema": "netdiet.evaluate/1", "source": "old.ndz", "latency_ms": {"pytorch": 35.4}}))
+    out = tmp_path / "r.html"
+    assert main(["report", str(ev), str(prof), str(old), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count(">not measured<") == 3          # latency PyTorch (evaluate), forward and training step (profile)
+    assert "35.4 ms, unstable (spread unknown)" in text and 'data-path="latency_ms.pytorch"' not in text
+
+
+def test_the_story_is_written_from_the_numbers():
+    from netdiet.reporting.story import compress_story, profile_story, train_story
+    mib = 1024 * 1024
+    prof = {"model": {"spec": "lenet5"},
+            "memory": {"batch_size": 64, "peak_estimated": 10 * mib, "peak_phase": "backward",
+                       "peak_breakdown": {"weights": 2 * mib, "gradients": 4 * mib, "activations": 3 * mib,
+                                          "workspace": 1 * mib, "outputs": 0}},
+            "max_batch": {"budget": 16 * mib, "fits": True, "batch_size": 96, "peak_estimated": 15 * mib}}
+    text = " ".join(profile_story(prof))
+    # gradients are 4 of the 10 MiB alive at the peak: 40 %
+    assert "lenet5's estimated training tensor peak is 10.00 MiB at batch 64, reached in the backward phase" in text
+    assert "the largest part alive then is gradients (40 % of it)" in text
+    assert "batch 96 is the largest whose estimated peak (15.00 MiB) fits 16.00 MiB" in text
+    train = {"model": {"spec": "lenet5"}, "test_acc": 0.973, "peak_memory_bytes": 148 * 1024,
+             "history": [{"epoch": 1, "val_acc": 0.95}, {"epoch": 2, "val_acc": 0.97}, {"epoch": 3, "val_acc": 0.96}]}
+    text = " ".join(train_story(train))
+    assert "97.30 % test accuracy after 3 epochs; validation accuracy peaked at 97.00 % in epoch 2" in text
+    assert "RSS increase during an epoch (148.00 KiB at most), not the tensor peak" in text
+    comp = {"baseline": {"accuracy": 0.9, "bytes_on_disk": 4096}, "archive": {"bytes": 512, "ratio": 8.0},
+            "stages": [{"name": "prune", "accuracy": 0.91, "ratio": 7.9, "bytes_on_disk": 518,
+                        "latency_ms": {"pytorch": 3.0}, "latency_detail": {"pytorch": {"ci": [1.0, 5.0], "stable": False}}}],
+            "pareto": ["prune"]}
+    text = " ".join(compress_story(comp))
+    assert "The kept archive holds the model in 512 B, 8.0× smaller than its dense fp32 file (4.00 KiB)" in text
+    assert "at 91.00 % accuracy (+1.00 pt vs the dense baseline)" in text and "Latencies of prune did not settle" in text

@@ -180,15 +180,14 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
                              ("training tensor peak (estimated)", "memory.peak_estimated", "bytes"),
                              ("training tensor peak (measured)", "memory.peak_measured", "bytes"),
                              ("inference tensor peak (estimated)", "memory.inference_peak", "bytes")])
-    lat = doc.get("latency")
-    if isinstance(lat, dict):
-        page.timing_cards(src, [
-            ("forward latency", "latency.forward_ms_median",
-             timing(lat.get("forward_ms_median"), lat.get("forward_ms_ci"), lat.get("forward_stable"), lat.get("threads")),
-             "latency.forward_stable"),
-            ("training-step latency", "latency.train_step_ms_median",
-             timing(lat.get("train_step_ms_median"), lat.get("train_step_ms_ci"), lat.get("train_step_stable"),
-                    lat.get("threads")), "latency.train_step_stable")])
+    lat = doc.get("latency") if isinstance(doc.get("latency"), dict) else {}   # without --measure: "not measured"
+    page.timing_cards(src, [
+        ("forward latency", "latency.forward_ms_median",
+         timing(lat.get("forward_ms_median"), lat.get("forward_ms_ci"), lat.get("forward_stable"), lat.get("threads")),
+         "latency.forward_stable"),
+        ("training-step latency", "latency.train_step_ms_median",
+         timing(lat.get("train_step_ms_median"), lat.get("train_step_ms_ci"), lat.get("train_step_stable"),
+                lat.get("threads")), "latency.train_step_stable")])
     modules = [m for m in doc.get("modules", []) if isinstance(m, dict) and m.get("name")]
     top = [m for m in modules if m.get("depth", m["name"].count(".") + 1) == 1] or modules
     flops_rows = sorted(top, key=lambda m: -(m.get("flops") or 0))[:25]
