@@ -57,7 +57,7 @@ def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise NetdietError(f"unknown model '{name}'; {hint}`netdiet models` lists the zoo, or give package.module:callable or file.py:callable")
+        raise NetdietError(f"unknown model '{name}'; {hint}`netdiet models` lists the zoo, or give package.module:callable, file.py:callable, hf:FOLDER or timm:NAME")
     return _REGISTRY[name]
 
 
