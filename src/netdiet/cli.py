@@ -247,7 +247,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     doc = result.to_dict()
     console.print(compress_table(doc))
     if doc["archive"]:
-        console.print(f"wrote {doc['archive']['path']} ({doc['archive']['bytes']} bytes)")
+        kept = doc["archive"]
+        ratio = f", {kept['ratio']:.1f}x smaller than dense fp32" if kept.get("ratio") else ""
+        console.print(f"wrote {kept['path']} ({kept['bytes']} bytes{ratio})")
     write_json(args, doc)
     return 0
 

@@ -5,6 +5,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
+from netdiet.reporting.story import timing, timing_text
 from netdiet.units import format_bytes, format_count
 
 
@@ -29,16 +30,26 @@ def evaluate_table(doc: dict) -> Table:
         t.add_row("accuracy (ONNX Runtime)", _pct(doc.get("accuracy_onnxruntime")), "")
     t.add_row("bytes on disk", f"{doc['bytes_on_disk']:,} B", format_bytes(doc["bytes_on_disk"]))
     t.add_row("dense fp32 safetensors", f"{doc['dense_fp32_bytes']:,} B", format_bytes(doc["dense_fp32_bytes"]))
-    t.add_row("ratio", f"{doc['ratio']:.1f}x", "dense fp32 bytes / bytes on disk")
+    t.add_row("ratio", f"{doc['ratio']:.1f}x", "smaller than dense fp32: its bytes / bytes on disk (as compress reports it)")
     t.add_row("parameters", format_count(doc.get("params")),
               f"{format_count(doc.get('nonzero_params'))} nonzero ({100 * doc.get('sparsity', 0):.1f} % sparse)")
     t.add_row("MACs / sample", format_count(doc.get("macs")), "dense count of the stored architecture")
     lat = doc.get("latency_ms") or {}
-    batch, threads = doc.get("latency_batch"), doc.get("threads")
+    batch = doc.get("latency_batch")
     for key, label in (("pytorch", "latency PyTorch"), ("onnxruntime", "latency ONNX Runtime")):
         if lat.get(key) is not None:
-            p95 = (doc.get("latency_detail") or {}).get(key, {}).get("p95")
-            t.add_row(label, _ms(lat[key]), f"median, batch {batch}, {threads} thread(s); p95 {_ms(p95)}")
+            d = (doc.get("latency_detail") or {}).get(key, {})
+            tm = timing(lat[key], d.get("ci"), d.get("stable"), d.get("threads"))
+            runs = f", {d['repeats']} runs in {d.get('seconds', 0):.1f} s" if d.get("repeats") else ""
+            value = _ms(lat[key]) if tm["stable"] else f"~{_ms(lat[key])}"
+            t.add_row(label, value, f"median, batch {batch}: {timing_text(tm).split(' ', 2)[2]}{runs}; p95 {_ms(d.get('p95'))}")
+    sp = doc.get("latency_speedup")
+    if isinstance(sp, dict):
+        if sp.get("stable") and sp.get("value") is not None:
+            t.add_row("ONNX Runtime speed-up", f"{sp['value']:.2f}x",
+                      f"PyTorch / ORT median, timed interleaved; interval {sp['low']:.2f}-{sp['high']:.2f}")
+        else:
+            t.add_row("ONNX Runtime speed-up", "-", "not shown: a timing was unstable (~); rerun on a quieter machine")
     return t
 
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from netdiet.reporting.story import MEMORY_NAMES, pct, peak_shares, timing, timing_text
 from netdiet.units import format_bytes, format_count
 
 
@@ -111,28 +112,36 @@ def memory_table(doc: dict) -> Table | str:
         extras.append("amp")
     if m.get("checkpointing"):
         extras.append("checkpointing")
-    t = _table(f"memory ({', '.join(str(e) for e in extras)})")
+    t = _table(f"memory: tensor bytes ({', '.join(str(e) for e in extras)})")
     t.add_column("part")
     t.add_column("bytes", justify="right")
     t.add_column("", justify="right")
     t.add_column("share of peak", justify="right")
     peak = m.get("peak_estimated")
-    for key in ("weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries"):
-        if m.get(key) is not None:
-            t.add_row(key.replace("_", " "), str(m[key]), format_bytes(m[key]), _pct(m[key], peak))
+    shares = peak_shares(m.get("peak_breakdown"))
+    if shares and peak:
+        # what is alive at the estimated peak: these add up to the peak (a part's own maximum may come at another time)
+        phase = f" ({m['peak_phase']})" if m.get("peak_phase") else ""
+        t.add_row(f"[dim]alive at the peak{escape(phase)}:[/dim]", "", "", "")
+        for key, size in shares:
+            t.add_row(f" {MEMORY_NAMES.get(key, key)}", str(size), format_bytes(size), pct(size, peak))
+    else:
+        for key in ("weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries"):
+            if m.get(key) is not None:
+                t.add_row(key.replace("_", " "), str(m[key]), format_bytes(m[key]), "")
     if peak is None:
-        t.add_row("[bold]training peak (estimated)[/bold]", "-", "not estimated", "")
+        t.add_row("[bold]training tensor peak (estimated)[/bold]", "-", "not estimated", "")
         if not doc.get("training_unavailable"):  # otherwise the reason stands under the header already
             t.caption = escape(m.get("not_estimated") or "")
     else:
-        t.add_row("[bold]training peak (estimated)[/bold]", str(peak), format_bytes(peak), "")
+        t.add_row("[bold]training tensor peak (estimated)[/bold]", str(peak), format_bytes(peak), "100 %" if shares else "")
     if m.get("peak_measured") is not None:
         err = m.get("estimate_error")
-        t.add_row("[bold]training peak (measured)[/bold]", str(m["peak_measured"]), format_bytes(m["peak_measured"]),
+        t.add_row("[bold]training tensor peak (measured)[/bold]", str(m["peak_measured"]), format_bytes(m["peak_measured"]),
                   f"estimate {err:+.1%}" if err is not None else "")
-    t.add_row("inference peak (estimated)", str(m.get("inference_peak")), format_bytes(m.get("inference_peak")), "")
+    t.add_row("inference tensor peak (estimated)", str(m.get("inference_peak")), format_bytes(m.get("inference_peak")), "")
     if m.get("inference_peak_measured") is not None:
-        t.add_row("inference peak (measured)", str(m["inference_peak_measured"]), format_bytes(m["inference_peak_measured"]), "")
+        t.add_row("inference tensor peak (measured)", str(m["inference_peak_measured"]), format_bytes(m["inference_peak_measured"]), "")
     if m.get("recompute_flops"):
         t.add_row("recompute FLOPs (checkpointing)", str(m["recompute_flops"]), format_count(m["recompute_flops"]), "")
     return t
@@ -162,23 +171,29 @@ def latency_table(doc: dict) -> Table | None:
     lat = doc.get("latency")
     if not lat:
         return None
-    t = _table(f"latency (batch {lat.get('batch_size')}, {lat.get('threads')} threads, median of {lat.get('repeats')} "
-               f"after {lat.get('warmup')} warm-up; noisy on a shared machine)")
+    th = lat.get("threads")
+    t = _table(f"latency (batch {lat.get('batch_size')}, {th} thread{'s' if th != 1 else ''}; each repeated until the 95 % "
+               f"interval of its median is within ±{100 * lat.get('target', 0.1):.0f} % or {lat.get('time_limit_s', '?')} s)")
     t.add_column("step")
-    for col in ("median", "p95", "samples/s"):
+    for col in ("median", "runs", "p95", "samples/s"):
         t.add_column(col, justify="right")
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f} ms"
 
-    def rate(v: float | None) -> str:
-        return "-" if v is None else f"{v:,.1f}"
+    def rate(v: float | None, stable: bool) -> str:
+        return "-" if v is None else f"{v:,.1f}" if stable else f"~{v:,.1f}"
 
-    t.add_row("forward (eval, no grad)", ms(lat.get("forward_ms_median")), ms(lat.get("forward_ms_p95")),
-              rate(lat.get("throughput_samples_per_s")))
+    fwd = timing(lat.get("forward_ms_median"), lat.get("forward_ms_ci"), lat.get("forward_stable"), None)
+    t.add_row("forward (eval, no grad)", timing_text(fwd), str(lat.get("forward_repeats") or lat.get("repeats")),
+              ms(lat.get("forward_ms_p95")), rate(lat.get("throughput_samples_per_s"), bool(fwd and fwd["stable"])))
     if lat.get("train_step_ms_median") is not None:
-        t.add_row(f"training step ({lat.get('optimizer')})", ms(lat.get("train_step_ms_median")),
-                  ms(lat.get("train_step_ms_p95")), rate(lat.get("train_throughput_samples_per_s")))
+        step = timing(lat.get("train_step_ms_median"), lat.get("train_step_ms_ci"), lat.get("train_step_stable"), None)
+        t.add_row(f"training step ({lat.get('optimizer')})", timing_text(step),
+                  str(lat.get("train_step_repeats") or lat.get("repeats")), ms(lat.get("train_step_ms_p95")),
+                  rate(lat.get("train_throughput_samples_per_s"), bool(step and step["stable"])))
+    if not (fwd and fwd["stable"]) or (lat.get("train_step_stable") is False):
+        t.caption = "unstable: the interval stayed wider than the target within the time limit; ~ marks figures built on it"
     return t
 
 
@@ -232,8 +247,8 @@ def fit_lines(doc: dict) -> list[str]:
     lines = []
     if sc:
         fit = sc["fit"]
-        for key, label in (("memory_estimated", "training memory (est.)"), ("memory_measured", "training memory (meas.)"),
-                           ("inference_memory_estimated", "inference memory (est.)")):
+        for key, label in (("memory_estimated", "training tensor peak (est.)"), ("memory_measured", "training tensor peak (meas.)"),
+                           ("inference_memory_estimated", "inference tensor peak (est.)")):
             f = fit.get(key)
             if f:
                 lines.append(f"{label} = {format_bytes(f['fixed'])} fixed + {format_bytes(f['per_sample'])} x batch"

@@ -28,5 +28,9 @@ def demo_summary_table(summary: dict) -> Table:
         v, unit = h["value"], h.get("unit")
         text = (f"{v:.1f}x" if unit == "ratio" else f"{100 * v:.2f} %" if unit == "pct" else format_bytes(v) if unit == "bytes"
                 else f"{v:+.2f} pt" if unit == "pt" else format_count(v))
+        band = h.get("interval")
+        if isinstance(band, list) and len(band) == 2 and all(isinstance(b, (int, float)) for b in band):
+            text += f" ({band[0]:.1f}-{band[1]:.1f})"      # a ratio of two stable timings, with its interval
         t.add_row(escape(h["label"]), text, h.get("source", ""))
+    t.caption = "timing ratios appear only when both timings were stable; the interval is from the two medians' 95 % intervals"
     return t
