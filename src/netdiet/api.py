@@ -32,6 +32,7 @@ from netdiet.fileio import load_state_dict
 from netdiet.incremental import runner as incremental_runner
 from netdiet.incremental.strategies import ContinualConfig
 from netdiet.reporting.html import write_report
+from netdiet.training import ensemble as training_ensemble
 from netdiet.training import run as training_run
 from netdiet.training import sweep as training_sweep
 from netdiet.training.loop import TrainConfig
@@ -197,6 +198,19 @@ def train(spec: str, *, model_kw: dict[str, Any] | None = None, data: str = "mni
     cfg = config or TrainConfig(**config_fields)
     return training_run.train(spec, model_kw=model_kw, data=data, data_dir=data_dir, out=out, config=cfg, nproc=nproc,
                   memory_budget=memory_budget, val_fraction=val_fraction, log=log)
+
+
+def train_ensemble(spec: str, k: int, *, mode: str = "seeds", combine: str = "mean", model_kw: dict[str, Any] | None = None,
+                   data: str = "mnist5k", data_dir: str | None = None, out: str | None = None, config: Any = None,
+                   nproc: int = 1, memory_budget: str | int | None = None, val_fraction: float = 0.1,
+                   latency: bool = True, log: Any = None, **config_fields: Any):
+    """Train K members of `spec` (seeds or bagging) through the one loop, each resumable in `out/member-i/`; returns an
+    `EnsembleRun` (to_dict: netdiet.train-ensemble/1): accuracy alone and combined, K x cost, training, latency."""
+    cfg = config or TrainConfig(**config_fields)
+    return training_ensemble.train_ensemble(spec, k=k, mode=mode, combine=combine, model_kw=model_kw, data=data,
+                                            data_dir=data_dir, out=out, config=cfg, nproc=nproc,
+                                            memory_budget=memory_budget, val_fraction=val_fraction, latency=latency,
+                                            log=log)
 
 
 def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: dict[str, Any] | None = None,

@@ -357,6 +357,12 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP over gloo on CPU; default 1)")
     p.add_argument("--memory-budget", metavar="SIZE", help="fit training into SIZE (e.g. 512MiB): batch, then checkpointing, then bf16")
     p.add_argument("--projection-steps", type=int, default=5, help="steps measured for the run-time projection (0 = off)")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="train K members (each in --out/member-i, resumable) and report them alone, combined and their cost")
+    p.add_argument("--ensemble-mode", default="seeds", choices=["seeds", "bagging"],
+                   help="members differ by seed, or also by a bootstrap resample of the training split (default seeds)")
+    p.add_argument("--combine", default="mean", choices=["mean", "vote"],
+                   help="headline combination: mean of probabilities or majority vote (both are reported; default mean)")
     add_threads_option(p)
     add_seed_option(p)
     add_json_option(p)
@@ -372,6 +378,8 @@ def _run_train(args: argparse.Namespace) -> int:
                         prefetch=args.prefetch, pin_memory=args.pin_memory, patience=args.patience, monitor=args.monitor,
                         min_delta=args.min_delta, restore_best=not args.no_restore_best,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, projection_steps=args.projection_steps)
+    if args.ensemble is not None:
+        return _run_train_ensemble(args, cfg)
     run = api.train(args.model, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
                     config=cfg, nproc=args.nproc, memory_budget=args.memory_budget, val_fraction=args.val_fraction,
                     log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
@@ -382,6 +390,23 @@ def _run_train(args: argparse.Namespace) -> int:
     console.print(train_history_table(doc))
     for line in train_summary_lines(doc):
         console.print(line)
+    write_json(args, doc)
+    return 0
+
+
+def _run_train_ensemble(args: argparse.Namespace, cfg) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.reporting.ensemble_tables import ensemble_tables
+    run = api.train_ensemble(args.model, args.ensemble, mode=args.ensemble_mode, combine=args.combine,
+                             model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
+                             config=cfg, nproc=args.nproc, memory_budget=args.memory_budget,
+                             val_fraction=args.val_fraction, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    doc = run.to_dict()
+    for table in ensemble_tables(doc):
+        console.print(table)
+    if doc["files"]:
+        console.print(f"wrote {doc['files']['index']} and {len(doc['files']['members'])} member folders")
     write_json(args, doc)
     return 0
 

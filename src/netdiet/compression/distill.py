@@ -10,10 +10,19 @@ Students:
                            without one, a frozen copy of the model as it entered the stage.
   student: <zoo name>      a fresh model of that spec, with `student_kwargs` (e.g. mlp with widths [100, 30], lenet5
                            with conv_channels [10, 20] and fc 100); the archive then rebuilds that spec instead.
+
+Teachers:
+  teacher: baseline        (default) ctx.teacher as above.
+  teacher: ensemble:PATH   the K members of `netdiet train MODEL --ensemble K --out PATH`, combined as the mean of
+                           their probabilities; its "logits" are the log of that mean, so softmax(logits / T) is the
+                           mean sharpened or softened by T (the vote is not differentiable and is not used here).
+                           The stage report copies the ensemble's own figures (accuracy, bytes, MACs, latency) from
+                           PATH/ensemble.json, so one compress document holds one model -> K models -> one student.
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +33,11 @@ from netdiet.compression.base import CompressionState, StageContext, Technique, 
 from netdiet.compression.finetune import finetune
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
+from netdiet.training.ensemble import INDEX as ENSEMBLE_INDEX
+from netdiet.training.ensemble import load_ensemble
 from netdiet.training.loop import Callback
+
+ENSEMBLE_PREFIX = "ensemble:"
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,7 +65,8 @@ class _SoftTargets(Callback):
 @register_technique
 class Distill(Technique):
     name = "distill"
-    defaults: dict[str, Any] = {"student": "copy", "student_kwargs": {}, "temperature": 4.0, "alpha": 0.9}
+    defaults: dict[str, Any] = {"student": "copy", "student_kwargs": {}, "temperature": 4.0, "alpha": 0.9,
+                                "teacher": "baseline"}
 
     def validate(self) -> None:
         o = self.options
@@ -68,12 +82,27 @@ class Distill(Technique):
         a = o["alpha"]
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
             raise NetdietError(f"distill alpha {a!r} is outside [0, 1]; it is the weight of the soft-target loss, e.g. 0.9")
+        teacher = o["teacher"]
+        if not isinstance(teacher, str) or not (teacher == "baseline" or teacher.startswith(ENSEMBLE_PREFIX)):
+            raise NetdietError(f"distill teacher {teacher!r} is neither 'baseline' nor 'ensemble:PATH' "
+                               "(PATH: the --out folder of `netdiet train MODEL --ensemble K`)")
+        if teacher.startswith(ENSEMBLE_PREFIX):
+            folder = Path(teacher[len(ENSEMBLE_PREFIX):])
+            if not (folder / ENSEMBLE_INDEX).is_file():
+                raise NetdietError(f"distill teacher {teacher!r}: {folder} holds no {ENSEMBLE_INDEX}; give the --out "
+                                   "folder of `netdiet train MODEL --ensemble K`")
 
     def apply(self, model: nn.Module, state: CompressionState, ctx: StageContext) -> nn.Module:
         if ctx.finetune is None or ctx.finetune.epochs <= 0:
             raise NetdietError("distill trains the student, so the stage needs finetune epochs >= 1")
         o = self.options
-        teacher = ctx.teacher if ctx.teacher is not None else model
+        ensemble_info = None
+        if o["teacher"].startswith(ENSEMBLE_PREFIX):
+            teacher, ensemble_info = _ensemble_teacher(o["teacher"][len(ENSEMBLE_PREFIX):], state, ctx)
+            w = next(model.parameters(), None)
+            teacher = teacher.to(device=w.device) if w is not None else teacher
+        else:
+            teacher = ctx.teacher if ctx.teacher is not None else model
         teacher = copy.deepcopy(teacher)  # frozen snapshot: the student may be the very same module
         teacher.eval()
         for p in teacher.parameters():
@@ -105,5 +134,30 @@ class Distill(Technique):
             "student_params": int(sum(p.numel() for p in student.parameters())),
             "temperature": float(o["temperature"]), "alpha": float(o["alpha"]),
             "finetune": history.history if history else [],
+            "teacher": ensemble_info or {"kind": "baseline"},
         }
         return student
+
+
+def _ensemble_teacher(path: str, state: CompressionState, ctx: StageContext) -> tuple[nn.Module, dict]:
+    """The ensemble in `path` as a teacher (log of the mean probabilities), and what the report says of it."""
+    own_spec = (state.spec or {}).get("spec")
+    ensemble, doc = load_ensemble(path, allow_spec=own_spec)
+    ensemble.log_probs = True
+    data_name = getattr(ctx.data, "name", None)
+    trained_on = (doc.get("data") or {}).get("name")
+    if data_name is not None and trained_on != data_name:
+        raise NetdietError(f"the ensemble in {path} was trained on {trained_on!r}, not on {data_name!r}; distil it on "
+                           f"the data it learned (--data {trained_on})")
+    cost, lat = doc.get("cost") or {}, doc.get("latency") or {}
+    info = {"kind": "ensemble", "path": str(path), "k": doc.get("k"), "mode": doc.get("mode"),
+            "model": doc.get("model"), "accuracy": (doc.get("accuracy") or {}).get("mean"),
+            "accuracy_vote": (doc.get("accuracy") or {}).get("vote"),
+            "members_accuracy_mean": (doc.get("accuracy") or {}).get("members_mean"),
+            "cost": cost.get("ensemble"), "single_cost": cost.get("single"), "file_bytes": cost.get("file_bytes"),
+            "latency_batch": lat.get("batch"),
+            "latency_ms": {name: (lat.get(name) or {}).get("median_ms") for name in ("single", "loop", "vmap")},
+            "latency_stable": {name: (lat.get(name) or {}).get("stable") for name in ("single", "loop", "vmap")},
+            "training": {k: (doc.get("training") or {}).get(k) for k in ("seconds", "flops")},
+            "source": f"{path}/{ENSEMBLE_INDEX}"}
+    return ensemble, info

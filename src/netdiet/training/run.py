@@ -231,6 +231,12 @@ def execute(params: dict, dataset=None) -> dict:
 
     Returns the netdiet.train/1 document.
     """
+    return execute_member(params, dataset)[0]
+
+
+def execute_member(params: dict, dataset=None, callbacks: list | None = None) -> tuple[dict, torch.nn.Module]:
+    """`execute`, also returning the trained model; `callbacks` go to the loop. `params["bootstrap_seed"]` (an
+    ensemble's bagging member) trains on a bootstrap resample of the training split, drawn with that seed."""
     rank, world = dist_info()
     cfg = TrainConfig(**params["config"])
     data = dataset or get_dataset(params["data"], data_dir=params.get("data_dir"), seed=cfg.seed)
@@ -238,6 +244,8 @@ def execute(params: dict, dataset=None) -> dict:
     torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
     model = build_classifier(params["spec"], kwargs, data.input_shape, data.num_classes)
     tr, va = split_validation(data.y_train, params.get("val_fraction", 0.1))
+    if params.get("bootstrap_seed") is not None:     # n draws with replacement; the validation hold-out stays fixed
+        tr = tr[torch.randint(len(tr), (len(tr),), generator=torch.Generator().manual_seed(params["bootstrap_seed"]))]
     x_tr, y_tr = data.x_train[tr], data.y_train[tr]
     x_va, y_va = (data.x_train[va], data.y_train[va]) if len(va) else (None, None)
     flops, flops_method = params.get("train_flops_per_sample"), params.get("flops_method")
@@ -246,10 +254,12 @@ def execute(params: dict, dataset=None) -> dict:
         cfg.checkpoint_dir = str(out / "checkpoint")
     log = _logger() if rank == 0 else None
     fingerprint = {"model": ModelSpec(params["spec"], kwargs).to_dict(), "data": params["data"],
-                   "val_fraction": params.get("val_fraction", 0.1)}
+                   "val_fraction": params.get("val_fraction", 0.1),
+                   **({"bootstrap_seed": params["bootstrap_seed"]} if params.get("bootstrap_seed") is not None else {})}
     with steady_threads():   # the record below names the threads the fit really ran on
         try:
-            res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, fingerprint=fingerprint, train_flops_per_sample=flops, log=log)
+            res = fit(model, x_tr, y_tr, cfg, x_val=x_va, y_val=y_va, callbacks=callbacks, fingerprint=fingerprint,
+                      train_flops_per_sample=flops, log=log)
         except TrainingDiverged as exc:
             if out is not None and rank == 0:
                 _write_diverged(out, params, kwargs, data, len(tr), len(va), cfg, world, model, exc)
@@ -272,7 +282,7 @@ def execute(params: dict, dataset=None) -> dict:
         save_state_dict(out / "model.safetensors", model.state_dict(), metadata={"spec": params["spec"]})
         atomic_write_json(out / "model.json", {"schema": "netdiet.model/1", **ModelSpec(params["spec"], kwargs).to_dict()})
         atomic_write_json(out / "train.json", run.to_dict())
-    return run.to_dict()
+    return run.to_dict(), model
 
 
 def _write_diverged(out: Path, params: dict, kwargs: dict, data, n_train: int, n_val: int, cfg: TrainConfig, world: int,
@@ -331,14 +341,7 @@ def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_f
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     kwargs = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)
     model = build_classifier(spec, kwargs, dataset.input_shape, dataset.num_classes)
-    budget = None
-    if memory_budget is not None:
-        decision = choose_for_budget(model, dataset.input_shape, memory_budget, optimizer=cfg.optimizer,
-                                     batch_size=cfg.batch_size, x_sample=dataset.x_train, y_sample=dataset.y_train)
-        cfg.batch_size, cfg.checkpointing, cfg.precision = decision.batch_size, decision.checkpointing, decision.precision
-        budget = decision.to_dict()
-        if log:
-            log(decision.explanation)
+    budget = apply_memory_budget(model, dataset, memory_budget, cfg, log)
     flops, flops_method = train_flops_per_sample(model, dataset.x_train[:min(8, len(dataset.x_train))], cfg.optimizer)
     recompute = None
     if cfg.checkpointing:
@@ -359,6 +362,20 @@ def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_f
     else:
         doc = execute(params, dataset)
     return _from_doc(doc)
+
+
+def apply_memory_budget(model: torch.nn.Module, dataset, memory_budget: str | int | None, cfg: TrainConfig,
+                        log: Callable[[str], None] | None = None) -> dict | None:
+    """--memory-budget: set cfg's batch, checkpointing and precision to the largest choice whose predicted peak fits
+    (budget.choose_for_budget); returns the decision's record (None without a budget)."""
+    if memory_budget is None:
+        return None
+    decision = choose_for_budget(model, dataset.input_shape, memory_budget, optimizer=cfg.optimizer,
+                                 batch_size=cfg.batch_size, x_sample=dataset.x_train, y_sample=dataset.y_train)
+    cfg.batch_size, cfg.checkpointing, cfg.precision = decision.batch_size, decision.checkpointing, decision.precision
+    if log:
+        log(decision.explanation)
+    return decision.to_dict()
 
 
 def _from_doc(doc: dict) -> TrainRun:
