@@ -129,3 +129,27 @@ def test_a_budget_below_every_configuration_is_one_line_naming_the_smallest(digi
 def test_auto_needs_a_budget(digits):
     with pytest.raises(NetdietError, match="give one, e.g. --budget"):
         create_strategy("auto", make_scenario("split", digits, "class"), _cfg())
+
+
+def test_view_is_what_the_buffer_gives_back_after_storing_and_stores_nothing():
+    from netdiet.incremental.buffer import ExemplarBuffer
+    x = torch.tensor([[[[0.0, 0.3], [0.7, 1.0]]]])                   # 1 x 1 x 2 x 2, range [0, 1]
+    buf = ExemplarBuffer((1, 2, 2), 10, bits=1)
+    assert buf.view(x).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]     # 1 bit: below / above the middle of [0, 1]
+    assert len(buf) == 0
+    two = ExemplarBuffer((1, 2, 2), 10, bits=2)                       # levels 0, 1/3, 2/3, 1
+    assert torch.allclose(two.view(x).flatten(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    two.add(x, torch.tensor([3]))
+    assert torch.equal(two.view(x), two.decode()[0])
+
+
+def test_same_view_answers_test_images_through_the_exemplar_format(digits):
+    sc = make_scenario("split", digits, "class")
+    model = build_model_fn("mlp", {"widths": [16]}, sc)[0]()
+    strategy = create_strategy("rehearsal", sc, _cfg(exemplar_bits=1, exemplars=20, same_view=True))
+    strategy.learn(model, 0)
+    strategy.after_task(model, 0)
+    x = sc.tasks[0].x_test[:8]
+    with torch.no_grad():
+        assert torch.equal(strategy.eval_model(model, 0)(x), model(strategy.buffer.view(x)))
+        assert not torch.equal(model(strategy.buffer.view(x)), model(x))

@@ -7,7 +7,8 @@ Before training on the first task, from that task's data only, it measures:
      its exact kept bytes and its held-out accuracy drop;
   3. each exemplar format (bits 8/4/2/1 x down-sampling 1/2): its exact bytes per exemplar and the held-out
      accuracy drop of a copy trained the same way on the 80 % as that format stores them (encoded, decoded),
-     tested on the real held-out images: what replaying such exemplars costs.
+     tested on the held-out images in the same format (auto trains and answers every image in its exemplar
+     format: `same_view`).
 The prediction is the bytes of a full buffer (the most the split can keep); a stream with fewer samples than the
 buffer holds keeps less. Rule: among pairs whose two drops are each within `TOLERANCE`, pick the largest coverage = min(1, exemplars that
 fit / exemplars needed to keep every old-class sample), where the need is (outputs - outputs of the last task) x
@@ -95,11 +96,10 @@ def plan(strategy: "AutoSplit", model: nn.Module) -> dict:
     for bits, ds in EXEMPLAR_FORMATS:
         buf = ExemplarBuffer(sc.sample_shape, sc.num_outputs, bits, ds)
         buf.value_range = torch.tensor([float(t.x_train.min()), float(t.x_train.max())])
-        buf.add(t.x_train[train], t.y_train[train])
-        twin = calibrated(buf.decode()[0])
+        twin = calibrated(buf.view(t.x_train[train]))
         formats.append({"bits": bits, "downsample": ds, "fixed": strategy.fixed_for(buf, dim),
                         "per_exemplar": buf.bytes_per_exemplar() + strategy._extra_per_exemplar(),
-                        "drop": ref - _accuracy(twin, xh, yh, t.outputs)})
+                        "drop": ref - _accuracy(twin, buf.view(xh), yh, t.outputs)})
     per_class = len(t.y_train) / max(1, len(t.outputs))
     last = len(sc.tasks[-1].outputs) if sc.setting != "domain" else 0
     needed = max(1, math.ceil((sc.num_outputs - last) * per_class) if sc.setting != "domain"
@@ -136,6 +136,8 @@ class AutoSplit(NME):
     def __init__(self, scenario, cfg) -> None:
         if cfg.budget is None:
             raise NetdietError("strategy 'auto' splits a byte budget; give one, e.g. --budget 256KiB")
+        cfg = copy.copy(cfg)
+        cfg.same_view = True
         super().__init__(scenario, cfg)
         self.decision: dict | None = None
 

@@ -89,19 +89,29 @@ class ExemplarBuffer:
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exemplars as the model sees them (float32, full input size) and their labels (int64)."""
-        n = len(self)
-        if n == 0:
+        if len(self) == 0:
             return torch.zeros((0,) + self.sample_shape), torch.zeros(0, dtype=torch.long)
+        return self._decode(self.codes), self.labels.long()
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        n = len(codes)
         if self.bits >= 16:
-            flat = self.codes.float()
+            flat = codes.float()
         else:
             lo, hi = self.value_range.tolist()
-            q = unpack_bits(self.codes, self.bits, self.values_per_exemplar).float()
+            q = unpack_bits(codes, self.bits, self.values_per_exemplar).float()
             flat = q / ((1 << self.bits) - 1) * (hi - lo) + lo
         x = flat.reshape((n,) + self.stored_shape)
         if self.downsample > 1:
             x = F.interpolate(x, size=self.sample_shape[1:], mode="bilinear", align_corners=False)
-        return x, self.labels.long()
+        return x
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as this buffer would give it back after storing it (encoded, decoded); nothing is stored. Before
+        anything is stored, integer codes take their range from `x`, as the first `add` would."""
+        if len(x) == 0:
+            return x
+        return self._decode(self._encode(x)).to(x.dtype)
 
     # ------------------------------------------------------------------ contents
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -18,6 +18,10 @@ it (int8 codes + one float16 scale per exemplar, over the outputs seen when it w
 the old model's outputs on the new data once, before training, and keeps them as int8 codes instead of a teacher
 copy of the whole model.
 
+With `same_view` (strategy auto always) the new task's images are trained, and every test image is answered, as
+the exemplar format keeps them (encoded, decoded; an input transform that keeps no bytes), so the model cannot learn
+"crisp image = new class" from crisp new data beside coarse exemplars.
+
 Samples carry their index through the trainer: targets are encoded label + C * index (C = outputs), so the loss
 finds each sample's stored logits; fit's running train accuracy is then meaningless and is not used.
 """
@@ -59,7 +63,7 @@ class Rehearsal(Replay):
     def learn(self, model: nn.Module, task: int) -> Work:
         work = Work()
         t = self.scenario.tasks[task]
-        x, y = t.x_train, t.y_train
+        x, y = (self.buffer.view(t.x_train) if self.cfg.same_view else t.x_train), t.y_train
         if len(self.buffer):
             xb, yb = self.buffer.decode()
             x, y = torch.cat([x, xb]), torch.cat([y, yb])
@@ -88,6 +92,13 @@ class Rehearsal(Replay):
         work.steps += result.steps
         work.train_samples += len(x) * len(result.history)
 
+    def answer(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def eval_model(self, model: nn.Module, task: int) -> nn.Module:
+        m = self.answer(model)
+        return _Viewed(m, self.buffer.view) if self.cfg.same_view else m
+
     def after_task(self, model: nn.Module, task: int) -> Work:
         if self.align and self.scenario.setting == "class" and task > 0:
             weight_align(model, self.scenario.seen_outputs(task - 1), torch.tensor(self.scenario.tasks[task].outputs))
@@ -110,6 +121,17 @@ def weight_align(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> floa
     gamma = (norms[old_idx].mean() / norms[new].mean().clamp(min=1e-12)).item()
     head.weight[new] *= gamma
     return gamma
+
+
+class _Viewed(nn.Module):
+    """The model behind an input transform (same_view: test images pass through the exemplar format)."""
+
+    def __init__(self, model: nn.Module, view) -> None:
+        super().__init__()
+        self.model, self.view = model, view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.view(x))
 
 
 class _NMEClassifier(nn.Module):
@@ -174,7 +196,7 @@ class NME(Rehearsal):
         work.forward_samples += len(x)
         return work
 
-    def eval_model(self, model: nn.Module, task: int) -> nn.Module:
+    def answer(self, model: nn.Module) -> nn.Module:
         return model if self.means is None else _NMEClassifier(model, self.means, self.present)
 
     def kept(self, model: nn.Module) -> KeptState:
@@ -232,7 +254,7 @@ class DERpp(Rehearsal):
     def _add(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> None:
         super()._add(x, y, g)
         if len(x):
-            q, s = quantize_rows(predict(self._model, x))
+            q, s = quantize_rows(predict(self._model, self.buffer.view(x) if self.cfg.same_view else x))
             self.logit_codes, self.logit_scales = torch.cat([self.logit_codes, q]), torch.cat([self.logit_scales, s])
 
     def kept(self, model: nn.Module) -> KeptState:

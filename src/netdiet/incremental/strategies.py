@@ -45,6 +45,7 @@ class ContinualConfig:
     budget: int | None = None                # hard cap in bytes on what the strategy keeps
     exemplar_bits: int = 32                  # 32 | 16 | 8 | 4 | 2 | 1
     exemplar_downsample: int = 1
+    same_view: bool = False                  # rehearsal: train and test every image as the exemplar format keeps it
     exemplars: int | None = None             # at most this many exemplars (None: as many as the budget allows, else 200)
     exemplar_schedule: dict = field(default_factory=dict)  # task index -> {"bits", "exemplars", "downsample"} from then on
     ewc_lambda: float = 5000.0
@@ -157,8 +158,7 @@ class Strategy:
     def kept(self, model: nn.Module) -> KeptState:
         return {"weights": self.weights_item(model)}
 
-    def eval_model(self, model: nn.Module, task: int) -> nn.Module:
-        """The model that answers for `task` (PackNet hides later tasks' weights)."""
+    def eval_model(self, model: nn.Module, task: int) -> nn.Module:   # the model that answers for `task`
         return model
 
 
