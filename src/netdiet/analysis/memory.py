@@ -397,10 +397,14 @@ def _cuda_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, 
 
 def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False):
-    ok = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0 and not enable_gqa
+    # grouped-query attention (fewer key/value heads, enable_gqa) runs in the same CPU kernel
+    gqa = bool(enable_gqa) and query.dim() == 4 and key.dim() == 4 and key.shape[1] > 0 \
+        and query.shape[1] % key.shape[1] == 0
+    ok = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0
           and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
           and query.dtype == key.dtype == value.dtype and query.shape[-1] == key.shape[-1] == value.shape[-1]
-          and query.shape[:2] == key.shape[:2] == value.shape[:2])
+          and query.shape[0] == key.shape[0] == value.shape[0] and key.shape[1] == value.shape[1]
+          and (query.shape[1] == key.shape[1] or gqa))
     if not ok:
         return None
     kw = {"attn_mask": attn_mask} if attn_mask is not None else {}

@@ -192,6 +192,7 @@ class PreparedInputs:
     args: list[Any]
     kwargs: dict[str, Any]
     names: list[str | None]
+    note: str | None = None   # what the default inputs left out and why (an hf: mask on the meta device)
 
     @property
     def flat(self) -> tuple[torch.Tensor, ...]:
@@ -228,8 +229,9 @@ def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_siz
         raise NetdietError("--seq-len sets the length of an hf: model's default inputs; "
                            + ("with --input, give the length in its shape" if inputs is not None
                               else "give this model an --input shape instead"))
+    note = None
     if inputs is None:
-        inputs, dtype, high = default_call(spec, model, model_kw, seq_len)
+        inputs, dtype, high, note = default_call(spec, model, model_kw, seq_len)
     if high is None:
         high = integer_range(model)
     args, kwargs = collect_inputs(inputs)
@@ -241,7 +243,7 @@ def prepare_call(inputs: Any, spec: str | None, model_kw: dict | None, batch_siz
     if batch_size is not None:
         leaves, tree = tree_flatten((args, kwargs))
         args, kwargs = tree_unflatten(list(with_batch(leaves, int(batch_size))), tree)
-    return PreparedInputs(list(args), dict(kwargs), input_names(args, kwargs))
+    return PreparedInputs(list(args), dict(kwargs), input_names(args, kwargs), note)
 
 
 def check_inputs_fit(args: list[Any], kwargs: dict[str, Any], dtype: torch.dtype, batch_size: int | None,
@@ -671,6 +673,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
     spec = model_info["spec"]
     call = prepare_call(inputs, spec, model_kw, batch_size, device, seed, model=net, seq_len=seq_len)
+    if call.note:
+        model_info["inputs_note"] = call.note
     stack = contextlib.ExitStack()
     x = stack.enter_context(structured_forward(net, call.args, call.kwargs))
     batch = int(x[0].shape[0]) if x and x[0].dim() else 1

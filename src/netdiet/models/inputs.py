@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from netdiet.errors import NetdietError
-from netdiet.models.hub import HF_PREFIX, hf_default_inputs, is_hub_spec
+from netdiet.models.hub import HF_PREFIX, MASK_ON_META_NOTE, hf_default_inputs, is_hub_spec
 from netdiet.models.registry import default_inputs
 from netdiet.units import parse_shape
 
@@ -128,18 +128,22 @@ def make_input(spec: InputSpec, dtype: torch.dtype, high: int | None, device: to
 
 
 def default_call(spec: str | None, model: nn.Module | None, model_kw: dict | None,
-                 seq_len: int | None) -> tuple[Any, torch.dtype, int | None]:
-    """(inputs, default dtype, default integer range) a spec is profiled with when no input is given: the zoo
-    entry's input, or for an hf: model its named inputs (hub.hf_default_inputs) of batch 1 x `seq_len`."""
+                 seq_len: int | None) -> tuple[Any, torch.dtype, int | None, str | None]:
+    """(inputs, default dtype, default integer range, note) a spec is profiled with when no input is given: the
+    zoo entry's input, or for an hf: model its named inputs (hub.hf_default_inputs) of batch 1 x `seq_len`; the
+    note says what was left out and why (None: nothing)."""
     if spec is not None and spec.startswith(HF_PREFIX) and model is not None:
-        named = hf_default_inputs(model, seq_len)
+        on_meta = any(t.device.type == "meta" for t in model.parameters())
+        named = hf_default_inputs(model, seq_len, mask=not on_meta)
+        full = hf_default_inputs(model, seq_len) if on_meta else named
+        note = MASK_ON_META_NOTE if len(full) > len(named) else None
         return ({name: InputSpec(shape, dtype, None, high, low) for name, (shape, dtype, low, high) in named.items()},
-                torch.float32, None)
+                torch.float32, None, note)
     if spec is not None and is_hub_spec(spec):  # timm: an image classifier, its pretrained_cfg says the size
         size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
-        return [(1, *size)], torch.float32, None
+        return [(1, *size)], torch.float32, None, None
     shape, dtype, high = default_inputs(spec, model_kw)  # type: ignore[arg-type]
-    return [tuple(shape)], dtype, high
+    return [tuple(shape)], dtype, high, None
 
 
 def masks_of_ones(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
