@@ -327,3 +327,24 @@ def test_timm_resnet18_is_built_with_random_weights_and_counted():
     # 57,802,752 + 3 x 115,605,504 + downsample 6,422,528 = 411,041,792; fc 512 x 1000 = 512,000
     assert r.totals["params"] == 11_689_512 and r.inputs == [{"shape": [1, 3, 224, 224], "dtype": "float32"}]
     assert r.totals["macs"] == 118_013_952 + 462_422_016 + 3 * 411_041_792 + 512_000 == 1_814_073_344
+
+
+@pytest.mark.slow
+def test_gpt2_small_and_a_311m_llama_config_on_meta_equal_their_hand_counts(tmp_path, monkeypatch):
+    """Real sizes, counted on the meta device (nothing allocated), default inputs of 1 x 128 tokens."""
+    monkeypatch.setattr("netdiet.analysis.profile.META_THRESHOLD_BYTES", 0)
+    transformers.GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
+    transformers.LlamaConfig(num_hidden_layers=4, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                             num_key_value_heads=4, vocab_size=32000,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    gpt2 = netdiet.profile(f"hf:{tmp_path / 'gpt2'}", progress=False)
+    # 12 layers x 128 tokens x 12 x 768^2 + 12 x 12 heads x 8,256 causal pairs x 2 x 64 + LM head 128 x 768 x 50,257
+    assert gpt2.totals["params"] == 124_439_808
+    assert gpt2.totals["macs"] == 12 * 128 * 12 * 768 * 768 + 12 * 12 * 8256 * 128 + 128 * 768 * 50257 \
+        == 15_964_274_688
+    llama = netdiet.profile(f"hf:{tmp_path / 'llama'}", progress=False)
+    # per token per layer: q, o 2048^2; k, v 2048 x 512 (4 key/value heads of 128); gate, up, down 2048 x 5632
+    # attention: 16 query heads x 8,256 causal pairs x 2 x 128; LM head 128 x 2048 x 32,000
+    per_token = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632
+    assert llama.totals["macs"] == 4 * 128 * per_token + 4 * 16 * 8256 * 256 + 128 * 2048 * 32000 == 31_609_323_520
+    assert llama.memory["simulation"] == "meta" and llama.memory["peak_estimated"] > 4 * 4 * llama.totals["params"]
