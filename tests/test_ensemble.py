@@ -113,7 +113,7 @@ def test_cli_ensemble_writes_members_and_member_one_is_the_plain_train_run(tmp_p
     out = tmp_path / "ens"
     assert main(BASE + ["--ensemble", "2", "--out", str(out), "--json", str(tmp_path / "e.json")]) == 0
     text = capsys.readouterr().out
-    assert "combined: mean" in text and "stack_module_state + vmap" in text
+    assert "mean *" in text and "stack_module_state + vmap" in text
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["schema"] == "netdiet.train-ensemble/1" and doc["k"] == 2
     assert doc == json.loads((out / "ensemble.json").read_text())

@@ -54,18 +54,17 @@ def ensemble_tables(doc: dict) -> list[Table]:
     t = Table(box=box.SIMPLE_HEAD, title=f"netdiet train {spec} --ensemble {k} ({doc['mode']}) on "
                                           f"{escape(str(_get(doc, 'data', 'name')))}",
               caption=f"mean = mean of the members' probabilities; vote = majority vote ({doc['tie_rule']}); "
-                      f"disagreement = share of test samples two members label differently (mean over pairs)")
+                      f"* = --combine; disagreement = share of test samples two members label differently (mean over pairs)")
     for col in ("member", "seed", "test acc", "epochs", "train s"):
         t.add_column(col, justify="right" if col != "member" else "left")
     for m in doc["members"]:
         t.add_row(str(m["index"]), str(m["seed"]), _pct(m["test_acc"]), str(m["epochs"]), f"{m['seconds']:.1f}")
     t.add_section()
-    t.add_row("members' mean ± std", "", f"{_pct(acc['members_mean'])} ± {100 * acc['members_std']:.2f}", "", "")
+    t.add_row("members", "mean ± sd", f"{_pct(acc['members_mean'])} ± {100 * acc['members_std']:.2f}", "", "")
     for name in ("mean", "vote"):
-        mark = " *" if name == doc["combine"] else ""
-        t.add_row(f"combined: {name}{mark}", "", _pct(acc[name]), "", "")
-    t.add_row("gain of the mean over the members' mean", "", f"{100 * acc['gain_over_members_mean']:+.2f} pt", "", "")
-    t.add_row("disagreement", "", _pct(acc["disagreement"]), "", "")
+        t.add_row("combined", name + (" *" if name == doc["combine"] else ""), _pct(acc[name]), "", "")
+    t.add_row("gain", "mean - members", f"{100 * acc['gain_over_members_mean']:+.2f} pt", "", "")
+    t.add_row("disagreement", "pairs", _pct(acc["disagreement"]), "", "")
 
     cost, train = doc["cost"], doc["training"]
     c = Table(box=box.SIMPLE_HEAD, title=f"what the {k} members cost (netdiet's counter and parameter totals)",
@@ -94,11 +93,11 @@ def ensemble_tables(doc: dict) -> list[Table]:
     if lat:
         t_lat = Table(box=box.SIMPLE_HEAD, title=f"latency of one forward, batch {lat['batch']}",
                       caption="median (p95, ±: half-width of the 95% interval of the median / median); "
-                              "unstable: that interval is wider than the engine's target")
+                              "unstable: that interval is wider than the engine's target, and no ratio is drawn from it")
         t_lat.add_column("how", justify="left")
         t_lat.add_column("latency", justify="right")
         t_lat.add_column("vs one member", justify="right")
-        base = (lat.get("single") or {}).get("median_ms")
+        base = lat.get("single") or {}
         for name, label in (("single", "one member"), ("loop", f"{k} members, a loop"),
                             ("vmap", f"{k} members, stack_module_state + vmap")):
             stats = lat.get(name)
@@ -106,7 +105,8 @@ def ensemble_tables(doc: dict) -> list[Table]:
                 if name == "vmap":
                     t_lat.add_row(label, f"not measured: {escape(str(lat.get('vmap_unavailable')))}", "")
                 continue
-            t_lat.add_row(label, _latency_text(stats), _x(stats["median_ms"] / base) if base else "-")
+            both = base.get("stable") and stats.get("stable")        # a ratio only of two stable timings
+            t_lat.add_row(label, _latency_text(stats), _x(stats["median_ms"] / base["median_ms"]) if both else "-")
         tables.append(t_lat)
     return tables
 

@@ -16,9 +16,10 @@ Cost, from the analysis engine (never written by hand): `netdiet.analysis.profil
 K-member module (`Ensemble`, whose forward is the mean of probabilities) gives params, bytes, MACs and FLOPs per
 sample; the members' share of the FLOPs is the sum of their module rows, the combination's is the rest. Training
 FLOPs are the counted FLOPs of one training sample (the counter) times the samples each member saw; training time
-is the members' measured epoch seconds. Latency (`netdiet.analysis.latency.time_callable`, median/p95/spread) is
-measured for one member, for the loop over the members, and for the members batched with
-`torch.func.stack_module_state` + `vmap` when they share an architecture.
+is the members' measured epoch seconds. Latency (`netdiet.analysis.latency.time_interleaved`: interleaved rounds,
+median, p95, the 95 % interval of the median and the engine's stable-or-not verdict) is measured for one member,
+for the loop over the members, and for the members batched with `torch.func.stack_module_state` + `vmap` when they
+share an architecture (its output checked against the loop's first); their ratio is kept only when both are stable.
 
 Output folder:
     ensemble.json   the netdiet.train-ensemble/1 document (also what `--json` writes)
@@ -36,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from netdiet.analysis import latency as latency_engine
 from netdiet.analysis.counter import count_ops
+from netdiet.analysis.latency import time_interleaved
 from netdiet.analysis.profile import parameter_totals
 from netdiet.analysis.ram import available_ram, measure_copy_bytes
 from netdiet.checks import SEED_MAX, check_integer, check_seed
@@ -162,15 +163,6 @@ def same_architecture(members: list[nn.Module]) -> str | None:
     return None
 
 
-def _time(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
-    """The latency engine's timings of `fns`, interleaved (A B C A B C ...) where the engine offers it, each with
-    its spread and its own stable-or-not verdict."""
-    interleaved = getattr(latency_engine, "time_interleaved", None)
-    if interleaved is not None:
-        return interleaved(fns, warmup=warmup, repeats=repeats)
-    return {name: latency_engine.time_callable(fn, warmup=warmup, repeats=repeats) for name, fn in fns.items()}
-
-
 def ensemble_latency(members: list[nn.Module], x: torch.Tensor, *, warmup: int = 5, repeats: int = 30) -> dict:
     """Forward latency of one member, of the loop over the members (softmax, mean) and, when they share an
     architecture, of the members batched by torch.func.stack_module_state + vmap; eval mode, no grad."""
@@ -205,7 +197,7 @@ def ensemble_latency(members: list[nn.Module], x: torch.Tensor, *, warmup: int =
                     out["vmap_unavailable"] = f"vmap failed on this model ({type(exc).__name__}: {str(exc)[:120]})"
             else:
                 out["vmap_unavailable"] = reason
-            out.update(_time(fns, warmup, repeats))
+            out.update(time_interleaved(fns, warmup=warmup, repeats=repeats))   # A B C A B C: load hits all alike
     finally:
         for m, was in zip(members, modes):
             m.train(was)
