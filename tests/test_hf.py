@@ -277,6 +277,8 @@ def test_a_config_transformers_rejects(capsys, folders, tmp_path):
     _bad(capsys, ["profile", f"hf:{bad}"], "transformers rejected the config", "divisible")
     (bad / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     _bad(capsys, ["profile", f"hf:{bad}"], "transformers cannot read the config")
+    (bad / "config.json").write_text("{" + " " * (16 << 20) + "}")   # 16 MiB of nothing is no config
+    _bad(capsys, ["profile", f"hf:{bad}"], "not a model config")
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "n_embd=abc"], "n_embd is an int")
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "n_emb=64"], "did you mean 'n_embd'")
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "task=masked-lm"], "no masked-lm head")

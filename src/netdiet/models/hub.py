@@ -25,6 +25,7 @@ from torch import nn
 from netdiet.errors import NetdietError
 
 HF_PREFIX, TIMM_PREFIX = "hf:", "timm:"
+MAX_CONFIG_BYTES = 16 << 20
 # --model-kw task=... -> the transformers auto class that builds that head
 HF_TASKS = {
     "causal-lm": "AutoModelForCausalLM",
@@ -130,6 +131,9 @@ def load_hf_config(name: str, overrides: dict[str, Any]) -> Any:
     spec = HF_PREFIX + name
     transformers = import_extra("transformers", "hf", spec)
     file = hf_config_file(name)
+    if file.stat().st_size > MAX_CONFIG_BYTES:   # a config is kilobytes; never read a huge file into memory
+        raise NetdietError(f"{file} is {file.stat().st_size} bytes, not a model config (at most {MAX_CONFIG_BYTES}); "
+                           f"give the config.json transformers wrote")
     try:
         if file.name == "config.json":
             config = transformers.AutoConfig.from_pretrained(str(file.parent), local_files_only=True,
