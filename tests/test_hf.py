@@ -283,6 +283,8 @@ def test_a_config_transformers_rejects(capsys, folders, tmp_path):
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "n_emb=64"], "did you mean 'n_embd'")
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "task=masked-lm"], "no masked-lm head")
     _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--seq-len", "512"], "exceeds the model's 128 positions")
+    # a layer count that would hang the build (each layer is a module, on meta too) is refused before it
+    _bad(capsys, ["profile", f"hf:{folders['gpt2']}", "--model-kw", "n_layer=1000000000"], "more layers than")
 
 
 def test_a_dtype_that_does_not_exist(capsys, folders):

@@ -26,6 +26,7 @@ from netdiet.errors import NetdietError
 
 HF_PREFIX, TIMM_PREFIX = "hf:", "timm:"
 MAX_CONFIG_BYTES = 16 << 20
+MAX_LAYERS = 4096   # the deepest published transformers have a few hundred layers
 # --model-kw task=... -> the transformers auto class that builds that head
 HF_TASKS = {
     "causal-lm": "AutoModelForCausalLM",
@@ -160,6 +161,16 @@ def load_hf_config(name: str, overrides: dict[str, Any]) -> Any:
     return config
 
 
+def _check_depth(config: Any, spec: str) -> None:
+    """Refuse a layer count no real model has: every layer is built as a module (on the meta device too), so
+    num_hidden_layers=10**9 would hang the build instead of failing."""
+    for key, value in config.to_dict().items():
+        if ("layer" in key and isinstance(value, int) and not isinstance(value, bool) and value > MAX_LAYERS
+                and key.startswith(("num_", "n_", "encoder_", "decoder_"))):
+            raise NetdietError(f"{spec}: {key}={value} is more layers than any real model has (at most {MAX_LAYERS} "
+                               f"here: each is built as a module); give a real config or --model-kw {key}=N")
+
+
 def _hf_class(transformers: Any, config: Any, task: str | None, spec: str) -> Any:
     """The class that builds the model: the task's auto class, else the config's first architecture."""
     if task is not None:
@@ -183,6 +194,7 @@ def build_hf(name: str, **kwargs: Any) -> nn.Module:
     spec = HF_PREFIX + name
     task = kwargs.pop("task", None)
     config = load_hf_config(name, kwargs)
+    _check_depth(config, spec)
     transformers = import_extra("transformers", "hf", spec)
     cls = _hf_class(transformers, config, task, spec)
     try:
