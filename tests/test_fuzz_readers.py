@@ -1,4 +1,7 @@
-"""Fuzz the two readers of untrusted files -- the .ndz archive and the YAML recipe -- under a memory and time cap.
+"""Fuzz every reader of untrusted files -- the .ndz archive, the YAML recipe, the checkpoints --resume reads
+(a training run's checkpoint.json + safetensors, a compress run's stage checkpoint) and the result documents
+`netdiet report` reads (every kind: profile, train, sweep, compress, evaluate, continual, data, models, demo,
+listings, the report's receipt) -- under a memory and time cap.
 
 Every case must end in success or a NetdietError: never another exception, never past its time cap, never out
 of memory. The cases run in a child process whose address space is capped with RLIMIT_AS (the cap is a budget
@@ -9,8 +12,15 @@ reports its peak RSS (VmHWM), which the parent checks against the cap.
 Archive cases are structure-aware: a real archive's header is edited (hostile model kwargs, structure edits with
 huge shapes, stream offsets/lengths/claims, counts, field types) and resealed with valid checksums, so each case
 reaches the decoder; others mutate the header's JSON text or the payload bytes and reseal. Random byte damage
-without resealing is covered by tests/test_archive.py (it stops at the checksum). The default run keeps to ~30 s;
-the `slow` profile runs ten times the cases.
+without resealing is covered by tests/test_archive.py (it stops at the checksum). Checkpoint cases start from a
+real run's folder: field edits and deletions in valid JSON, hostile sizes (10^5-record histories, 2^62 epochs,
+long optimizer indexes), valid safetensors files whose tensors have the wrong shape, dtype or values, tensor files
+whose own header claims 2^40 elements, and byte damage; each case is what --resume does with the folder (the
+training run continues, the stage checkpoint is loaded). Result cases start from real documents of every kind
+(tests/data/results, made by tests/data/make_result_fixtures.py): hostile field values, one kind's fields under
+another's schema, lists of 200,000 items and 300-wide matrices, schema strings, JSON text and byte damage; each
+case is `netdiet report` on the file (one case in 15 draws its plots with matplotlib, the rest stub the drawing).
+The default run keeps to ~1.5 min; the `slow` profile runs 3,000 cases of each.
 """
 from __future__ import annotations
 
@@ -274,12 +284,236 @@ def _hostile_recipe(draw, st) -> str:
     return text
 
 
+# ------------------------------------------------------------------ checkpoints (training, and compress stages)
+def _ck_data():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 8, generator=g), torch.randint(0, 3, (48,), generator=g)
+    return x[:32], y[:32], x[32:], y[32:]
+
+
+def _ck_model():
+    import torch
+
+    from netdiet.models import create_model
+    torch.manual_seed(0)
+    return create_model("mlp", widths=[6], in_features=8, num_classes=3, dropout=0.1)
+
+
+def _ck_config(folder, resume: bool):
+    from netdiet.training import TrainConfig
+    return TrainConfig(epochs=2, batch_size=16, lr=1e-2, progress=False, patience=2, checkpoint_dir=str(folder),
+                       resume=resume)
+
+
+_STAGE_FP = {"model": {"spec": "mlp", "kwargs": {"widths": [6], "in_features": 8, "num_classes": 3}}, "recipe": "fuzz"}
+
+
+def _base_checkpoints(tmp) -> dict[str, dict[str, bytes]]:
+    """Real checkpoint folders as {file name: bytes}: a training run's (Adam state, early stopping, RNG) and a
+    compress stage checkpoint (pruning masks, a cluster encoding, teacher, numpy RNG)."""
+    import torch
+
+    from netdiet.compression import stage_checkpoint
+    from netdiet.compression.base import CompressionState, StageContext, create_technique
+    from netdiet.models import create_model
+    from netdiet.training import fit
+    x, y, xv, yv = _ck_data()
+    train_dir = pathlib.Path(tmp) / "train"
+    cfg = _ck_config(train_dir, False)
+    cfg.epochs = 1
+    fit(_ck_model(), x, y, cfg, x_val=xv, y_val=yv)
+    stage_dir = pathlib.Path(tmp) / "stage"
+    torch.manual_seed(0)
+    model = create_model("mlp", **_STAGE_FP["model"]["kwargs"])
+    teacher = create_model("mlp", **_STAGE_FP["model"]["kwargs"])
+    state = CompressionState(spec=dict(_STAGE_FP["model"]))
+    create_technique("prune", sparsity=0.5).apply(model, state, StageContext())
+    create_technique("cluster", bits=2).apply(model, state, StageContext())
+    stage_checkpoint.save(stage_dir, done=2, fingerprint=_STAGE_FP, baseline={"accuracy": 0.5, "bytes_on_disk": 10},
+                          stages=[{"name": "prune"}, {"name": "cluster"}], model=model.eval(), teacher=teacher, state=state)
+    return {kind: {p.name: p.read_bytes() for p in d.iterdir()} for kind, d in (("train", train_dir), ("stage", stage_dir))}
+
+
+def _read_checkpoint(case) -> None:
+    """What --resume does with a checkpoint folder: the training one continues the run, the stage one is loaded."""
+    import tempfile
+
+    from netdiet.compression import stage_checkpoint
+    from netdiet.training import fit
+    kind, files = case
+    with tempfile.TemporaryDirectory(prefix="fuzz-ck-") as tmp:
+        for name, data in files.items():
+            (pathlib.Path(tmp) / name).write_bytes(data)
+        if kind == "train":
+            x, y, xv, yv = _ck_data()
+            fit(_ck_model(), x, y, _ck_config(tmp, True), x_val=xv, y_val=yv)
+        else:
+            stage_checkpoint.load(pathlib.Path(tmp), fingerprint=_STAGE_FP, stages_in_recipe=3, model_spec="mlp")
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def _hostile_checkpoint(draw, st, bases):
+    kind = draw(st.sampled_from(sorted(bases)))
+    files = dict(bases[kind])
+    index = json.loads(files["checkpoint.json"])
+    tensor_file = index["tensors"]
+    how = draw(st.sampled_from(["field", "drop", "tensor", "safetensors-header", "json-text", "bytes", "huge"]))
+    if how in ("field", "drop"):
+        paths = [p for p, _ in _paths(index) if p]
+        for _ in range(draw(st.integers(1, 3))):
+            path = draw(st.sampled_from(paths))
+            if how == "field":
+                _set(index, path, _hostile_value(draw, st))
+            else:
+                parent = index
+                for key in path[:-1]:
+                    parent = parent[key] if isinstance(parent, (dict, list)) and (
+                        isinstance(parent, dict) and key in parent or isinstance(parent, list) and isinstance(key, int)
+                        and key < len(parent)) else None
+                    if parent is None:
+                        break
+                if isinstance(parent, dict):
+                    parent.pop(path[-1], None)
+                elif isinstance(parent, list) and isinstance(path[-1], int) and path[-1] < len(parent):
+                    parent.pop(path[-1])
+        files["checkpoint.json"] = json.dumps(index).encode()
+    elif how == "tensor":   # a valid safetensors file whose tensors are not what the index and the model expect
+        import torch
+        from safetensors.torch import load, save
+        tensors = load(files[tensor_file])
+        name = draw(st.sampled_from(sorted(tensors)))
+        change = draw(st.sampled_from(["drop", "shape", "dtype", "nan", "extra", "empty"]))
+        if change == "drop":
+            tensors.pop(name)
+        elif change == "shape":
+            tensors[name] = torch.zeros(draw(st.sampled_from([(0,), (1,), (3, 5), (7, 1, 1), (4096,)])))
+        elif change == "dtype":
+            tensors[name] = tensors[name].to(draw(st.sampled_from([torch.float16, torch.int64, torch.uint8, torch.bool])))
+        elif change == "nan":
+            tensors[name] = torch.full_like(tensors[name].float(), float("nan")).to(tensors[name].dtype) \
+                if tensors[name].is_floating_point() else tensors[name]
+        elif change == "extra":
+            tensors[draw(st.sampled_from(["model.9.weight", "optim.7.exp_avg", "cb.state.mask.x", "rng.cuda.0"]))] = torch.ones(2)
+        else:
+            tensors = {}
+        files[tensor_file] = save(tensors)
+    elif how == "safetensors-header":   # hostile sizes in the tensor file's own header
+        entry = draw(st.sampled_from([
+            {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 4]},
+            {"dtype": "F32", "shape": [1], "data_offsets": [0, 2 ** 62]},
+            {"dtype": "F32", "shape": [2 ** 31, 2 ** 31], "data_offsets": [0, 0]},
+            {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 4]},
+            {"dtype": "U8", "shape": [-1], "data_offsets": [0, 4]}]))
+        header = {"model.0.weight": entry, "rng.torch": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}
+        raw = _safetensors_bytes(header, b"\x00" * 8)
+        if draw(st.booleans()):
+            raw = struct.pack("<Q", draw(st.sampled_from([2 ** 63, 2 ** 40, 10 ** 9, len(raw)]))) + raw[8:]
+        files[tensor_file] = raw
+    elif how == "json-text":
+        text = bytearray(files["checkpoint.json"])
+        for _ in range(draw(st.integers(1, 4))):
+            pos = draw(st.integers(0, len(text) - 1))
+            text[pos:pos + draw(st.integers(0, 3))] = draw(st.sampled_from(
+                [b"NaN", b"1e999", b"-1", b"[" * 200, b"{", b"}", b'"', b"9" * 5000, b",", b"\\u0000", b"\xff"]))
+        files["checkpoint.json"] = bytes(text)
+    elif how == "bytes":
+        target = draw(st.sampled_from(["checkpoint.json", tensor_file]))
+        data = bytearray(files[target])
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        files[target] = bytes(data)
+    else:                   # hostile sizes with valid JSON: a huge history, epoch/step counts, a long optimizer index
+        big = draw(st.sampled_from([10 ** 5, 2 ** 31, 2 ** 62]))
+        which = draw(st.sampled_from(["history", "epoch", "optimizer", "batch"]))
+        if which == "history":
+            index["history"] = [{"epoch": 1}] * min(big, 10 ** 5)
+            index["epoch"] = big
+        elif which == "epoch":
+            index["epoch"], index["step"] = big, big
+        elif which == "optimizer":
+            index["optimizer"]["state"] = {str(i): {"step": {"value": 1}} for i in range(min(big, 10 ** 5))}
+        else:
+            index.update(batch=big, partial={"loss_sum": 1.0, "correct": big, "count": big, "seconds": 1.0, "waited": 0.0})
+        files["checkpoint.json"] = json.dumps(index).encode()
+    return kind, files
+
+
+# ------------------------------------------------------------------ result documents (what `netdiet report` reads)
+RESULTS = HERE.parent / "data" / "results"
+
+
+def _render_result(case) -> None:
+    """netdiet report on one file: read it through netdiet.documents and render its page."""
+    import tempfile
+
+    from netdiet.reporting import html
+    data, real_plots = case
+    with tempfile.TemporaryDirectory(prefix="fuzz-result-") as tmp:
+        src = pathlib.Path(tmp) / "result.json"
+        src.write_bytes(data)
+        if real_plots:
+            html.write_report([str(src)], str(pathlib.Path(tmp) / "r.html"))
+            return
+        saved = {name: getattr(html.plots, name) for name in ("hbar", "stacked_bars", "pareto", "lines", "heatmap")}
+        try:     # matplotlib takes ~0.3 s a figure: most cases check the reader and the sections, not the drawing
+            for name in saved:
+                setattr(html.plots, name, lambda *a, **k: "data:,")
+            html.write_report([str(src)], str(pathlib.Path(tmp) / "r.html"))
+        finally:
+            for name, fn in saved.items():
+                setattr(html.plots, name, fn)
+
+
+def _hostile_result(draw, st, bases):
+    name = draw(st.sampled_from(sorted(bases)))
+    doc = json.loads(bases[name])
+    real_plots = draw(st.integers(0, 14)) == 0
+    how = draw(st.sampled_from(["field", "field", "swap-kind", "huge", "json-text", "bytes", "schema"]))
+    if how == "field":
+        paths = [p for p, _ in _paths(doc) if p and p[0] != "schema"]
+        for _ in range(draw(st.integers(1, 4))):
+            _set(doc, draw(st.sampled_from(paths)), _hostile_value(draw, st))
+    elif how == "swap-kind":   # one kind's fields under another kind's schema
+        other = json.loads(bases[draw(st.sampled_from(sorted(bases)))])
+        doc = dict(other, schema=doc["schema"])
+    elif how == "huge":        # hostile sizes in valid JSON: long lists, wide matrices, many keys, long strings
+        paths = [p for p, v in _paths(doc) if p and isinstance(v, (list, dict, str, int, float))]
+        path = draw(st.sampled_from(paths))
+        size = draw(st.sampled_from([1000, 20000, 200000]))
+        _set(doc, path, draw(st.sampled_from([
+            [0.5] * size, [[0.25] * 300] * (size // 300 + 1), {f"k{i}": i for i in range(size)}, "x" * (size * 10),
+            [{"name": f"m{i}", "flops": i, "param_bytes": i} for i in range(size // 10)], 10 ** 300, -(10 ** 18)])))
+    elif how == "schema":
+        doc["schema"] = draw(st.sampled_from(["netdiet.profile/999", "netdiet.nope/1", "netdiet.train/", "profile",
+                                              "netdiet./1", "netdiet.train/1" + "0" * 50, 5, None, ["netdiet.train/1"]]))
+    text = json.dumps(doc).encode()
+    if how == "json-text":
+        text = bytearray(text)
+        for _ in range(draw(st.integers(1, 4))):
+            pos = draw(st.integers(0, len(text) - 1))
+            text[pos:pos + draw(st.integers(0, 3))] = draw(st.sampled_from(
+                [b"NaN", b"1e999", b"-Infinity", b"[" * 200, b"{", b"}", b'"', b"9" * 5000, b",", b"\\ud800", b"\xff"]))
+        text = bytes(text)
+    elif how == "bytes":
+        text = bytearray(text)
+        for _ in range(draw(st.integers(1, 8))):
+            text[draw(st.integers(0, len(text) - 1))] = draw(st.integers(0, 255))
+        text = bytes(text)
+    return text, real_plots
+
+
 # ------------------------------------------------------------------ the child's entry point
 def child_main(target: str, examples: int, seed: int) -> None:
     """Run `examples` cases under the caps and print one JSON summary line (called in a fresh interpreter)."""
     import torch
     torch.set_num_threads(1)
-    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
     from netdiet.compression import archive, recipe
@@ -297,10 +531,24 @@ def child_main(target: str, examples: int, seed: int) -> None:
                 flagged.append(str(exc)[:40])
         print(json.dumps({"flagged": flagged}))
         return
+    import tempfile
     bases = _base_archives() if target == "archive" else []
     for b in bases:
         archive.read(b)  # every base is readable: the cases start from real files
     recipe.parse_recipe(_GOOD_RECIPE)
+    checkpoints, results = {}, {}
+    if target == "checkpoint":
+        with tempfile.TemporaryDirectory(prefix="fuzz-base-") as tmp:
+            checkpoints = _base_checkpoints(tmp)
+        for kind in checkpoints:
+            _read_checkpoint((kind, checkpoints[kind]))      # the untouched bases resume
+    if target == "result":
+        results = {p.name: p.read_bytes() for p in sorted(RESULTS.glob("*.json"))}
+        from netdiet.documents import SCHEMAS
+        kinds = {json.loads(d)["schema"].split("/")[0].split(".", 1)[1] for d in results.values()}
+        assert kinds <= set(SCHEMAS) and len(kinds) >= 12, kinds ^ set(SCHEMAS)   # a base of (nearly) every kind
+        for data in results.values():
+            _render_result((data, True))                      # every base renders, plots and all
     limit = _vm_kib("VmSize") * 1024 + CAP_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -314,13 +562,17 @@ def child_main(target: str, examples: int, seed: int) -> None:
         if target == "archive":
             case = _hostile_archive(data.draw, st, bases)
             outcomes[_run_case(archive.read, case)] += 1
+        elif target == "checkpoint":
+            outcomes[_run_case(_read_checkpoint, _hostile_checkpoint(data.draw, st, checkpoints))] += 1
+        elif target == "result":
+            outcomes[_run_case(_render_result, _hostile_result(data.draw, st, results))] += 1
         else:
             case = _hostile_recipe(data.draw, st)
             outcomes[_run_case(lambda t: recipe.parse_recipe(t, "fuzz.yaml"), case)] += 1
 
     fuzz()
     print(json.dumps({"target": target, "outcomes": outcomes, "peak_rss_kib": _vm_kib("VmHWM"),
-                      "cap_kib": CAP_BYTES // 1024}))
+                      "cap_kib": CAP_BYTES // 1024, "bases": sorted(checkpoints or results)}))
 
 
 def _run_child(target: str, examples: int, seed: int, timeout: int, check_peak: bool = True) -> dict:
@@ -355,7 +607,17 @@ def test_fuzz_hostile_recipes_end_in_success_or_a_netdiet_error_within_the_caps(
     assert summary["outcomes"]["error"] > 50 and summary["outcomes"]["ok"] > 0
 
 
+def test_fuzz_hostile_checkpoints_end_in_success_or_a_netdiet_error_within_the_caps():
+    summary = _run_child("checkpoint", examples=250, seed=11, timeout=300)
+    assert summary["outcomes"]["error"] > 100 and summary["outcomes"]["ok"] > 0
+
+
+def test_fuzz_hostile_result_documents_end_in_success_or_a_netdiet_error_within_the_caps():
+    summary = _run_child("result", examples=400, seed=11, timeout=300)
+    assert summary["outcomes"]["error"] > 20 and summary["outcomes"]["ok"] > 100   # most render (sections skipped)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["archive", "recipe"])
+@pytest.mark.parametrize("target", ["archive", "recipe", "checkpoint", "result"])
 def test_fuzz_readers_long_profile(target):
     _run_child(target, examples=3000, seed=int(time.time()) % 10_000, timeout=1800)

@@ -181,11 +181,30 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     try:
-        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        doc = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if _SURROGATE_ESCAPE.search(raw):   # "\ud800" parses to a string no file or page can hold: refused here
+        _check_strings(doc)
+    return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(node: Any) -> None:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        for s in (key, value):
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
+        if isinstance(value, (dict, list)):
+            _check_strings(value)
 
 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,

@@ -206,6 +206,48 @@ def check_compatible(ck: Checkpoint, model: nn.Module, fingerprint: dict, folder
         what = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                 else f"shape of {shapes[0]} {tuple(ck.model[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}")
         raise NetdietError(f"checkpoint in {folder} does not fit this model ({what}); resume with the same model and --model-kw")
+    wrong = [k for k in own if ck.model[k].dtype != own[k].dtype]
+    if wrong:
+        raise NetdietError(f"checkpoint in {folder} is damaged: {wrong[0]} is {ck.model[wrong[0]].dtype}, the model's is "
+                           f"{own[wrong[0]].dtype}; restore the folder from a backup, or train afresh into a new --out")
+
+
+def optimizer_state_for(opt: torch.optim.Optimizer, ck: Checkpoint, folder: str | os.PathLike) -> dict:
+    """The checkpoint's optimizer state, checked against the optimizer this run built, ready for its load_state_dict.
+
+    The hyperparameters (betas, eps, amsgrad, fused, capturable...) are this run's own -- the fingerprint already
+    says they were the same -- so a damaged file cannot switch on a code path; the state itself must be what a step
+    of this optimizer writes: for every parameter with state, the same entry names as a probe step gives, scalars
+    for counters and tensors of the parameter's shape for moments. Anything else is one NetdietError."""
+    def bad(what: str) -> NetdietError:
+        return NetdietError(f"the optimizer state in {folder} is damaged: {what}; restore the folder from a backup, or "
+                            "train afresh into a new --out")
+    ours = opt.state_dict()["param_groups"]
+    theirs = ck.optimizer["param_groups"]
+    if len(theirs) != len(ours) or any(t.get("params") != o["params"] for t, o in zip(theirs, ours)):
+        raise bad(f"its parameter groups are not this optimizer's ({len(theirs)} groups, this run has {len(ours)})")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    probe_param = torch.zeros(1, requires_grad=True)
+    probe = type(opt)([probe_param], **{k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    probe_param.grad = torch.zeros(1)
+    probe.step()
+    expected = set(probe.state[probe_param])
+    for pid, entries in ck.optimizer["state"].items():
+        if not 0 <= pid < len(params):
+            raise bad(f"state for parameter {pid}, but the model has {len(params)}")
+        if set(entries) != expected:
+            raise bad(f"parameter {pid} has state {sorted(entries)}, this optimizer keeps {sorted(expected)}")
+        for name, value in entries.items():
+            probe_value = probe.state[probe_param][name]
+            if not torch.is_tensor(value):
+                if value is not None or probe_value is not None:
+                    raise bad(f"state {pid}.{name} is {type(value).__name__}, not a tensor")
+                continue
+            shape = () if probe_value is not None and probe_value.dim() == 0 else tuple(params[pid].shape)
+            if tuple(value.shape) != shape or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise bad(f"state {pid}.{name} is {tuple(value.shape)} {value.dtype}, not finite "
+                          f"{'a scalar' if not shape else 'of its parameter shape ' + str(shape)}")
+    return {"state": ck.optimizer["state"], "param_groups": [dict(o) for o in ours]}
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from netdiet.training.checkpoint import (
     check_compatible,
     has_checkpoint,
     load_checkpoint,
+    optimizer_state_for,
     restore_rng,
     save_checkpoint,
 )
@@ -435,7 +436,7 @@ def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[i
     model.load_state_dict(ck.model)
     configured = [g["lr"] for g in opt.param_groups]
     try:
-        opt.load_state_dict(ck.optimizer)
+        opt.load_state_dict(optimizer_state_for(opt, ck, cfg.checkpoint_dir))   # hyperparameters: this run's
         for g, lr in zip(opt.param_groups, configured):   # the LR asked for now wins (resume after a divergence)
             g["lr"] = lr
     except (ValueError, KeyError, TypeError) as exc:
