@@ -621,3 +621,28 @@ def test_fuzz_hostile_result_documents_end_in_success_or_a_netdiet_error_within_
 @pytest.mark.parametrize("target", ["archive", "recipe", "checkpoint", "result"])
 def test_fuzz_readers_long_profile(target):
     _run_child(target, examples=3000, seed=int(time.time()) % 10_000, timeout=1800)
+
+
+# ================================================================== what the fuzz found, pinned with the exact input
+def test_a_result_with_an_unpaired_surrogate_escape_is_exit_2(tmp_path, capsys):
+    from netdiet.cli import main
+    src = tmp_path / "datasets.json"   # the fuzz's case: "\ud800" inside a listing; writing the page failed (exit 1)
+    src.write_text('{"schema": "netdiet.datasets/1", "datasets": [{"name": "a\\ud800"}]}')
+    assert main(["report", str(src), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unpaired UTF-16 surrogate" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_wrong_typed_field_deep_in_a_result_skips_its_section_naming_the_field(tmp_path):
+    from netdiet.documents import field_problems
+    from netdiet.reporting.html import write_report
+    doc = json.loads((RESULTS / "compress.json").read_text())
+    assert field_problems(doc) == []
+    doc["stages"][1]["accuracy"] = "high"
+    assert field_problems(doc) == ["'stages[1].accuracy' is a string, not a number"]
+    src = tmp_path / "compress.json"
+    src.write_text(json.dumps(doc))
+    write_report([str(src)], str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    assert "This section was skipped" in page and "&#x27;stages[1].accuracy&#x27; is a string, not a number" in page

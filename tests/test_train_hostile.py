@@ -228,6 +228,17 @@ def _drop_optim_tensor(folder, meta):
     save_state_dict(path, {k: v for k, v in load_state_dict(path).items() if not k.startswith("optim.0.")})
 
 
+def _optim_tensor(name, value):
+    """Replace parameter 0's optimizer tensor `name` (None: fill it with NaN) in the tensor file."""
+    def edit(folder, meta):
+        path = folder / meta["tensors"]
+        tensors = load_state_dict(path)
+        key = f"optim.0.{name}"
+        tensors[key] = torch.full_like(tensors[key], float("nan")) if value is None else value
+        save_state_dict(path, tensors)
+    return edit
+
+
 CORRUPTIONS = [
     # (id, edit of the JSON, or (folder, meta) -> None for the tensor file, the field the one line must name)
     ("missing-tensors", _drop("tensors"), "'tensors' is missing"),
@@ -261,6 +272,13 @@ CORRUPTIONS = [
     ("scaler-a-string", _set("scaler", "on"), "'scaler'"),
     ("rng-state-missing", _drop_rng, "random-number state (rng.torch)"),
     ("optimizer-tensor-missing", _drop_optim_tensor, "points to a tensor missing"),
+    # found by tests/test_fuzz_readers.py: each crashed the first optimizer step after resuming (exit 1)
+    ("optimizer-moment-of-shape-0", _optim_tensor("exp_avg", torch.zeros(0)), "state 0.exp_avg is (0,)"),
+    ("optimizer-moment-not-finite", _optim_tensor("exp_avg_sq", None), "not finite"),
+    ("optimizer-state-entry-unknown", lambda m: _first_state(m).__setitem__("max_exp_avg_sq", {"value": 1}),
+     "state of parameter 0 is ['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step']"),
+    ("optimizer-groups-of-another-model", _opt(lambda o: o["param_groups"][0].__setitem__("params", [0, 1])),
+     "parameter groups are not this optimizer's"),
 ]
 
 
@@ -285,6 +303,21 @@ def test_every_checkpoint_corruption_is_one_error_naming_the_file_and_field(good
     else:
         assert "checkpoint.json is damaged" in msg
     assert hashlib.sha256((folder / "checkpoint.json").read_bytes()).hexdigest() == before   # nothing overwritten
+
+
+def test_optimizer_hyperparameters_come_from_this_run_not_the_file(good_checkpoint, tmp_path):
+    # amsgrad, capturable, betas = 1 or eps = -1 in a damaged file crashed the first step (fuzz); the run's own win
+    data, good = good_checkpoint
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(good, folder)
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta["optimizer"]["param_groups"][0].update(amsgrad=True, capturable=True, betas=[1, 1], eps=-1, foreach="x")
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+    damaged = fit(_mlp(), data.x_train, data.y_train, _cfg(folder), x_val=data.x_test, y_val=data.y_test)
+    shutil.rmtree(folder)
+    shutil.copytree(good, folder)
+    clean = fit(_mlp(), data.x_train, data.y_train, _cfg(folder), x_val=data.x_test, y_val=data.y_test)
+    assert damaged.resumed_from_epoch == 2 and damaged.history[-1]["loss"] == clean.history[-1]["loss"]
 
 
 def test_the_untouched_checkpoint_still_resumes(good_checkpoint, tmp_path):

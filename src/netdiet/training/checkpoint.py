@@ -220,12 +220,12 @@ def optimizer_state_for(opt: torch.optim.Optimizer, ck: Checkpoint, folder: str 
     of this optimizer writes: for every parameter with state, the same entry names as a probe step gives, scalars
     for counters and tensors of the parameter's shape for moments. Anything else is one NetdietError."""
     def bad(what: str) -> NetdietError:
-        return NetdietError(f"the optimizer state in {folder} is damaged: {what}; restore the folder from a backup, or "
-                            "train afresh into a new --out")
+        return NetdietError(f"{Path(folder) / INDEX} is damaged: the optimizer {what}; restore the folder from a backup, "
+                            "or train afresh into a new --out")
     ours = opt.state_dict()["param_groups"]
     theirs = ck.optimizer["param_groups"]
     if len(theirs) != len(ours) or any(t.get("params") != o["params"] for t, o in zip(theirs, ours)):
-        raise bad(f"its parameter groups are not this optimizer's ({len(theirs)} groups, this run has {len(ours)})")
+        raise bad(f"parameter groups are not this optimizer's ({len(theirs)} groups, this run has {len(ours)})")
     params = [p for g in opt.param_groups for p in g["params"]]
     probe_param = torch.zeros(1, requires_grad=True)
     probe = type(opt)([probe_param], **{k: v for k, v in opt.param_groups[0].items() if k != "params"})
@@ -234,9 +234,9 @@ def optimizer_state_for(opt: torch.optim.Optimizer, ck: Checkpoint, folder: str 
     expected = set(probe.state[probe_param])
     for pid, entries in ck.optimizer["state"].items():
         if not 0 <= pid < len(params):
-            raise bad(f"state for parameter {pid}, but the model has {len(params)}")
+            raise bad(f"holds state for parameter {pid}, but the model has {len(params)}")
         if set(entries) != expected:
-            raise bad(f"parameter {pid} has state {sorted(entries)}, this optimizer keeps {sorted(expected)}")
+            raise bad(f"state of parameter {pid} is {sorted(entries)}, this optimizer keeps {sorted(expected)}")
         for name, value in entries.items():
             probe_value = probe.state[probe_param][name]
             if not torch.is_tensor(value):
