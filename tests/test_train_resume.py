@@ -110,3 +110,62 @@ def test_optimizer_state_survives_the_safetensors_round_trip(tmp_path):
         for name, value in st.items():
             torch.testing.assert_close(fresh.state_dict()["state"][pid][name], value)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+# ---------------------------------------------------------------- SIGKILL in the first epoch of `netdiet train`
+FIRST_EPOCH_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from netdiet.training import Callback, run
+    from netdiet.cli import main
+    kill_step, argv = int(sys.argv[1]), sys.argv[2:]
+
+    class KillAt(Callback):
+        def after_step(self, model, step):
+            if step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    real_fit = run.fit
+    def fit(*args, callbacks=None, **kw):
+        return real_fit(*args, callbacks=list(callbacks or []) + [KillAt()], **kw)
+    run.fit = fit
+    sys.exit(main(argv))
+""")
+TRAIN = ["train", "mlp", "--data", "digits", "--model-kw", "widths=[24]", "--model-kw", "dropout=0.2", "--epochs", "2",
+         "--batch-size", "64", "--lr", "3e-3", "--schedule", "cosine", "--projection-steps", "0", "--threads", "1"]
+_TIMING = {"seconds", "samples_per_s", "data_wait_fraction", "peak_rss", "peak_rss_delta"}
+
+
+def _cli(argv, killer_step=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = ["-c", FIRST_EPOCH_KILLER, str(killer_step)] if killer_step is not None else ["-m", "netdiet"]
+    return subprocess.run([sys.executable, *head, *argv], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _metrics(out):
+    doc = json.loads((out / "train.json").read_text())
+    return [{k: v for k, v in h.items() if k not in _TIMING} for h in doc["history"]], doc["test_acc"], doc["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every,kept", [("5steps", 10), (None, None)], ids=["step-checkpoint", "no-checkpoint-yet"])
+def test_sigkill_in_the_first_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, every, kept):
+    # digits with the default 10 % validation hold-out: 1,293 training samples / 64 = 21 steps in epoch 1; the
+    # kill at step 12 comes before the first epoch checkpoint; with --checkpoint-every 5steps one at step 10 exists
+    extra = ["--checkpoint-every", every] if every else []
+    full = _cli(TRAIN + extra + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    killed = _cli(TRAIN + extra + ["--out", str(out)], killer_step=12)
+    assert killed.returncode == -9, killed.stderr                     # really SIGKILLed, in epoch 1
+    assert not (out / "train.json").exists()
+    index = out / "checkpoint" / "checkpoint.json"
+    if kept is None:
+        assert not index.exists()                                       # nothing to resume from
+    else:
+        meta = json.loads(index.read_text())
+        assert (meta["epoch"], meta["step"], meta["batch"]) == (0, kept, kept)   # mid-epoch 1
+    resumed = _cli(TRAIN + extra + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert ("starting fresh" in resumed.stderr) == (kept is None)
+    assert _metrics(out) == _metrics(tmp_path / "full")                 # loss, accuracy, LR per epoch, bit for bit
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "full" / "model.safetensors").read_bytes()
