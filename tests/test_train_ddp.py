@@ -52,3 +52,32 @@ def test_torchrun_launch_trains_two_ranks_and_matches_one_process(tmp_path):
     assert b["history"][0]["loss"] == pytest.approx(a["history"][0]["loss"], rel=1e-6)
     assert b["test_acc"] == a["test_acc"]
     assert two.stdout.count("test accuracy") == 1                       # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_a_diverging_two_process_run_stops_with_exit_2_and_keeps_a_loadable_checkpoint(tmp_path, capsys, monkeypatch):
+    import json
+
+    from test_train_hostile import BOMB
+
+    from netdiet.cli import main
+    from netdiet.training.checkpoint import load_checkpoint
+    (tmp_path / "bombs.py").write_text(BOMB)
+    out = tmp_path / "run"
+    base = ["train", f"{tmp_path / 'bombs.py'}:bomb", "--data", "digits", "--val-fraction", "0.15", "--optimizer", "sgd",
+            "--lr", "0.05", "--batch-size", "64", "--epochs", "3", "--projection-steps", "0", "--nproc", "2",
+            "--out", str(out)]
+    # 1,222 training samples / 64 = 20 steps an epoch, each rank one forward per step: NaN from step 26 (epoch 2)
+    monkeypatch.setenv("BOMB_AFTER", "25")
+    assert main(base) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "diverged at epoch 2 step 26 (loss nan)" in line and "epoch 1" in line, line
+    doc = json.loads((out / "train.json").read_text())
+    assert doc["diverged"] == {"epoch": 2, "step": 26, "loss": "nan", "checkpoint_epoch": 1} and doc["world_size"] == 2
+    ck = load_checkpoint(out / "checkpoint")                              # the last good one, loadable
+    assert ck.epoch == 1 and ck.step == 20 and all(bool(torch.isfinite(t).all()) for t in ck.model.values())
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["checkpoint.json", "epoch-0001.safetensors"]
+    monkeypatch.setenv("BOMB_AFTER", "0")
+    assert main(base + ["--resume"]) == 0                                 # and --resume continues from it
+    doc = json.loads((out / "train.json").read_text())
+    assert doc["resumed_from_epoch"] == 1 and len(doc["history"]) == 3 and doc["diverged"] is None
