@@ -153,3 +153,17 @@ def test_same_view_answers_test_images_through_the_exemplar_format(digits):
     with torch.no_grad():
         assert torch.equal(strategy.eval_model(model, 0)(x), model(strategy.buffer.view(x)))
         assert not torch.equal(model(strategy.buffer.view(x)), model(x))
+
+
+def test_the_seed_flow_initial_slice_then_more_data_pruned_and_quantized_after_each_step(digits):
+    # the seed's flow: a model on a first slice (50 %), more data in later slices, prune 50 % + int4 after each
+    # step, every task tested after each optimisation. Kept weights, by hand (mlp [16] on digits): layer 1 keeps
+    # 512 of 1024 weights at 4 bits = 256 B + 16 scales 64 B + a 1024-bit mask 128 B + bias 64 B; layer 2 keeps
+    # 80 of 160 = 40 B + 10 scales 40 B + mask 20 B + bias 40 B  -> 652 B
+    sc = make_scenario("incremental-data", digits, "domain", num_tasks=3)
+    model_fn, _ = build_model_fn("mlp", {"widths": [16]}, sc)
+    res = run_strategy("rehearsal", sc, model_fn, _cfg(exemplar_bits=4, budget=4000, shrink="prune=0.5+int4"))
+    assert [len(row) for row in res.accuracy_matrix] == [3, 3, 3]
+    assert all(len(set(row)) == 1 for row in res.accuracy_matrix)       # one shared test set: equal across j
+    assert [entry["weights"] for entry in res.ledger_per_task] == [652, 652, 652]
+    assert max(res.bytes_per_task) <= 4000 and res.exemplars_per_task == [98, 98, 98]   # (4000-652-8) // 34

@@ -15,10 +15,9 @@ import torch
 from netdiet import __all__  # noqa: F401 - the public names, listed once in the package root
 from netdiet import models as zoo
 from netdiet.analysis import latency as latency_engine
-from netdiet.analysis import measurement
+from netdiet.analysis import measurement, scaling
 from netdiet.analysis import memory as memory_engine
 from netdiet.analysis import profile as profile_engine
-from netdiet.analysis import scaling
 from netdiet.analysis.storage import data_report
 from netdiet.analysis.storage import weight_storage as storage_of
 from netdiet.compression import evaluate as evaluation
@@ -227,7 +226,7 @@ def sweep(spec: str, knob: str, values: list[Any] | None = None, *, model_kw: di
 
 
 # ==================================================================== continual
-def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
+def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str | None = None, *,
               model: str | None = None, model_kw: dict | None = None, budget: str | int | None = None, seed: int = 0,
               epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
               exemplar_bits: int = 32, exemplar_downsample: int = 1, exemplars: int | None = None,
@@ -235,7 +234,8 @@ def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "cl
               classes_per_task: int | None = None, order_seed: int | None = None, progress: bool = True, **options: Any):
     """Continual learning under a hard byte budget: returns a ContinualResult (accuracy matrix, BWT, forgetting,
     bytes and training FLOPs per task for each strategy). `strategy="all"` runs every applicable strategy.
-    Further ContinualConfig fields (ewc_lambda, lwf_temperature, exemplar_schedule, ...) go in **options."""
+    Further ContinualConfig fields (ewc_lambda, lwf_temperature, exemplar_schedule, ...) go in **options.
+    Without a strategy: `auto` (netdiet splits the budget itself) when a budget is given, else `replay`."""
     known = {f.name for f in dataclasses.fields(ContinualConfig)}
     unknown = set(options) - known
     if unknown:

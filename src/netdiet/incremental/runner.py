@@ -231,12 +231,14 @@ def build_model_fn(spec: str, model_kw: dict | None, scenario: Scenario) -> tupl
     return make, {"spec": spec, "kwargs": kw, "params": sum(p.numel() for p in probe.parameters())}
 
 
-def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str = "replay", *,
+def continual(scenario: str = "split", data: str = "mnist5k", setting: str = "class", strategy: str | None = None, *,
               model: str | None = None, model_kw: dict | None = None, data_dir: str | None = None,
               tasks: int | None = None, classes_per_task: int | None = None, order_seed: int | None = None,
               config: ContinualConfig | None = None) -> ContinualResult:
-    """Build the scenario from a registered dataset and run one strategy (or `all`)."""
+    """Build the scenario from a registered dataset and run one strategy (or `all`; default: `auto` under a budget,
+    else `replay`)."""
     cfg = config or ContinualConfig()
+    strategy = strategy or ("auto" if cfg.budget is not None else "replay")
     check_setting(scenario, setting)
     if strategy != "all" and strategy not in STRATEGIES:
         raise NetdietError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)} or all")
