@@ -191,6 +191,13 @@ def test_distilling_an_ensemble_reports_the_three_points(tmp_path, capsys):
     assert [p["label"] for p in pts][0] == "one model" and pts[2]["label"] == "distilled student"
     assert pts[1]["accuracy"] == ens["accuracy"]["mean"] and pts[1]["bytes"] == ens["cost"]["file_bytes"]["ensemble"]
     assert pts[2]["accuracy"] == doc["stages"][0]["accuracy"]
+    (tmp_path / "compress.json").write_text(json.dumps(doc))
+    api.report([str(out / "ensemble.json"), str(tmp_path / "compress.json")], str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    assert "Ensemble · mlp × 3 (seeds) · digits" in page and "One model → ensemble → one student" in page
+    assert "skipped" not in page
+    for p in pts:                                     # the three points' accuracies, as the table prints them
+        assert f"{100 * p['accuracy']:.2f}%" in page
     d = get_dataset("digits")
     other = Dataset(name="other", x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test, num_classes=10)
     tech = create_technique("distill", teacher=f"ensemble:{out}")

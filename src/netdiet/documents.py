@@ -105,6 +105,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "models": {"models": Rows({"name": STR, "params": NUM, "input": LIST, "description": STR})},
     "demo": {"headlines": Rows({"label": STR, "value": ANY, "unit": STR, "source": STR})},
     "datasets": {}, "recipes": {}, "report": {"out": STR, "bytes": NUM, "sources": Rows({"path": STR, "schema": STR})},
+    "train-ensemble": {
+        "model": MODEL, "k": INT, "mode": STR, "combine": STR,
+        "members": Rows({"index": INT, "seed": INT, "test_acc": NUM, "epochs": INT, "seconds": NUM}),
+        "accuracy": Obj({"members": NUMBERS, "members_mean": NUM, "mean": NUM, "vote": NUM, "combined": NUM}),
+        "cost": Obj({"single": MapOf(NUM), "ensemble": MapOf(NUM)}),
+        "training": Obj({"seconds": NUM, "flops": NUM, "seconds_per_member": NUMBERS}),
+        "latency": Obj({"batch": INT}),
+    },
 }
 VERSIONS: dict[str, set[int]] = {kind: {1} for kind in SCHEMAS}
 

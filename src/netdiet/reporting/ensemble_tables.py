@@ -2,7 +2,7 @@
 vmap-batched, with spread), and one model -> K models -> one distilled student on the accuracy x bytes x latency
 plane. Renders netdiet.train-ensemble/1 and netdiet.compress/1 documents; computes nothing.
 
-The HTML functions take the report's page object (its `add`, `table`, `headline` and `image` methods) so that
+The HTML functions take the report's page object (its `add`, `table`, `headline` and `chart` methods) so that
 html.py needs only a hook: `ensemble_section` renders a train-ensemble document, `student_plane` adds the three
 points of a compress document whose distill stage had an ensemble as its teacher (nothing otherwise).
 """
@@ -124,19 +124,23 @@ def ensemble_section(page: Any, src: str, doc: dict) -> None:
     page.headline(src, doc, [("combined accuracy", "accuracy.combined", "pct"),
                              ("members' mean accuracy", "accuracy.members_mean", "pct"),
                              ("ensemble param bytes", "cost.ensemble.param_bytes", "bytes"),
-                             ("ensemble MACs / sample", "cost.ensemble.macs", "count"),
-                             ("training seconds", "training.seconds", "")])
+                             ("ensemble MACs / sample", "cost.ensemble.macs", "count")])
     acc = doc.get("accuracy") or {}
     rows = [[m.get("index"), m.get("seed"), _pct(m.get("test_acc")), m.get("epochs"), f"{m.get('seconds', 0):.1f}"]
             for m in doc.get("members") or []]
     rows += [["mean of probabilities", "", _pct(acc.get("mean")), "", ""], ["majority vote", "", _pct(acc.get("vote")), "", ""]]
     page.table(["member", "seed", "test accuracy", "epochs", "train s"], rows)
     one, all_ = _get(doc, "cost", "single") or {}, _get(doc, "cost", "ensemble") or {}
+    train = doc.get("training") or {}
+    per_member = (train.get("seconds_per_member") or [None])[0]
     page.table(["figure", "one member", f"ensemble of {k}"],
                [["params", format_count(one.get("params")), format_count(all_.get("params"))],
                 ["param bytes", format_bytes(one.get("param_bytes")), format_bytes(all_.get("param_bytes"))],
                 ["MACs / sample", format_count(one.get("macs")), format_count(all_.get("macs"))],
-                ["FLOPs / sample", format_count(one.get("flops")), format_count(all_.get("flops"))]])
+                ["FLOPs / sample", format_count(one.get("flops")), format_count(all_.get("flops"))],
+                ["training FLOPs", format_count((train.get("flops_per_member") or [None])[0]), format_count(train.get("flops"))],
+                ["training seconds (measured)", f"{per_member:.1f}" if per_member is not None else "–",
+                 f"{train['seconds']:.1f}" if train.get("seconds") is not None else "–"]])
     lat = doc.get("latency") or {}
     page.table(["latency, batch " + str(lat.get("batch", "")), "median (spread)"],
                [[name, _latency_text(lat.get(name))] for name in ("single", "loop", "vmap") if lat.get(name)])
@@ -146,7 +150,7 @@ def ensemble_section(page: Any, src: str, doc: dict) -> None:
         if a is not None and b:
             pts.append({"label": label, "x": b, "y": a, "on_front": True, "note": _latency_text(stats) if stats else ""})
     if pts:
-        page.image(plots.pareto(pts, title="accuracy × param bytes (latency annotated)"), "ensemble trade-off")
+        page.chart(plots.pareto(pts, title="accuracy × param bytes (latency in the legend)"), "ensemble trade-off")
 
 
 def plane_points(doc: dict) -> list[dict] | None:
@@ -182,7 +186,7 @@ def student_plane(page: Any, src: str, doc: dict) -> None:
               "note": f"{p['latency_ms']:.2f} ms" if isinstance(p["latency_ms"], (int, float)) else ""}
              for p in pts if p["bytes"] and p["accuracy"] is not None]
     if drawn:
-        page.image(plots.pareto(drawn, title="accuracy × bytes × latency (annotated)"), "one model, ensemble, student")
+        page.chart(plots.pareto(drawn, title="accuracy × bytes (latency in the legend)"), "one model, ensemble, student")
     page.table(["point", "accuracy", "bytes", "latency"],
                [[p["label"], _pct(p["accuracy"]), format_bytes(p["bytes"]) if p["bytes"] else "-",
                  (f"{p['latency_ms']:.3f} ms" + (" unstable" if p["stable"] is False else ""))

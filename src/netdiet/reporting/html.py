@@ -22,7 +22,7 @@ from netdiet.documents import describe as _json_type
 from netdiet.documents import field_problems, read_result
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_text
-from netdiet.reporting import plots
+from netdiet.reporting import ensemble_tables, plots
 from netdiet.reporting.story import (
     MEMORY_NAMES,
     compress_story,
@@ -478,6 +478,7 @@ SECTIONS: dict[str, Callable[[Page, str, dict], None]] = {
     "compress": _section_compress, "evaluate": _section_evaluate, "continual": _section_continual,
     "data": _section_data, "models": _section_models,
     "datasets": _section_listing, "recipes": _section_listing, "report": _section_listing,
+    "train-ensemble": ensemble_tables.ensemble_section,
 }
 ORDER = list(SECTIONS)   # kept for callers; render_html follows SECTIONS itself
 
@@ -553,6 +554,8 @@ def render_html(docs: list[tuple[str, dict]], title: str = "netdiet report") -> 
         for src, doc in docs:
             if doc["schema"].split("/")[0] == f"netdiet.{kind}":
                 _render_section(page, kind, src, doc)
+    for src, doc in docs:       # one model -> K models -> one student: a compress run whose distill teacher was an ensemble
+        ensemble_tables.student_plane(page, src, doc)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sources = ", ".join(esc(s) for s, _ in docs)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
