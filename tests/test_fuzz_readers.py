@@ -41,6 +41,7 @@ HERE = pathlib.Path(__file__).resolve()
 CAP_BYTES = 1536 << 20          # address space the cases may add to the child's own (torch imported)
 CASE_SECONDS = 10               # per case; a legit read of these small archives takes ~10 ms
 OOM_MARKERS = ("MemoryError", "alloc", "out of memory")
+WORST_HEADER_CAP = 256 << 20    # address space reading the worst legal header may add (it was ~480 MB RSS)
 
 
 # ================================================================== the child: runs cases under the caps
@@ -507,6 +508,58 @@ def _hostile_result(draw, st, bases):
     return text, real_plots
 
 
+# ------------------------------------------------------------------ the worst legal archive header
+def _worst_headers() -> dict[str, bytes]:
+    """Archives whose headers sit at the reader's limits: the legal worst (a free-form field of ~2M floats nested
+    30 deep, ~8 MB of JSON: just under MAX_HEADER and MAX_HEADER_MEMORY) and three that are over the memory
+    budget though under 8 MiB (2.8M empty strings took 477 MB, 2.8M empty objects 212 MB, an 850,000-key object
+    132 MB before the budget)."""
+    from netdiet.compression import archive
+    from netdiet.compression.codecs import MAX_HEADER, MAX_HEADER_MEMORY
+    from netdiet.fileio import VALUE_BYTES
+    header, payload = archive.read_header(_base_archives()[0])
+    plain = json.dumps(dict(header, payload_bytes=len(payload),
+                            payload_sha256=hashlib.sha256(payload).hexdigest())).encode()
+    room = MAX_HEADER - len(plain) - 200
+    floats = min(int(0.97 * MAX_HEADER_MEMORY / VALUE_BYTES), room // 4)
+    fillers = {
+        "legal-floats": b"[" * 29 + b"[" + b"0.5," * (floats - 1) + b"0.5]" + b"]" * 29,
+        "empty-strings": b"[" + b'"",' * (room // 3 - 1) + b'""]',
+        "empty-objects": b"[" + b"{}," * (room // 3 - 1) + b"{}]",
+        "many-keys": b"{" + b",".join(f'"{i:x}":0'.encode() for i in range(room // 10)) + b"}",
+    }
+    out = {}
+    for name, filler in fillers.items():
+        text = plain[:-1] + b', "recipe": ' + filler + b"}"
+        assert len(text) <= MAX_HEADER, (name, len(text))
+        out[name] = _seal_text(text, payload)
+    return out
+
+
+def _worst_header_main() -> None:
+    from netdiet.compression import archive
+    from netdiet.errors import NetdietError
+    cases = _worst_headers()
+    limit = _vm_kib("VmSize") * 1024 + WORST_HEADER_CAP
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    report = {}
+    for name, data in cases.items():
+        import gc
+        gc.collect()
+        before = _vm_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:     # VmHWM counts from here
+            fh.write("5")
+        start = time.perf_counter()
+        try:
+            archive.read(data)
+            outcome = "read"
+        except NetdietError as exc:
+            outcome = str(exc)
+        report[name] = {"outcome": outcome[:200], "peak_above_mib": (_vm_kib("VmHWM") - before) / 1024,
+                        "seconds": time.perf_counter() - start, "file_bytes": len(data)}
+    print(json.dumps(report))
+
+
 # ------------------------------------------------------------------ the child's entry point
 def child_main(target: str, examples: int, seed: int) -> None:
     """Run `examples` cases under the caps and print one JSON summary line (called in a fresh interpreter)."""
@@ -517,6 +570,9 @@ def child_main(target: str, examples: int, seed: int) -> None:
     from hypothesis import strategies as st
 
     from netdiet.compression import archive, recipe
+    if target == "worst-header":
+        _worst_header_main()
+        return
     if target == "selftest":  # the caps themselves: an allocation past the cap, then a case past its time
         global CASE_SECONDS
         CASE_SECONDS = 1
@@ -615,6 +671,16 @@ def test_fuzz_hostile_checkpoints_end_in_success_or_a_netdiet_error_within_the_c
 def test_fuzz_hostile_result_documents_end_in_success_or_a_netdiet_error_within_the_caps():
     summary = _run_child("result", examples=400, seed=11, timeout=300)
     assert summary["outcomes"]["error"] > 20 and summary["outcomes"]["ok"] > 100   # most render (sections skipped)
+
+
+def test_the_worst_legal_archive_header_is_read_within_a_bounded_memory():
+    # measured on this machine: the legal worst ~100 MB above the process's baseline; refused ones ~7 MB
+    report = _run_child("worst-header", 0, 0, timeout=300, check_peak=False)
+    legal = report.pop("legal-floats")
+    assert legal["outcome"] == "read" and legal["peak_above_mib"] < 160 and legal["file_bytes"] < 64 * 1024, legal
+    for name, case in report.items():   # under 8 MiB, but more objects than the header's memory budget
+        assert "would take about" in case["outcome"] and "at most 64 MiB" in case["outcome"], (name, case)
+        assert case["peak_above_mib"] < 40 and case["seconds"] < 5, (name, case)
 
 
 @pytest.mark.slow

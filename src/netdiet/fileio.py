@@ -140,23 +140,59 @@ def atomic_write_json(path: str | os.PathLike, doc: Any) -> Path:
 # ------------------------------------------------------------------ reading JSON: bounded, strict, finite
 MAX_JSON_BYTES = 64 << 20   # netdiet writes well under 1 MiB (a 7B profile: ~0.3 MiB); a 3000x3000 matrix of 0.5: 45 MB
 MAX_JSON_DEPTH = 32         # netdiet nests ~8 deep; json.loads recurses once per level
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_DEPTH_CHUNK = 1 << 20
+MAX_JSON_MEMORY = 512 << 20  # parsed objects a JSON file may become (a 3000x3000 accuracy matrix: ~290 MB)
+_DEPTH_CHUNK = 1 << 18
+# what json.loads makes of the text, per item, measured on CPython 3.11: an empty object or list ~72 bytes with its
+# slot in the parent, a number or string ~32 (a 2.8M-item array of {} took 212 MB, of 0.5 100 MB)
+# and an object's key ~64 more (its string and its slot in the table: a 1M-key object took 132 MB)
+CONTAINER_BYTES, VALUE_BYTES, KEY_BYTES = 80, 32, 64
+
+
+def json_shape(raw: bytes) -> tuple[int, int, int, int]:
+    """(depth, containers, values, keys) of JSON text, counted outside strings without building anything: how
+    deeply arrays and objects nest, how many there are, how many values they hold (about: commas + containers)
+    and how many keys (colons). One
+    pass in 256 KiB chunks over numpy arrays; strings are found by their unescaped quotes, so the scratch stays a
+    few MB whatever the text (a regex substitution of the strings took 450 MB on 2.8M empty strings)."""
+    import numpy as np
+    depth = deepest = containers = commas = colons = 0
+    inside, run = 0, 0            # carried across chunks: inside a string?, backslashes ending the previous chunk
+    for start in range(0, len(raw), _DEPTH_CHUNK):
+        a = np.frombuffer(raw, dtype=np.uint8, count=min(_DEPTH_CHUNK, len(raw) - start), offset=start)
+        n = len(a)
+        backslash = a == 92
+        idx = np.arange(n, dtype=np.int32)
+        last_other = np.where(backslash, -1, idx)
+        np.maximum.accumulate(last_other, out=last_other)
+        quotes = np.flatnonzero(a == 34)
+        before = quotes - 1                                   # backslashes right before each quote
+        prev_other = last_other[np.maximum(before, 0)]
+        run_before = np.where(before < 0, run, before - prev_other + np.where(prev_other < 0, run, 0))
+        run_before[before < 0] = run
+        real = quotes[run_before % 2 == 0]                    # quotes that open or close a string
+        toggle = np.zeros(n, dtype=np.int8)
+        toggle[real] = 1
+        outside = ((np.cumsum(toggle, dtype=np.int32) + inside) & 1 == 0) & (toggle == 0)
+        opens = outside & ((a == 91) | (a == 123))
+        step = opens.astype(np.int32) - (outside & ((a == 93) | (a == 125)))
+        levels = np.cumsum(step, dtype=np.int32) + depth
+        if n:
+            deepest = max(deepest, int(levels.max()))
+            depth = int(levels[-1])
+        containers += int(opens.sum())
+        commas += int((outside & (a == 44)).sum())
+        colons += int((outside & (a == 58)).sum())
+        inside = (inside + len(real)) % 2
+        if n and backslash[-1]:
+            run = (n - 1 - int(last_other[-1])) + (run if last_other[-1] < 0 else 0)
+        else:
+            run = 0
+    return deepest, containers, commas + containers + (1 if raw.strip() else 0), colons
 
 
 def json_depth(raw: bytes) -> int:
-    """How deeply JSON text nests arrays and objects (brackets inside strings do not count), in chunks so the
-    scratch stays ~5 MB whatever the text's size."""
-    import numpy as np
-    text = _JSON_STRING.sub(b'""', raw)
-    depth = deepest = 0
-    for start in range(0, len(text), _DEPTH_CHUNK):
-        a = np.frombuffer(text, dtype=np.uint8, count=min(_DEPTH_CHUNK, len(text) - start), offset=start)
-        step = (a == ord("[")).astype(np.int32) + (a == ord("{")) - (a == ord("]")) - (a == ord("}"))
-        levels = np.cumsum(step) + depth
-        deepest = max(deepest, int(levels.max()))
-        depth = int(levels[-1])
-    return deepest
+    """How deeply JSON text nests arrays and objects (brackets inside strings do not count)."""
+    return json_shape(raw)[0]
 
 
 def _finite(text: str) -> float:
@@ -170,18 +206,28 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, max_memory: int | None = None) -> Any:
     """Strict JSON from bytes: UTF-8, nested at most `max_depth` deep, every number finite (NaN, Infinity and
-    1e999 are refused), integers of at most 4,300 digits. ValueError says what is wrong."""
-    depth = json_depth(raw)
+    1e999 are refused), integers of at most 4,300 digits, and -- with `max_memory` -- holding no more items than
+    that many bytes of Python objects (CONTAINER_BYTES, VALUE_BYTES, KEY_BYTES each; strings also take their
+    own length),
+    all checked before anything is built. ValueError says what is wrong."""
+    depth, containers, values, keys = json_shape(raw)
     if depth > max_depth:
         raise ValueError(f"JSON nested {depth} deep (at most {max_depth})")
+    need = containers * CONTAINER_BYTES + values * VALUE_BYTES + keys * KEY_BYTES
+    if max_memory is not None and need > max_memory:
+        raise ValueError(f"JSON of {containers:,} arrays/objects, {values:,} values and {keys:,} keys would take "
+                         f"about {need >> 20} MiB to hold (at most {max_memory >> 20} MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
+    # a float overflows to inf only with an exponent of 3+ digits or 200+ digits: only then is each float checked
+    # in Python (1.5 us a number: 3 s for an 8 MiB header of floats), else json's C parser reads them
+    finite = _finite if _MAYBE_HUGE.search(raw) else float
     try:
-        doc = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        doc = json.loads(text, parse_float=finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
     except json.JSONDecodeError as exc:
@@ -191,6 +237,7 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return doc
 
 
+_MAYBE_HUGE = re.compile(rb"[eE]\+?0*[1-9][0-9]{2,}|[0-9]{200,}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -208,9 +255,10 @@ def _check_strings(node: Any) -> None:
 
 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
-              hint: str = "give a JSON file written by netdiet") -> Any:
-    """A JSON file read within limits: at most `max_bytes` (checked before reading), `max_depth` deep, strict
-    and finite (parse_json). Anything else is one NetdietError naming the file, ending with `hint`."""
+              max_memory: int = MAX_JSON_MEMORY, hint: str = "give a JSON file written by netdiet") -> Any:
+    """A JSON file read within limits: at most `max_bytes` (checked before reading), `max_depth` deep, at most
+    `max_memory` bytes of parsed objects, strict and finite (parse_json). Anything else is one NetdietError naming
+    the file, ending with `hint`."""
     path = Path(path)
     if not path.is_file():
         raise NetdietError(f"file {path} does not exist; check the path")
@@ -222,7 +270,7 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, max_d
     if len(raw) > max_bytes:
         raise NetdietError(f"{path} is larger than {max_bytes >> 20} MiB, more than any JSON netdiet writes; {hint}")
     try:
-        return parse_json(raw, max_depth=max_depth)
+        return parse_json(raw, max_depth=max_depth, max_memory=max_memory)
     except ValueError as exc:
         raise NetdietError(f"{path} is not JSON netdiet can read ({exc}); {hint}") from None
 

@@ -15,6 +15,7 @@ from netdiet.fileio import parse_json
 
 MAX_JSON_DEPTH = 32             # nesting of the header JSON (netdiet writes ~8; json.loads recurses per level)
 MAX_HEADER = 8 * 1024 * 1024    # bytes a header may take, compressed or decompressed (a 1,000-tensor model needs ~0.3 MB)
+MAX_HEADER_MEMORY = 64 << 20    # Python objects the parsed header may take (a 1,000-tensor model's: ~1.5 MB)
 MAX_EXPANSION = 1 << 16         # zstd's ceiling is ~32,768:1 (RLE blocks of 128 KiB); a stream claiming more is forged
 MAX_BLOB_EXPANSION = 64         # an untyped blob (the ONNX graph without its weights) inflates at most this much...
 MIN_BLOB_CLAIM = 1 << 20        # ...or to 1 MiB, whichever is larger
@@ -359,5 +360,6 @@ def best_relidx_bits(positions: np.ndarray) -> tuple[int, int]:
 # ================================================================== the header's JSON
 def load_header_json(blob: bytes) -> Any:
     """The header's zstd-compressed JSON, decoded into at most MAX_HEADER bytes, nested at most MAX_JSON_DEPTH
-    deep, with every number finite (NaN, Infinity and 1e999 are refused): ValueError otherwise."""
-    return parse_json(zstd_decompress(blob, limit=MAX_HEADER), max_depth=MAX_JSON_DEPTH)
+    deep, holding at most MAX_HEADER_MEMORY of parsed objects, with every number finite (NaN, Infinity and 1e999
+    are refused): ValueError otherwise."""
+    return parse_json(zstd_decompress(blob, limit=MAX_HEADER), max_depth=MAX_JSON_DEPTH, max_memory=MAX_HEADER_MEMORY)
