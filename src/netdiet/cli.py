@@ -551,7 +551,7 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
         tag = f"{net}-{recipe}"
         steps.append((f"compress {net} ({recipe})", ["compress", net, "--weights", str(d / net / "model.safetensors"),
                                                      "--recipe", recipe, "--data", "mnist5k", "--out", str(d / f"{tag}.ndz"),
-                                                     "--json", str(d / f"compress-{tag}.json"), *s, *t],
+                                                     "--resume", "--json", str(d / f"compress-{tag}.json"), *s, *t],
                       [str(d / f"compress-{tag}.json"), str(d / f"{tag}.ndz")]))
         steps.append((f"evaluate {tag}.ndz", ["evaluate", str(d / f"{tag}.ndz"), "--data", "mnist5k",
                                               "--json", str(d / f"evaluate-{tag}.json"), *t], [str(d / f"evaluate-{tag}.json")]))
