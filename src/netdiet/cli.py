@@ -545,7 +545,7 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
                                       "--json", str(d / f"train-{net}.json"), *s, *t],
                       [str(d / f"train-{net}.json"), str(d / net / "model.safetensors")]))
     for net in ("lenet300", "lenet5"):
-        steps.append((f"profile {net}", ["profile", net, "--batch-sizes", "1,32,128", "--measure",
+        steps.append((f"profile {net}", ["profile", net, "--batch-sizes", "1,32,128", "--measure", "--max-batch-for", "16MiB",
                                         "--json", str(d / f"profile-{net}.json"), *s, *t], [str(d / f"profile-{net}.json")]))
     for net, recipe in (("lenet300", "deep-compression"), ("lenet5", "deep-compression"), ("lenet300", "int8")):
         tag = f"{net}-{recipe}"

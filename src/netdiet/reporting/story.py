@@ -73,7 +73,8 @@ def profile_story(doc: dict) -> list[str]:
         if _num(mem.get("peak_measured")):
             err = mem.get("estimate_error")
             out.append(f"Measured tensor peak of real steps: {format_bytes(mem['peak_measured'])}"
-                       + (f" (the estimate is {100 * err:+.1f} % off)." if _num(err) else "."))
+                       + ("." if not _num(err) else " (the estimate matches it within 0.1 %)." if abs(err) < 5e-4
+                          else f" (the estimate is {100 * err:+.1f} % off)."))
     fit = ((doc.get("scaling") or {}).get("fit") or {}).get("memory_estimated") if isinstance(doc.get("scaling"), dict) else None
     if isinstance(fit, dict) and _num(fit.get("per_sample")) and _num(fit.get("fixed")):
         r2 = f", R² {fit['r2']:.3f}" if _num(fit.get("r2")) else ""
