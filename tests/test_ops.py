@@ -1,4 +1,6 @@
 """The op-cost registry: formulas against hand counts, independent of the module walker."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,38 @@ def test_in_place_as_strided_is_cost_free():
     c = cost_of(lambda a: a.as_strided_((3, 4), (4, 1)), t)
     assert c == OpCost()
     assert op_cost(aten.as_strided_.default, (torch.randn(12), (3, 4), (4, 1)), {}, t) == OpCost()
+
+
+def test_reflection_and_replication_pad_backward_add_each_padded_gradient_onto_its_source():
+    # ReflectionPad2d(1) on 1x2x4x4 (32 elements) -> 1x2x6x6 (72): the pad is a copy (0 FLOPs), sum 72 - 1 = 71;
+    # backward: sum's is an expand (0), reflection_pad2d_backward adds the 72 - 32 = 40 border gradients onto
+    # the positions they mirror (each of the 32 input positions gets its own gradient plus its mirrors')
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with _Sum() as s:
+        torch.nn.ReflectionPad2d(1)(x).sum().backward()
+    assert not s.missing, s.missing
+    assert s.cost.flops == 71 + 40 and s.cost.macs == 0
+    # ReplicationPad1d((2, 1)) on 1x1x5 -> 8: backward 8 - 5 = 3 adds (two onto the first element, one the last)
+    y = torch.randn(1, 1, 5, requires_grad=True)
+    with _Sum() as s:
+        torch.nn.ReplicationPad1d((2, 1))(y).sum().backward()
+    assert not s.missing, s.missing
+    assert s.cost.flops == 7 + 3
+
+
+def test_bitwise_mask_ops_are_counted_and_cost_nothing_on_bool_masks():
+    # HF's eager attention builds its causal/padding mask with bitwise_and on bool tensors: integer work, 0 FLOPs
+    a, b = torch.ones(4, 4, dtype=torch.bool).tril(), torch.ones(4, 4, dtype=torch.bool)
+    assert cost_of(torch.bitwise_and, a, b).flops == 0
+    assert cost_of(lambda u, v: ~(u | v) ^ u, a, b).flops == 0
+    assert cost_of(torch.logical_xor, torch.randn(3), torch.randn(3)).flops == 3   # float inputs: 1 per element
+
+
+def test_readme_formula_table_is_the_registry():
+    # the README's table says it is generated from formula_table(): a formula added without its row fails here
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = readme.index("| operators | unit | MACs | FLOPs | why / note |") + 2
+    end = start
+    while end < len(readme) and readme[end].startswith("| "):
+        end += 1
+    assert readme[start:end] == ops.formula_table_markdown()

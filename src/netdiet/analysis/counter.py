@@ -166,6 +166,8 @@ def _flash_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         return None
     if attn_mask is not None or dropout_p or not query.dtype.is_floating_point:
         return None
+    if value.shape[-1] != query.shape[-1]:
+        return None  # the CPU kernel takes the math path there, and the flash op's meta output has q's head size
     if query.shape[1] != key.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
         return None  # grouped-query attention (fewer key/value heads) only when asked for: the CPU kernel takes it
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal),

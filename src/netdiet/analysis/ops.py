@@ -189,6 +189,21 @@ def formula_table() -> list[dict]:
              "note": f.note} for f in _FORMULAS]
 
 
+def formula_table_markdown() -> list[str]:
+    """The README's formula table rows: operator names without `aten.`, cut with '…' before 160 characters."""
+    lines = []
+    for row in formula_table():
+        names = [o.replace("aten.", "", 1) for o in row["op"].split(", ")]
+        shown: list[str] = []
+        for name in names:
+            if len(", ".join(shown + [name])) >= 160:
+                break
+            shown.append(name)
+        cell = ", ".join(shown) + (", …" if len(shown) < len(names) else "")
+        lines.append(f"| {cell} | {row['unit']} | {row['macs']} | {row['flops']} | {row['note']} |")
+    return lines
+
+
 def registered_ops() -> set[str]:
     return {_op_name(o) for f in _FORMULAS for o in f.ops}
 
@@ -440,7 +455,8 @@ _pointwise(1, [aten.mul, aten.mul_, aten.div, aten.div_, aten.neg, aten.neg_, at
                aten.pow, aten.pow_, aten.square, aten.maximum, aten.minimum, aten.sign, aten.floor, aten.ceil, aten.round,
                aten.erf, aten.erf_, aten.sin, aten.cos, aten.log1p, aten.expm1, aten.exp2, aten.log2,
                aten.eq, aten.ne, aten.gt, aten.lt, aten.ge, aten.le, aten.logical_not, aten.logical_and,
-               aten.logical_or, aten.remainder, aten.fmod, aten.trunc, aten.frac, aten.clamp_min, aten.clamp_min_,
+               aten.logical_or, aten.logical_xor, aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor,
+               aten.bitwise_not, aten.remainder, aten.fmod, aten.trunc, aten.frac, aten.clamp_min, aten.clamp_min_,
                aten.clamp_max, aten.clamp_max_],
           "1 per output element", "arithmetic, comparison and transcendental (exp, log, erf, sqrt count 1)")
 _pointwise(2, [aten.clamp, aten.clamp_, aten.clip, aten.clip_], "2 per output element", "compare against min and max")
@@ -675,6 +691,14 @@ def _scatter_add(call: OpCall) -> OpCost:
     return OpCost(flops=call.in_numel(0))
 
 
+@register_formula([aten.reflection_pad1d_backward, aten.reflection_pad2d_backward, aten.reflection_pad3d_backward,
+                   aten.replication_pad1d_backward, aten.replication_pad2d_backward, aten.replication_pad3d_backward],
+                  unit="flops", flops="numel(grad_output) − numel(grad_input)",
+                  note="each padded position's gradient is added onto the input position it mirrors or repeats")
+def _pad_backward(call: OpCall) -> OpCost:
+    return OpCost(flops=max(call.in_numel(0) - call.out_numel(), 0))
+
+
 # ============================================================ dropout and losses
 _pointwise(2, [aten.native_dropout, aten.native_dropout_backward], "2 per element",
            "mask multiply + 1/(1−p) scale (random draws are not FLOPs)")
@@ -754,7 +778,8 @@ def _view(call: OpCall) -> OpCost:
 
 
 _MOVES = [aten.clone, aten.copy_, aten.copy, aten._to_copy, aten.contiguous, aten.cat, aten.stack, aten.constant_pad_nd,
-          aten.reflection_pad1d, aten.reflection_pad2d, aten.replication_pad2d, aten.embedding, aten.index_select,
+          aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad1d,
+          aten.replication_pad2d, aten.replication_pad3d, aten.embedding, aten.index_select,
           aten.gather, aten.index, aten.select_backward, aten.slice_backward, aten.upsample_nearest1d,
           aten.upsample_nearest2d, aten.upsample_nearest3d, aten.roll, aten.flip, aten.repeat, aten.tril, aten.triu,
           aten.tril_, aten.triu_, aten.where, aten.masked_fill, aten.masked_fill_, aten.fill_, aten.fill, aten.zero_,
