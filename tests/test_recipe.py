@@ -134,7 +134,9 @@ stages:
         assert len(torch.unique(layer.weight)) <= 16 + 1
     assert int(sum((p != 0).sum() for p in (final[1].weight, final[3].weight, final[5].weight))) <= prune.nonzero_params - 410
     # the file on disk is the last stage: reading it back gives the accuracy the stage reported
-    assert doc["archive"] == {"path": str(out), "bytes": out.stat().st_size}
+    size = out.stat().st_size   # the kept file's own ratio (evaluate.compression_ratio), beside the stage's own file
+    assert doc["archive"] == {"path": str(out), "bytes": size, "dense_fp32_bytes": doc["baseline"]["bytes_on_disk"],
+                              "ratio": doc["baseline"]["bytes_on_disk"] / size}
     loaded = archive.read(str(out))
     from netdiet.training import evaluate_accuracy
     assert evaluate_accuracy(loaded.model, data.x_test, data.y_test) == pytest.approx(cluster.accuracy)
