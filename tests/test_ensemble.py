@@ -130,6 +130,10 @@ def test_cli_ensemble_writes_members_and_member_one_is_the_plain_train_run(tmp_p
     assert (plain / "model.safetensors").read_bytes() == (out / "member-1" / "model.safetensors").read_bytes()
     ens, loaded = load_ensemble(out)
     assert len(ens.members) == 2 and loaded["k"] == 2
+    hostile = json.loads((out / "ensemble.json").read_text())
+    (out / "ensemble.json").write_text(json.dumps({**hostile, "k": 10 ** 9}))
+    with pytest.raises(NetdietError, match="names 1000000000 members but .*member-1000000000/model.safetensors is missing"):
+        load_ensemble(out)
     assert len(ensemble_tables(doc)) == 3
 
 

@@ -395,9 +395,14 @@ def load_ensemble(path: str | Path, *, allow_spec: str | None = None) -> tuple[E
     k = doc.get("k")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise NetdietError(f"{index} has no valid member count 'k'; regenerate it with `netdiet train --ensemble K`")
+    if not (member_dir(folder, k) / "model.safetensors").is_file():    # a hostile k fails here, before any model is built
+        raise NetdietError(f"{index} names {k} members but {member_dir(folder, k)}/model.safetensors is missing; "
+                           "finish the ensemble with `netdiet train ... --ensemble K --resume` or train it again")
     members = []
     for i in range(1, k + 1):
         model = create_model(spec, **kwargs)
+        if i == 1:
+            check_ensemble_memory(model, k, None)      # the K members must fit the RAM before they are built
         weights = member_dir(folder, i) / "model.safetensors"
         missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
         if missing or unexpected:
