@@ -98,7 +98,7 @@ def cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------ peers (each returns forward MACs)
-def _quiet(fn):
+def quiet(fn):
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.disable(logging.CRITICAL)
@@ -257,7 +257,7 @@ def main() -> None:
         for peer, fn in peers.items():
             t0 = time.perf_counter()
             try:
-                result = _quiet(lambda: fn(copy.deepcopy(model).eval(), x))
+                result = quiet(lambda: fn(copy.deepcopy(model).eval(), x))
             except Exception as exc:  # a peer that crashes is a finding, not a benchmark failure
                 row["peers"][peer] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
                 continue
