@@ -20,7 +20,7 @@ training run continues, the stage checkpoint is loaded). Result cases start from
 (tests/data/results, made by tests/data/make_result_fixtures.py): hostile field values, one kind's fields under
 another's schema, lists of 200,000 items and 300-wide matrices, schema strings, JSON text and byte damage; each
 case is `netdiet report` on the file (one case in 15 draws its plots with matplotlib, the rest stub the drawing).
-The default run keeps to ~1.5 min; the `slow` profile runs 3,000 cases of each.
+The default run keeps to ~1.5 min (1,550 cases); the `slow` profile runs 3,000 cases of each.
 """
 from __future__ import annotations
 
@@ -664,8 +664,8 @@ def test_fuzz_hostile_recipes_end_in_success_or_a_netdiet_error_within_the_caps(
 
 
 def test_fuzz_hostile_checkpoints_end_in_success_or_a_netdiet_error_within_the_caps():
-    summary = _run_child("checkpoint", examples=250, seed=11, timeout=300)
-    assert summary["outcomes"]["error"] > 100 and summary["outcomes"]["ok"] > 0
+    summary = _run_child("checkpoint", examples=150, seed=11, timeout=300)   # ~0.1 s a case: each one resumes a run
+    assert summary["outcomes"]["error"] > 60 and summary["outcomes"]["ok"] > 0
 
 
 def test_fuzz_hostile_result_documents_end_in_success_or_a_netdiet_error_within_the_caps():
