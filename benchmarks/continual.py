@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--part", choices=PARTS, default=None, help="budget suite: run only this part")
     ap.add_argument("--merge", action="store_true", help="budget suite: table and curve from the parts' JSON")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-only", type=int, default=None, help="budget suite: run only this seed (its own part file)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per task (budget 5, legacy 10)")
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
     ap.add_argument("--out", default=None)
@@ -186,8 +187,9 @@ def _runs(part: str) -> list[tuple[str, str, str, int, dict, str]]:
     return out
 
 
-def _part_path(part: str) -> Path:
-    return ROOT / "benchmarks" / "results" / f"continual_budget_{part}.json"
+def _part_path(part: str, seed: int | None = None) -> Path:
+    suffix = "" if seed is None else f"_seed{seed}"
+    return ROOT / "benchmarks" / "results" / f"continual_budget_{part}{suffix}.json"
 
 
 def budget_suite(args) -> int:
@@ -196,13 +198,14 @@ def budget_suite(args) -> int:
         return _merge(args)
     ds = get_dataset("mnist5k")
     for part in ([args.part] if args.part else PARTS):
-        path = _part_path(part)
+        path = _part_path(part, args.seed_only)
         done = {}
         if path.exists():
             old = json.loads(path.read_text())
             if old.get("epochs") == epochs:
                 done = {(r["label"], r["setting"], r["budget"], r["seed"]): r for r in old["runs"]}
-        runs = [(r, seed) for seed in range(args.seeds) for r in _runs(part)]   # seed 0 of every row first
+        seeds = [args.seed_only] if args.seed_only is not None else range(args.seeds)
+        runs = [(r, seed) for seed in seeds for r in _runs(part)]   # seed 0 of every row first
         bar = progress_bar(len(runs), f"continual {part}")
         records = []
         for (label, setting, strategy, budget, over, model), seed in runs:
@@ -242,10 +245,14 @@ def _slim(decision: dict | None) -> dict | None:
 
 
 def _merge(args) -> int:
-    runs = []
+    runs, seen = [], set()
     for part in PARTS:
-        if _part_path(part).exists():
-            runs += json.loads(_part_path(part).read_text())["runs"]
+        for path in sorted(_part_path(part).parent.glob(f"continual_budget_{part}*.json")):
+            for r in json.loads(path.read_text())["runs"]:
+                key = (r["label"], r["setting"], r["budget"], r["seed"])
+                if key not in seen:            # a seed run by two processes counts once
+                    seen.add(key)
+                    runs.append(r)
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["label"], r["setting"], r["budget"]), []).append(r)
