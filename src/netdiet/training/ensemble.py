@@ -140,6 +140,7 @@ def _totals(model: nn.Module, sample: torch.Tensor) -> tuple[dict, object]:
 def ensemble_cost(members: list[nn.Module], sample: torch.Tensor) -> dict:
     """Params, bytes, MACs and FLOPs per sample of one member and of the K-member module, by netdiet's engine (the
     profile's parameter totals and its op counter, one eval-mode forward of one sample)."""
+    sample = sample.to(_device(members[0]))
     one, _ = _totals(members[0], sample)
     all_, counts = _totals(Ensemble(members), sample)
     names = {f"members.{i}" for i in range(len(members))}
@@ -150,6 +151,11 @@ def ensemble_cost(members: list[nn.Module], sample: torch.Tensor) -> dict:
     return {"single": one, "ensemble": all_, "ratio": ratio, "k": len(members),
             "method": "netdiet.analysis.profile.parameter_totals and netdiet.analysis.counter.count_ops (eval-mode "
                       "forward of one sample) on one member and on the K-member module"}
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def same_architecture(members: list[nn.Module]) -> str | None:
@@ -168,10 +174,13 @@ def ensemble_latency(members: list[nn.Module], x: torch.Tensor, *, warmup: int =
     architecture, of the members batched by torch.func.stack_module_state + vmap; eval mode, no grad."""
     from torch.func import functional_call, stack_module_state, vmap
 
+    device = _device(members[0])
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None     # asynchronous kernels inside the timing
     modes = [m.training for m in members]
     for m in members:
         m.eval()
-    out: dict = {"batch": int(len(x)), "vmap": None, "vmap_unavailable": None}
+    out: dict = {"batch": int(len(x)), "device": device.type, "vmap": None, "vmap_unavailable": None}
     try:
         with torch.no_grad():
             fns: dict[str, Callable[[], object]] = {
@@ -197,7 +206,7 @@ def ensemble_latency(members: list[nn.Module], x: torch.Tensor, *, warmup: int =
                     out["vmap_unavailable"] = f"vmap failed on this model ({type(exc).__name__}: {str(exc)[:120]})"
             else:
                 out["vmap_unavailable"] = reason
-            out.update(time_interleaved(fns, warmup=warmup, repeats=repeats))   # A B C A B C: load hits all alike
+            out.update(time_interleaved(fns, warmup=warmup, repeats=repeats, sync=sync))   # A B C A B C: load hits all alike
     finally:
         for m, was in zip(members, modes):
             m.train(was)
