@@ -179,7 +179,7 @@ def test_recipe_teacher_option_is_validated_with_its_line(tmp_path):
 def test_distilling_an_ensemble_reports_the_three_points(tmp_path, capsys):
     from netdiet import api
     out = tmp_path / "ens"
-    assert main(BASE + ["--ensemble", "3", "--out", str(out), "--epochs", "2"]) == 0
+    assert main(BASE + ["--ensemble", "2", "--out", str(out)]) == 0
     ens = json.loads((out / "ensemble.json").read_text())
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"stages:\n  - technique: distill\n    options: {{teacher: 'ensemble:{out}', student: copy}}\n"
@@ -188,8 +188,8 @@ def test_distilling_an_ensemble_reports_the_three_points(tmp_path, capsys):
                        weights=str(out / "member-1" / "model.safetensors"))
     doc = res.to_dict()
     report = doc["stages"][0]["report"]
-    assert report["teacher"]["kind"] == "ensemble" and report["teacher"]["k"] == 3
-    assert report["teacher_params"] == 3 * report["student_params"] == 3 * 1210
+    assert report["teacher"]["kind"] == "ensemble" and report["teacher"]["k"] == 2
+    assert report["teacher_params"] == 2 * report["student_params"] == 2 * 1210
     assert doc["baseline"]["accuracy"] == ens["members"][0]["test_acc"]    # the one model is member 1
     pts = plane_points(doc)
     assert [p["label"] for p in pts][0] == "one model" and pts[2]["label"] == "distilled student"
@@ -198,7 +198,7 @@ def test_distilling_an_ensemble_reports_the_three_points(tmp_path, capsys):
     (tmp_path / "compress.json").write_text(json.dumps(doc))
     api.report([str(out / "ensemble.json"), str(tmp_path / "compress.json")], str(tmp_path / "r.html"))
     page = (tmp_path / "r.html").read_text()
-    assert "Ensemble · mlp × 3 (seeds) · digits" in page and "One model → ensemble → one student" in page
+    assert "Ensemble · mlp × 2 (seeds) · digits" in page and "One model → ensemble → one student" in page
     assert "skipped" not in page
     for p in pts:                                     # the three points' accuracies, as the table prints them
         assert f"{100 * p['accuracy']:.2f}%" in page
