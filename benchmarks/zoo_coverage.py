@@ -185,10 +185,13 @@ def reference(case: dict, model_meta: torch.nn.Module, side: int) -> dict:
         weights = torchvision.models.get_model_weights(case["model"]).DEFAULT
         res = int(weights.transforms().crop_size[0])
         ours = ref_macs = None
-        if res == side:
-            ours = None          # filled by the caller from the profile
-        else:
-            ours = count_ops(model_meta, torch.empty(1, 3, res, res, device="meta")).macs
+        ours = None              # at the benchmark's resolution: filled by the caller from the profile
+        if res != side:
+            at_res = model_meta
+            if hasattr(model_meta, "image_size"):    # a ViT is built for one size (vit_h_14's weights are 518)
+                with torch.device("meta"):
+                    at_res = torchvision.models.get_model(case["model"], image_size=res)
+            ours = count_ops(at_res, torch.empty(1, 3, res, res, device="meta")).macs
         ref_macs = weights.meta.get("_ops")
         ref.update({"published_gmacs": ref_macs, "published_weights": str(weights).split(".", 1)[-1],
                     "published_resolution": res, "netdiet_macs_at_published_resolution": ours})
@@ -231,16 +234,19 @@ def run_case(case: dict, use_fvcore: bool) -> dict:
     except Exception as exc:
         row["uncounted_training"] = None
         row["training_count_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    ref = reference(case, model, side)
-    if case["source"] == "torchvision":
+    try:
+        ref = reference(case, model, side)
+    except Exception as exc:
+        ref = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", "exact": False}
+    if "error" not in ref and case["source"] == "torchvision":
         at_res = ref["netdiet_macs_at_published_resolution"] or row["netdiet_macs"]
         ref["netdiet_macs_at_published_resolution"] = at_res
         pub = ref["published_gmacs"]
         ref["exact"] = pub is not None and abs(round(at_res / 1e9, 3) - pub) < 1e-9
         ref["ratio"] = round(at_res / (pub * 1e9), 4) if pub else None
-    else:
+    elif "error" not in ref:
         ref["exact"] = ref["analytic_macs"] == row["netdiet_macs"]
-    ref["analytic_exact"] = ref["analytic_macs"] == row["netdiet_macs"]
+    ref["analytic_exact"] = ref.get("analytic_macs") == row["netdiet_macs"]
     row["reference"] = ref
     row["uncounted"] = sorted(set(row.get("uncounted_forward") or {}) | set(row.get("uncounted_training") or {}))
     row["peers"] = peers(model, case, side, use_fvcore, row["netdiet_macs"], row.get("netdiet_backward_macs"))
@@ -255,8 +261,16 @@ def peers(model_meta, case: dict, side: int, use_fvcore: bool, ours: int, ours_b
         fwd, bwd = quiet(lambda: peer_flop_counter_mode(copy.deepcopy(model_meta).eval(), x))
         out["flop_counter_mode"] = {"macs": fwd, "ratio_to_netdiet": round(fwd / ours, 4), "backward_macs": bwd,
                                     "backward_ratio_to_netdiet": round(bwd / ours_bwd, 4) if ours_bwd else None}
-    except Exception as exc:
+    except Exception as exc:     # its training step failed (batch-1 BatchNorm): keep its forward count
         out["flop_counter_mode"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                copy.deepcopy(model_meta).eval()(x)
+            fwd = fc.get_total_flops() // 2
+            out["flop_counter_mode"].update({"macs": fwd, "ratio_to_netdiet": round(fwd / ours, 4)})
+        except Exception:
+            pass
     if use_fvcore and available("fvcore"):
         try:
             real = build(case, "cpu").eval()
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["torchvision", "timm"])
     ap.add_argument("--models", help="comma-separated subset")
-    ap.add_argument("--fresh", action="store_true", help="redo rows already in the results file")
+    ap.add_argument("--fresh", action="store_true", help="redo the selected rows already in the results file")
     ap.add_argument("--no-fvcore", action="store_true", help="skip fvcore (it runs each model on real tensors)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -338,11 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     out = Path(args.out)
     done: dict[tuple, dict] = {}
-    if out.exists() and not args.fresh:
+    if out.exists():
         prev = read_json(out)
         if prev.get("schema") == SCHEMA and prev.get("torch") == torch.__version__:
             done = {(r["source"], r["model"]): r for r in prev["rows"]}
     todo = cases(args.only, set(args.models.split(",")) if args.models else None)
+    if args.fresh:
+        done = {k: r for k, r in done.items() if k not in {(c["source"], c["model"]) for c in todo}}
     rows = list(done.values())
     for i, case in enumerate(todo, 1):
         if (case["source"], case["model"]) in done:
