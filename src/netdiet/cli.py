@@ -555,9 +555,11 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
                       [str(d / f"compress-{tag}.json"), str(d / f"{tag}.ndz")]))
         steps.append((f"evaluate {tag}.ndz", ["evaluate", str(d / f"{tag}.ndz"), "--data", "mnist5k",
                                               "--json", str(d / f"evaluate-{tag}.json"), *t], [str(d / f"evaluate-{tag}.json")]))
-    steps.append(("continual replay under 256 KiB", ["continual", "--scenario", "split", "--data", "mnist5k", "--setting", "class",
-                                                    "--strategy", "replay", "--budget", "256KiB", "--exemplar-bits", "4",
-                                                    "--json", str(d / "continual.json"), *s], [str(d / "continual.json")]))
+    # no --strategy: under a budget netdiet splits it itself (model precision, exemplar bits, resolution, count)
+    steps.append(("continual under 256 KiB, budget split by netdiet", ["continual", "--scenario", "split", "--data", "mnist5k",
+                                                                      "--setting", "class", "--budget", "256KiB",
+                                                                      "--json", str(d / "continual.json"), *s],
+                  [str(d / "continual.json")]))
     return steps
 
 
