@@ -6,7 +6,9 @@ an int64 label (3,144 B), so at a budget B its replay memory holds (B - 35,808) 
 experience-balanced). It runs in its own venv (Avalanche pins its own torch/torchvision pair), on the arrays that
 netdiet's mnist5k loader wrote (no netdiet import here):
 
-    .venv/bin/python -c "...np.savez(...)"      # see README: x_train, y_train, x_test, y_test of get_dataset('mnist5k')
+    mkdir -p /tmp/cl && .venv/bin/python -c "import numpy as np, netdiet; d = netdiet.get_dataset('mnist5k'); \
+        np.savez('/tmp/cl/mnist5k.npz', **{k: np.asarray(getattr(d, k)) for k in ('x_train', 'y_train', 'x_test', 'y_test')})"
+    python3 -m venv /tmp/ava && /tmp/ava/bin/pip install torch==2.14.1 torchvision==0.29.1 avalanche-lib==0.6.0
     /tmp/ava/bin/python benchmarks/continual_avalanche.py --data /tmp/cl/mnist5k.npz --seeds 1
 
 Writes benchmarks/results/continual_avalanche.json (average accuracy over the 5 tasks after the last, per budget).
