@@ -185,8 +185,14 @@ def ort_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor
 def ort_quantize(proto, mode: str, calibration: list[torch.Tensor] | None, method: str) -> bytes:
     """ORT's int8 model (bytes) of an fp32 ONNX model: quantize_dynamic, or quantize_static (QDQ, per channel)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     input_name = proto.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="netdiet-q-") as tmp, quiet():
@@ -297,8 +303,9 @@ def _digest(a: np.ndarray) -> tuple:
     return a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str, Encoding], list[dict], list[str]]:
-    """Read ORT's int8 weight codes back as PyTorch-layout Encodings.
+def harvest_onnx_weights(model: nn.Module, int8) -> tuple[dict[str, Encoding], list[dict], list[str]]:
+    """Read ORT's int8 weight codes back as PyTorch-layout Encodings; `int8` is the model's bytes or, when the
+    caller has parsed them already, the onnx.ModelProto (so the graph is parsed once).
 
     Returns (encodings by parameter name, fill records for every initializer the archive can refill from the
     model, so the ONNX blob it stores holds only the graph and small constants, and the int8 weights that
@@ -306,7 +313,7 @@ def harvest_onnx_weights(model: nn.Module, int8_bytes: bytes) -> tuple[dict[str,
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load_from_string(int8_bytes)
+    proto = onnx.load_from_string(int8) if isinstance(int8, (bytes, bytearray)) else int8
     inits = {i.name: i for i in proto.graph.initializer}
     tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     by_shape: dict[tuple, list[str]] = {}

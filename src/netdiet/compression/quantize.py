@@ -244,6 +244,8 @@ class Quantize(Technique):
 
     # -- ONNX Runtime int8 (dynamic / static)
     def _onnx(self, model: nn.Module, state: CompressionState, ctx: StageContext) -> dict:
+        import onnx
+
         mode = self.options["mode"]
         calibration = None
         if mode == "static":
@@ -262,7 +264,8 @@ class Quantize(Technique):
             bar.advance()
             int8 = ort_quantize(proto, mode, calibration, self.options["calibration_method"])
             bar.advance()
-            encodings, fill, graph_only = harvest_onnx_weights(model, int8)
+            int8_proto = onnx.load_from_string(int8)
+            encodings, fill, graph_only = harvest_onnx_weights(model, int8_proto)
             bar.advance()
         if not encodings:
             if graph_only:
@@ -283,9 +286,7 @@ class Quantize(Technique):
                 p.copy_(value.to(p.dtype))
                 state.encodings[pname] = enc
                 layers[pname] = {"params": p.numel(), "bits": 8, "channels": int(enc.scale.numel())}
-        import onnx
-        graph = onnx.load_from_string(int8).graph
-        ops = sorted({n.op_type for n in graph.node})
+        ops = sorted({n.op_type for n in int8_proto.graph.node})
         # int8 weights ORT made that are not a rounding of a model parameter live only in the ONNX graph: the
         # archive stores them there, next to the fp32 weight
         self._onnx_only = sorted(graph_only)
