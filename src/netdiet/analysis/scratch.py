@@ -455,6 +455,17 @@ def fp32_bwd_weights_threads_on_batch(call: ConvCall, nthr: int) -> int:
     return best_mb
 
 
+def _onednn_blocked(call: ConvCall, es: int) -> tuple[bool, bool, bool, bool, int, int, int, int, int]:
+    """What both oneDNN avx512 convolution rules start from, with `es` bytes an element: whether the conv is
+    depthwise, 'flat' (fewer than 16 input channels, not grouped), 1x1 without padding and strided; the blocked
+    (channels padded to 16) input and output, the plain output and input, and the plain weights, in bytes."""
+    n, c, h, w, o, kh, kw, oh, ow = call.dims
+    g = call.groups
+    return (g > 1 and g == c == o, c < _SIMD and g == 1, kh == kw == 1 and all(p == 0 for p in call.padding),
+            any(s != 1 for s in call.stride), n * _ru(c, _SIMD) * h * w * es, n * _ru(o, _SIMD) * oh * ow * es,
+            n * o * oh * ow * es, n * c * h * w * es, o * (c // g) * kh * kw * es)
+
+
 def avx512_conv_fp32(call: ConvCall, cap: CpuCapability) -> int | None:
     """oneDNN jit:avx512_core fp32 convolution: reorders into 16-channel blocked layouts (channels padded).
 
@@ -469,14 +480,7 @@ def avx512_conv_fp32(call: ConvCall, cap: CpuCapability) -> int | None:
         return None
     n, c, h, w, o, kh, kw, oh, ow = call.dims
     es, g, nthr = 4, call.groups, cap.threads
-    depthwise = g > 1 and g == c == o
-    flat = c < _SIMD and g == 1
-    one = kh == kw == 1 and all(p == 0 for p in call.padding)
-    strided = any(s != 1 for s in call.stride)
-    src_b = n * _ru(c, _SIMD) * h * w * es
-    dst_b = n * _ru(o, _SIMD) * oh * ow * es
-    out, inp = n * o * oh * ow * es, n * c * h * w * es
-    w_plain = o * (c // g) * kh * kw * es
+    depthwise, flat, one, strided, src_b, dst_b, out, inp, w_plain = _onednn_blocked(call, es)
     if depthwise:
         w_b = _ru(g, _SIMD) * kh * kw * es
     elif flat:
@@ -499,7 +503,7 @@ def avx512_conv_fp32(call: ConvCall, cap: CpuCapability) -> int | None:
                ("+", "gi", inp), ("+", "zero", zero), ("-", "gib", 0), ("-", "zero", 0)]
         outputs += inp
     if call.mask[1]:
-        if c < _SIMD and g == 1:
+        if flat:
             go_w = dst_b if o >= _SIMD or c <= 3 else n * _ru(o, 8) * oh * ow * es
             src_w = 0 if c <= 3 else n * _ru(c, 8) * h * w * es
             gw_b = _ru(o, _SIMD) * c * kh * kw * es
@@ -568,15 +572,8 @@ def avx512_conv_bf16(call: ConvCall, cap: CpuCapability) -> int | None:
         return None
     n, c, h, w, o, kh, kw, oh, ow = call.dims
     es, g, nthr = 2, call.groups, cap.threads
-    depthwise = g > 1 and g == c == o
-    flat = c < _SIMD and g == 1
-    one = kh == kw == 1 and all(p == 0 for p in call.padding)
-    strided = any(s != 1 for s in call.stride)
     ph, pw = call.padding
-    src_b = n * _ru(c, _SIMD) * h * w * es
-    dst_b = n * _ru(o, _SIMD) * oh * ow * es
-    out, inp = n * o * oh * ow * es, n * c * h * w * es
-    w_plain = o * (c // g) * kh * kw * es
+    depthwise, flat, one, strided, src_b, dst_b, out, inp, w_plain = _onednn_blocked(call, es)
     if depthwise:
         w_b = _ru(g, _SIMD) * kh * kw * es
     elif flat:
