@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from netdiet.fileio import parse_json
+from netdiet.fileio import MAX_JSON_DEPTH, parse_json
 
-MAX_JSON_DEPTH = 32             # nesting of the header JSON (netdiet writes ~8; json.loads recurses per level)
 MAX_HEADER = 8 * 1024 * 1024    # bytes a header may take, compressed or decompressed (a 1,000-tensor model needs ~0.3 MB)
 MAX_HEADER_MEMORY = 64 << 20    # Python objects the parsed header may take (a 1,000-tensor model's: ~1.5 MB)
 MAX_EXPANSION = 1 << 16         # zstd's ceiling is ~32,768:1 (RLE blocks of 128 KiB); a stream claiming more is forged
