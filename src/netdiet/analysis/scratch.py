@@ -426,6 +426,21 @@ def native_conv(call: ConvCall, cap: CpuCapability) -> int | None:
 _SIMD = 16
 
 
+def _balance_batch_split(cost: Callable[[int, int, int], float], nthr: int, batch: int, nb_oc: int,
+                         nb_ic: int) -> int:
+    """oneDNN's balance() search: over thread splits (batch parts x output-channel blocks x input-channel blocks)
+    the one with the lowest `cost`, the last one on a tie; returns its number of batch parts (1 when none beats
+    the unsplit 1 x 1 x 1)."""
+    best, best_mb = cost(1, 1, 1), 1
+    for nmb in range(1, min(nthr, batch) + 1):
+        par = nthr // nmb
+        for noc in range(1, min(par, nb_oc) + 1):
+            c_ = cost(nmb, noc, min(par // noc, nb_ic))
+            if c_ <= best:
+                best, best_mb = c_, nmb
+    return best_mb
+
+
 def fp32_bwd_weights_threads_on_batch(call: ConvCall, nthr: int) -> int:
     """How many threads oneDNN's fp32 backward-weights kernel splits the batch over (each beyond the first needs
     its own fp32 weight-gradient buffer). Its balance(): the thread split (batch x output-channel blocks x
@@ -443,13 +458,7 @@ def fp32_bwd_weights_threads_on_batch(call: ConvCall, nthr: int) -> int:
         return (_du(n, nmb) * _du(nb_ic, nic) * _SIMD * h * iw / (s * s)
                 + _du(n, nmb) * _du(nb_oc, noc) * _SIMD * oh * ow
                 + 6 * _du(nb_oc, noc) * _du(nb_ic, nic) * kh * kw * _SIMD * _SIMD)
-    best, best_mb = cost(1, 1, 1), 1
-    for nmb in range(1, min(nthr, n) + 1):
-        par = nthr // nmb
-        for noc in range(1, min(par, nb_oc) + 1):
-            c_ = cost(nmb, noc, min(par // noc, nb_ic))
-            if c_ <= best:
-                best, best_mb = c_, nmb
+    best_mb = _balance_batch_split(cost, nthr, n, nb_oc, nb_ic)
     if nthr / 2 < best_mb < nthr:
         best_mb = min(n, nthr)
     return best_mb
@@ -545,14 +554,7 @@ def bf16_bwd_weights_splits_rows(call: ConvCall, nthr: int, tr_iw: int) -> bool:
         return (src_coef * _du(rows, nmb) * _du(nb_ic, nic) * n * icb * h * tr_iw / rows / s / s
                 + dst_coef * _du(rows, nmb) * _du(nb_oc, noc) * n * _SIMD * oh * tr_ow / rows
                 + wei_coef * _du(nb_oc, noc) * _du(nb_ic, nic) * kh * kw * icb * _SIMD)
-    best, best_mb = cost(1, 1, 1), 1
-    for nmb in range(1, min(nthr, rows) + 1):
-        par = nthr // nmb
-        for noc in range(1, min(par, nb_oc) + 1):
-            c_ = cost(nmb, noc, min(par // noc, nb_ic))
-            if c_ <= best:
-                best, best_mb = c_, nmb
-    return best_mb > 1
+    return _balance_batch_split(cost, nthr, rows, nb_oc, nb_ic) > 1
 
 
 def avx512_conv_bf16(call: ConvCall, cap: CpuCapability) -> int | None:
