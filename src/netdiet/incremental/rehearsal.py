@@ -34,7 +34,7 @@ from torch import nn
 from netdiet.errors import NetdietError
 from netdiet.incremental.ledger import KeptState
 from netdiet.incremental.strategies import LwF, Replay, Work, register
-from netdiet.training import fit, predict
+from netdiet.training import predict
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -88,9 +88,7 @@ class Rehearsal(Replay):
                     loss = loss + extra
             return loss
 
-        result = fit(model, x, encoded, self.train_config(task), loss_fn=loss_fn)
-        work.steps += result.steps
-        work.train_samples += len(x) * len(result.history)
+        self.fit_task(model, task, x, encoded, work, loss_fn=loss_fn)
 
     def answer(self, model: nn.Module) -> nn.Module:
         return model
@@ -299,10 +297,7 @@ class LwFLogits(LwF):
                      for g in groups) * T * T / len(groups)
             return loss + alpha * kd
 
-        result = fit(model, t.x_train, t.y_train + C * torch.arange(len(t.y_train)), self.train_config(task),
-                     loss_fn=loss_fn)
-        work.steps += result.steps
-        work.train_samples += len(t.y_train) * len(result.history)
+        self.fit_task(model, task, t.x_train, t.y_train + C * torch.arange(len(t.y_train)), work, loss_fn=loss_fn)
         return work
 
     def kept(self, model: nn.Module) -> KeptState:

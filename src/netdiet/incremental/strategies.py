@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -128,14 +128,13 @@ class Strategy:
                            description=f"{self.name}{what} task {task + 1}/{len(self.scenario.tasks)}")
 
     def fit_task(self, model: nn.Module, task: int, x: torch.Tensor, y: torch.Tensor, work: Work,
-                 callbacks: list[Callback] | None = None, epochs: int | None = None, what: str = "") -> None:
-        scenario = self.scenario
-
-        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(scenario.train_logits(logits, target, task), target)
+                 callbacks: list[Callback] | None = None, epochs: int | None = None, what: str = "",
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:     # unless `loss_fn` is given
+            return F.cross_entropy(self.scenario.train_logits(logits, target, task), target)
 
         cfg = self.train_config(task, epochs, what)
-        result = fit(model, x, y, cfg, callbacks=callbacks or [], loss_fn=loss_fn)
+        result = fit(model, x, y, cfg, callbacks=callbacks or [], loss_fn=loss_fn or task_loss)
         work.steps += result.steps
         work.train_samples += len(x) * len(result.history)
 
