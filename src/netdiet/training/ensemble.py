@@ -183,9 +183,8 @@ def ensemble_latency(members: list[nn.Module], x: torch.Tensor, *, warmup: int =
     out: dict = {"batch": int(len(x)), "device": device.type, "vmap": None, "vmap_unavailable": None}
     try:
         with torch.no_grad():
-            fns: dict[str, Callable[[], object]] = {
-                "single": lambda: members[0](x),
-                "loop": lambda: torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)}
+            looped = Ensemble(members)        # its forward is the loop over the members (softmax, mean)
+            fns: dict[str, Callable[[], object]] = {"single": lambda: members[0](x), "loop": lambda: looped(x)}
             reason = same_architecture(members)
             if reason is None:
                 params, buffers = stack_module_state(members)
