@@ -34,7 +34,7 @@ from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import MetaDeviceLimit, estimate_memory
 from netdiet.analysis.ram import available_ram, check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
-from netdiet.analysis.step import DTYPE_NAMES, normalise_optimizer, parse_dtype
+from netdiet.analysis.step import DTYPE_NAMES, model_device, normalise_optimizer, parse_dtype
 from netdiet.analysis.storage import weight_storage
 from netdiet.environment import environment  # the one record of what decides the numbers (also every other result's)
 from netdiet.errors import NetdietError
@@ -165,7 +165,7 @@ def resolve_model(model: nn.Module | str, model_kw: dict | None, *, seed: int,
 
 def load_weights(model: nn.Module, path: str, name: str) -> None:
     """Load a safetensors state dict into `model` (strict: every key must match)."""
-    if _model_device(model).type == "meta":
+    if model_device(model).type == "meta":
         raise NetdietError("weights cannot be loaded into a model on the meta device; give a real model")
     state = load_state_dict(path)
     try:
@@ -176,12 +176,6 @@ def load_weights(model: nn.Module, path: str, name: str) -> None:
     if missing or unexpected:
         raise NetdietError(f"{path} does not fit model '{name}': missing {list(missing)[:3]}, unexpected "
                            f"{list(unexpected)[:3]}; give the weights of this model (and the same --model-kw)")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 @dataclass
@@ -668,7 +662,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
     if weights is not None:
         load_weights(net, weights, model_info["spec"] or model_info["class"])
         model_info["weights"] = str(weights)
-    device = _model_device(net)
+    device = model_device(net)
     if measure and device.type == "meta":
         raise NetdietError("the model is on the meta device, so nothing can be measured; drop --measure or give a real model")
     spec = model_info["spec"]
