@@ -71,6 +71,14 @@ def test_stored_logits_are_int8_codes_with_one_float16_scale_per_row():
     assert torch.allclose(dequantize_rows(q, s), torch.tensor([[254.0, 100.0], [-1.27, 0.5]]), atol=3e-3)
 
 
+def test_an_all_zero_or_tiny_row_of_logits_is_stored_as_zero_codes_not_nan():
+    # 1e-9 / 127 and 0 / 127 both round to 0 in float16; the scale's floor is float16's smallest step, 2**-24
+    q, s = quantize_rows(torch.tensor([[0.0, 0.0], [1e-9, -1e-9], [254.0, 100.0]]))
+    assert torch.isfinite(s.float()).all() and s[:2].tolist() == [2.0 ** -24, 2.0 ** -24] and s[2].item() == 2.0
+    assert q.tolist() == [[0, 0], [0, 0], [127, 50]]
+    assert dequantize_rows(q, s).tolist() == [[0.0, 0.0], [0.0, 0.0], [254.0, 100.0]]
+
+
 def test_nme_answers_the_class_of_the_nearest_normalised_mean():
     model = nn.Sequential(nn.Identity(), nn.Linear(2, 3))              # the features are the input itself
     means = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).half()

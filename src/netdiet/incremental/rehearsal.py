@@ -46,7 +46,9 @@ def last_linear(model: nn.Module) -> nn.Linear:
 
 def quantize_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) float -> int8 codes and one float16 scale per row (symmetric: value = code * scale)."""
-    scale = (z.abs().amax(1) / 127).clamp(min=1e-8).half()
+    # floor in float16 itself: a floor applied before the cast (1e-8) rounds to 0 there, and an all-zero row then
+    # divided 0 by 0 into NaN codes; 2**-24 (float16's smallest step) changes only scales that would have been 0
+    scale = (z.abs().amax(1) / 127).half().clamp(min=2.0 ** -24)
     q = torch.clamp(torch.round(z / scale.float()[:, None]), -127, 127).to(torch.int8)
     return q, scale
 
