@@ -53,6 +53,19 @@ def check_seed(value, *, name: str = "seed", flag: str | None = "--seed") -> int
     return check_integer(name, value, low=0, high=SEED_MAX, flag=flag, example=f"{flag or name} 0")
 
 
+def check_fields(obj, rules, *, optional=()) -> None:
+    """Check each numeric field of a config object by a table of rules (field, kind, low, high, flag, example): kind
+    "int" a whole number, "real" a finite number, "pos" a finite number > 0; a field named in `optional` may be None."""
+    for name, kind, low, high, flag, example in rules:
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if kind == "int":
+            check_integer(name, value, low=low, high=high, flag=flag, example=example)
+        else:
+            check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=example)
+
+
 def _range(low, high, low_open) -> str:
     if low is None and high is None:
         return ""

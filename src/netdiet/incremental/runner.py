@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from netdiet.analysis.counter import count_ops
-from netdiet.checks import check_integer, check_number, check_seed
+from netdiet.checks import check_fields, check_seed
 from netdiet.data import get_dataset
 from netdiet.environment import environment
 from netdiet.errors import NetdietError
@@ -113,14 +113,9 @@ _OPTIONAL = ("exemplars", "packnet_finetune_epochs", "budget")     # None = not 
 def check_continual_config(cfg: ContinualConfig) -> None:
     """Every number of a ContinualConfig finite, in range and integer where meant (NetdietError naming the option).
     The one check for the CLI and the API: `continual` and `run_continual` run it before any work."""
-    for name, kind, low, high, example in _NUMBERS:
-        value, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
-        if value is None and name in _OPTIONAL:
-            continue
-        if kind == "int":
-            check_integer(name, value, low=low, high=high, flag=flag, example=f"{flag} {example}")
-        else:
-            check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=f"{flag} {example}")
+    flags = {name: f"--{name.replace('_', '-')}" for name, *_ in _NUMBERS}
+    check_fields(cfg, ((name, kind, low, high, flags[name], f"{flags[name]} {example}")
+                       for name, kind, low, high, example in _NUMBERS), optional=_OPTIONAL)
     check_seed(cfg.seed)
 
 

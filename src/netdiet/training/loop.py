@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netdiet.checks import check_integer, check_number, check_seed, json_finite
+from netdiet.checks import check_fields, check_integer, check_number, check_seed, json_finite
 from netdiet.environment import steady_threads
 from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS, make_optimizer
@@ -341,12 +341,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     """Every number of a TrainConfig finite, in range and integer where an integer is meant (NetdietError otherwise).
 
     The one check for the CLI, the recipes and the API: `fit` runs it first, `netdiet.train` before any work."""
-    for name, (kind, low, high, flag, example) in _NUMBERS.items():
-        value = getattr(cfg, name)
-        if kind == "int":
-            check_integer(name, value, low=low, high=high, flag=flag, example=example)
-        else:
-            check_number(name, value, low=low, high=high, low_open=kind == "pos", flag=flag, example=example)
+    check_fields(cfg, ((name, *rule) for name, rule in _NUMBERS.items()))
     check_seed(cfg.seed)
     parse_checkpoint_every(cfg.checkpoint_every)
 
