@@ -205,7 +205,7 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
     points = get(doc, "scaling.points") or []
     if points and all(isinstance(p, dict) for p in points) and all(isinstance(p.get("batch_size"), int) for p in points):
         if all(isinstance(p.get("peak_breakdown"), dict) for p in points):
-            keys = sorted({k for p in points for k, v in p["peak_breakdown"].items() if v}, key=_memory_rank)
+            keys = sorted({k for p in points for k, v in p["peak_breakdown"].items() if v}, key=plots.memory_rank)
             series = {k: [p["peak_breakdown"].get(k) or 0 for p in points] for k in keys if k in plots.PALETTE}
             title = "training tensor peak vs batch size (what is alive at the peak)"
         else:
@@ -221,7 +221,7 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
                                          budget=get(doc, "scaling.budget_bytes")), "memory across batch sizes")
         _fit_table(page, get(doc, "scaling.fit") or {})
     elif isinstance(mem.get("peak_breakdown"), dict) and any(mem["peak_breakdown"].values()):
-        keys = [k for k in sorted(mem["peak_breakdown"], key=_memory_rank) if mem["peak_breakdown"][k] and k in plots.PALETTE]
+        keys = [k for k in sorted(mem["peak_breakdown"], key=plots.memory_rank) if mem["peak_breakdown"][k] and k in plots.PALETTE]
         page.chart(plots.stacked_bars([f"batch {mem.get('batch_size', '')}"], {k: [mem["peak_breakdown"][k]] for k in keys},
                                       title="training tensor peak: what is alive at the peak", ylabel="bytes"),
                    "memory breakdown")
@@ -249,10 +249,6 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
     if unc:
         page.add("<p class='warn'>Operators without a formula (not counted): " +
                  esc(", ".join(f"{k} ×{v}" for k, v in unc.items())) + "</p>")
-
-
-def _memory_rank(key: str) -> int:
-    return plots.MEMORY_ORDER.index(key) if key in plots.MEMORY_ORDER else len(plots.MEMORY_ORDER)
 
 
 def _num(x: Any) -> bool:

@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator  # noqa: E402
 
+from netdiet.reporting.story import MEMORY_NAMES  # noqa: E402
 from netdiet.units import byte_unit, format_bytes, format_count  # noqa: E402
 
 # The one colour of each category, in every chart. Keys are the names used in the JSON results.
@@ -42,19 +43,16 @@ PALETTE: dict[str, str] = {
     "pytorch": "#8c6d31", "onnxruntime": "#637939",
     "pareto": "#7b4173", "dominated": "#a5a5a5", "exemplars": "#e7ba52",
 }
-# What each category is called on the page.
+# What each category is called on the page: the memory parts as the report's sentences name them (story.MEMORY_NAMES,
+# whose order is also the stacking order), then the other categories.
 LABELS: dict[str, str] = {
-    "weights": "weights", "buffers": "buffers", "inputs": "inputs", "outputs": "outputs", "gradients": "gradients",
-    "backward_buffers": "backward temporaries", "optimizer_state": "optimizer state",
-    "optimizer_temporaries": "optimizer temporaries", "activations": "activations saved for backward",
-    "recomputed": "recomputed activations", "workspace": "workspace", "temporaries": "other temporaries",
+    **MEMORY_NAMES,
     "budget": "budget", "fitted": "fit: fixed + per-sample x batch", "measured": "measured peak",
     "train": "train", "validation": "validation", "flops": "forward FLOPs", "pytorch": "PyTorch",
     "onnxruntime": "ONNX Runtime", "pareto": "on the Pareto front", "dominated": "dominated",
     "exemplars": "exemplar bytes kept",
 }
-MEMORY_ORDER = ["weights", "buffers", "inputs", "outputs", "gradients", "backward_buffers", "optimizer_state",
-                "optimizer_temporaries", "activations", "recomputed", "workspace", "temporaries"]
+MEMORY_ORDER = list(MEMORY_NAMES)
 # distinct markers for the points of a Pareto chart (their names are legend entries)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 
@@ -62,8 +60,9 @@ plt.rcParams.update({"svg.fonttype": "none", "font.family": "DejaVu Sans", "svg.
                      "axes.formatter.useoffset": False, "font.size": 9})
 
 
-def colour(category: str) -> str:
-    return PALETTE[category]
+def memory_rank(key: str) -> int:
+    """Position of a memory category in MEMORY_ORDER (unknown keys last): the one stacking order of every chart."""
+    return MEMORY_ORDER.index(key) if key in MEMORY_ORDER else len(MEMORY_ORDER)
 
 
 class _BinaryLocator(Locator):
@@ -167,7 +166,7 @@ def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
     f = _Figure((7.5, max(2.4, 0.34 * len(categories) + 1.2)))
     left = [0.0] * len(categories)
     y = list(range(len(categories)))
-    for key in sorted(series, key=lambda k: MEMORY_ORDER.index(k) if k in MEMORY_ORDER else len(MEMORY_ORDER)):
+    for key in sorted(series, key=memory_rank):
         vals = series[key]
         bars = f.ax.barh(y, vals, left=left, label=LABELS[key], color=PALETTE[key])
         f.tag(bars, key)
@@ -195,7 +194,7 @@ def batch_sweep(batches: Sequence[int], series: dict[str, Sequence[float]], *, t
     gaps = [b - a for a, b in zip(distinct, distinct[1:])]
     width = min(0.9, 0.6 * min(gaps)) if gaps else 0.6
     bottom = [0.0] * len(xs)
-    for key in sorted(series, key=lambda k: MEMORY_ORDER.index(k) if k in MEMORY_ORDER else len(MEMORY_ORDER)):
+    for key in sorted(series, key=memory_rank):
         vals = series[key]
         bars = f.ax.bar(xs, vals, width=width, bottom=bottom, label=LABELS[key], color=PALETTE[key])
         f.tag(bars, key)
