@@ -28,6 +28,7 @@ from netdiet.reporting.story import (
     compress_story,
     continual_story,
     evaluate_story,
+    is_number,
     pct,
     peak_shares,
     profile_story,
@@ -213,11 +214,11 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
             series = {k: [p.get(k) or 0 for p in points] for k in keys if any(p.get(k) for p in points)}
             title = "training tensor memory vs batch size"
         fit = get(doc, "scaling.fit.memory_estimated")
-        fit = (fit["fixed"], fit["per_sample"]) if isinstance(fit, dict) and _num(fit.get("fixed")) and _num(fit.get("per_sample")) else None
+        fit = (fit["fixed"], fit["per_sample"]) if isinstance(fit, dict) and is_number(fit.get("fixed")) and is_number(fit.get("per_sample")) else None
         measured = [p.get("peak_measured") for p in points]
         if series:
             page.chart(plots.batch_sweep([p["batch_size"] for p in points], series, title=title, fit=fit,
-                                         measured=measured if all(_num(m) for m in measured) else None,
+                                         measured=measured if all(is_number(m) for m in measured) else None,
                                          budget=get(doc, "scaling.budget_bytes")), "memory across batch sizes")
         _fit_table(page, get(doc, "scaling.fit") or {})
     elif isinstance(mem.get("peak_breakdown"), dict) and any(mem["peak_breakdown"].values()):
@@ -226,7 +227,7 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
                                       title="training tensor peak: what is alive at the peak", ylabel="bytes"),
                    "memory breakdown")
     shares = peak_shares(mem.get("peak_breakdown"))
-    if shares and _num(mem.get("peak_estimated")):
+    if shares and is_number(mem.get("peak_estimated")):
         peak = mem["peak_estimated"]
         page.add(f"<h3>Alive at the estimated training tensor peak (batch {esc(mem.get('batch_size'))})</h3>")
         page.table(["part", "bytes", "share of the peak"],
@@ -251,10 +252,6 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
                  esc(", ".join(f"{k} ×{v}" for k, v in unc.items())) + "</p>")
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 FIT_ROWS = [("memory_estimated", "training tensor peak (est.)", "bytes"), ("memory_measured", "training tensor peak (meas.)", "bytes"),
             ("inference_memory_estimated", "inference tensor peak (est.)", "bytes"), ("flops", "forward FLOPs", "count"),
             ("train_flops", "training-step FLOPs", "count")]
@@ -264,9 +261,9 @@ def _fit_table(page: Page, fit: dict) -> None:
     rows = []
     for key, label, unit in FIT_ROWS:
         f = fit.get(key)
-        if isinstance(f, dict) and _num(f.get("fixed")) and _num(f.get("per_sample")):
+        if isinstance(f, dict) and is_number(f.get("fixed")) and is_number(f.get("per_sample")):
             rows.append([label, fmt(f["fixed"], unit) if f["fixed"] >= 0 else "−" + fmt(-f["fixed"], unit),
-                         fmt(f["per_sample"], unit), f"{f['r2']:.4f}" if _num(f.get("r2")) else "n/a (constant)"])
+                         fmt(f["per_sample"], unit), f"{f['r2']:.4f}" if is_number(f.get("r2")) else "n/a (constant)"])
     page.table(["linear fit over the batch sizes", "fixed", "per sample", "R²"], rows)
 
 
@@ -278,7 +275,7 @@ def _section_compress(page: Page, src: str, doc: dict) -> None:
     items = [("baseline accuracy", "baseline.accuracy", "pct"), ("dense fp32 file", "baseline.bytes_on_disk", "bytes")]
     if last:
         items += [("final accuracy", f"{last}.accuracy", "pct")]
-    if _num(get(doc, "archive.ratio")):
+    if is_number(get(doc, "archive.ratio")):
         items += [("kept archive on disk", "archive.bytes", "bytes"), ("smaller than dense fp32", "archive.ratio", "ratio")]
     elif last:
         items += [("final bytes on disk", f"{last}.bytes_on_disk", "bytes"), ("smaller than dense fp32", f"{last}.ratio", "ratio")]
@@ -302,7 +299,7 @@ def _section_compress(page: Page, src: str, doc: dict) -> None:
                      fmt(s.get("ratio"), "ratio"), fmt(s.get("macs"), "count"), timing_text(t) if t else "not measured",
                      "yes" if s.get("name") in pareto_names else ""])
         page.timings += [t] if t else []
-    if _num(get(doc, "archive.ratio")):
+    if is_number(get(doc, "archive.ratio")):
         rows.append(["kept archive", get(doc, "archive.path", ""), fmt(get(doc, f"{last}.accuracy"), "pct") if last else "–",
                      fmt(get(doc, "archive.bytes"), "bytes"), fmt(get(doc, "archive.ratio"), "ratio"), "", "", ""])
     page.table(["stage", "technique", "accuracy", "bytes on disk", "smaller than dense fp32", "MACs", "latency (deployed runtime)",
@@ -324,8 +321,8 @@ def _section_evaluate(page: Page, src: str, doc: dict) -> None:
     page.timing_cards(src, items)
     sp = doc.get("latency_speedup")
     if isinstance(sp, dict):
-        if sp.get("stable") and _num(sp.get("value")):
-            band = f"interval {sp['low']:.2f}–{sp['high']:.2f}" if _num(sp.get("low")) and _num(sp.get("high")) else ""
+        if sp.get("stable") and is_number(sp.get("value")):
+            band = f"interval {sp['low']:.2f}–{sp['high']:.2f}" if is_number(sp.get("low")) and is_number(sp.get("high")) else ""
             page._cards([page._card("ONNX Runtime vs PyTorch (speed-up)", fmt(sp["value"], "ratio"), src, "latency_speedup.value",
                                     sp["value"], note=band, attrs=f' data-kind="timing-ratio" data-stable-source="{esc(src)}" '
                                                                'data-stable-path="latency_speedup.stable"')])
@@ -449,7 +446,7 @@ def _section_demo(page: Page, src: str, doc: dict) -> None:
         attrs = ""
         if isinstance(r.get("interval"), list) and isinstance(r.get("path"), str):   # a ratio of two timings
             lo, hi = (r["interval"] + [None, None])[:2]
-            note = (f"interval {lo:.2f}–{hi:.2f} · " if _num(lo) and _num(hi) else "") + note
+            note = (f"interval {lo:.2f}–{hi:.2f} · " if is_number(lo) and is_number(hi) else "") + note
             attrs = (f' data-kind="timing-ratio" data-stable-source="{esc(origin)}" '
                      f'data-stable-path="{esc(r["path"].rsplit(".", 1)[0] + ".stable")}"')
         cells.append(page._card(str(r.get("label", "")), fmt(r["value"], str(r.get("unit", ""))), src, path, r["value"],

@@ -22,7 +22,8 @@ def pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.0f} %" if whole else "-"
 
 
-def _num(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A JSON number (a bool is not one)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -30,16 +31,16 @@ def peak_shares(breakdown: dict | None) -> list[tuple[str, int]]:
     """(category, bytes) alive at the estimated peak, largest first, zeros left out; they add up to the peak."""
     if not isinstance(breakdown, dict):
         return []
-    rows = [(k, int(v)) for k, v in breakdown.items() if _num(v) and v > 0]
+    rows = [(k, int(v)) for k, v in breakdown.items() if is_number(v) and v > 0]
     return sorted(rows, key=lambda kv: -kv[1])
 
 
 def timing(median: Any, ci: Any, stable: Any, threads: Any, repeats: Any = None) -> dict | None:
     """One timing in the report's terms (None when not measured). Results written before timings carried an
     interval (no `ci`, no `stable`) count as unstable: their spread is unknown."""
-    if not _num(median):
+    if not is_number(median):
         return None
-    ci = list(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(c) for c in ci) else None
+    ci = list(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(c) for c in ci) else None
     rel = max(median - ci[0], ci[1] - median) / median if ci and median > 0 else None
     return {"median": float(median), "ci": ci, "rel": rel, "stable": stable is True and ci is not None,
             "threads": threads if isinstance(threads, int) else None, "repeats": repeats if isinstance(repeats, int) else None}
@@ -62,7 +63,7 @@ def profile_story(doc: dict) -> list[str]:
     out = []
     peak, batch = mem.get("peak_estimated"), mem.get("batch_size")
     shares = peak_shares(mem.get("peak_breakdown"))
-    if _num(peak) and peak > 0:
+    if is_number(peak) and peak > 0:
         s = f"{name}'s estimated training tensor peak is {format_bytes(peak)} at batch {batch}"
         if mem.get("peak_phase"):
             s += f", reached in the {mem['peak_phase']} phase"
@@ -70,19 +71,19 @@ def profile_story(doc: dict) -> list[str]:
             top, size = shares[0]
             s += f"; the largest part alive then is {MEMORY_NAMES.get(top, top)} ({pct(size, peak)} of it)"
         out.append(s + ".")
-        if _num(mem.get("peak_measured")):
+        if is_number(mem.get("peak_measured")):
             err = mem.get("estimate_error")
             out.append(f"Measured tensor peak of real steps: {format_bytes(mem['peak_measured'])}"
-                       + ("." if not _num(err) else " (the estimate matches it within 0.1 %)." if abs(err) < 5e-4
+                       + ("." if not is_number(err) else " (the estimate matches it within 0.1 %)." if abs(err) < 5e-4
                           else f" (the estimate is {100 * err:+.1f} % off)."))
     fit = ((doc.get("scaling") or {}).get("fit") or {}).get("memory_estimated") if isinstance(doc.get("scaling"), dict) else None
-    if isinstance(fit, dict) and _num(fit.get("per_sample")) and _num(fit.get("fixed")):
-        r2 = f", R² {fit['r2']:.3f}" if _num(fit.get("r2")) else ""
+    if isinstance(fit, dict) and is_number(fit.get("per_sample")) and is_number(fit.get("fixed")):
+        r2 = f", R² {fit['r2']:.3f}" if is_number(fit.get("r2")) else ""
         out.append(f"Each sample adds {format_bytes(fit['per_sample'])} to the training peak on top of "
                    f"{format_bytes(fit['fixed'])} fixed (fit over {fit.get('n', '?')} batch sizes{r2}): memory grows "
                    f"linearly with the batch, so the batch is the knob for a memory budget.")
     mb = doc.get("max_batch") if isinstance(doc.get("max_batch"), dict) else None
-    if mb and _num(mb.get("budget")):
+    if mb and is_number(mb.get("budget")):
         if mb.get("fits"):
             out.append(f"Training-budget decision: batch {mb.get('batch_size')} is the largest whose estimated peak "
                        f"({format_bytes(mb.get('peak_estimated'))}) fits {format_bytes(mb['budget'])}"
@@ -94,7 +95,7 @@ def profile_story(doc: dict) -> list[str]:
     if lat:
         step = timing(lat.get("train_step_ms_median"), lat.get("train_step_ms_ci"), lat.get("train_step_stable"),
                       lat.get("threads"))
-        if step and step["stable"] and _num(lat.get("train_throughput_samples_per_s")):
+        if step and step["stable"] and is_number(lat.get("train_throughput_samples_per_s")):
             out.append(f"One training step at batch {lat.get('batch_size')} takes {timing_text(step)} "
                        f"({lat['train_throughput_samples_per_s']:,.0f} samples/s).")
         elif step:
@@ -107,16 +108,16 @@ def train_story(doc: dict) -> list[str]:
     name = str((doc.get("model") or {}).get("spec") or "the model")
     hist = [h for h in doc.get("history") or [] if isinstance(h, dict)]
     out = []
-    if _num(doc.get("test_acc")) and hist:
+    if is_number(doc.get("test_acc")) and hist:
         s = f"{name} reached {100 * doc['test_acc']:.2f} % test accuracy after {len(hist)} epochs"
-        vals = [(h.get("val_acc"), h.get("epoch", i + 1)) for i, h in enumerate(hist) if _num(h.get("val_acc"))]
+        vals = [(h.get("val_acc"), h.get("epoch", i + 1)) for i, h in enumerate(hist) if is_number(h.get("val_acc"))]
         if vals:
             best, epoch = max(vals, key=lambda v: v[0])
             s += f"; validation accuracy peaked at {100 * best:.2f} % in epoch {epoch}"
             if epoch != hist[-1].get("epoch", len(hist)):
                 s += " (later epochs did not improve it: fewer epochs or early stopping would do)"
         out.append(s + ".")
-    if _num(doc.get("peak_memory_bytes")):
+    if is_number(doc.get("peak_memory_bytes")):
         out.append(f"Memory here is the process's RSS increase during an epoch ({format_bytes(doc['peak_memory_bytes'])} "
                    "at most), not the tensor peak: the profile section shows that one.")
     budget = doc.get("budget") if isinstance(doc.get("budget"), dict) else None
@@ -131,12 +132,12 @@ def compress_story(doc: dict) -> list[str]:
     kept = doc.get("archive") if isinstance(doc.get("archive"), dict) else {}
     out = []
     last = stages[-1] if stages else {}
-    ratio = kept.get("ratio") if _num(kept.get("ratio")) else last.get("ratio")
-    size = kept.get("bytes") if _num(kept.get("bytes")) else last.get("bytes_on_disk")
-    if _num(ratio) and _num(size):
+    ratio = kept.get("ratio") if is_number(kept.get("ratio")) else last.get("ratio")
+    size = kept.get("bytes") if is_number(kept.get("bytes")) else last.get("bytes_on_disk")
+    if is_number(ratio) and is_number(size):
         s = (f"The {'kept archive' if kept.get('ratio') is not None else 'last stage'} holds the model in "
              f"{format_bytes(size)}, {ratio:.1f}× smaller than its dense fp32 file ({format_bytes(base.get('bytes_on_disk'))})")
-        if _num(last.get("accuracy")) and _num(base.get("accuracy")):
+        if is_number(last.get("accuracy")) and is_number(base.get("accuracy")):
             s += (f", at {100 * last['accuracy']:.2f} % accuracy ({100 * (last['accuracy'] - base['accuracy']):+.2f} pt "
                   f"vs the dense baseline)")
         out.append(s + ".")
@@ -155,21 +156,21 @@ def stage_timing(stage: dict) -> tuple:
     """(median, ci, stable, threads) of the runtime that deploys a stage's file (ORT when measured)."""
     lat = stage.get("latency_ms") if isinstance(stage.get("latency_ms"), dict) else {}
     detail = stage.get("latency_detail") if isinstance(stage.get("latency_detail"), dict) else {}
-    key = "onnxruntime" if _num(lat.get("onnxruntime")) else "pytorch"
+    key = "onnxruntime" if is_number(lat.get("onnxruntime")) else "pytorch"
     d = detail.get(key) if isinstance(detail.get(key), dict) else {}
     return lat.get(key), d.get("ci"), d.get("stable"), d.get("threads")
 
 
 def evaluate_story(doc: dict) -> list[str]:
     out = []
-    if _num(doc.get("ratio")) and _num(doc.get("bytes_on_disk")):
+    if is_number(doc.get("ratio")) and is_number(doc.get("bytes_on_disk")):
         out.append(f"Measured from the file itself: {format_bytes(doc['bytes_on_disk'])} on disk, {doc['ratio']:.1f}× "
                    f"smaller than dense fp32 ({format_bytes(doc.get('dense_fp32_bytes'))})"
-                   + (f", {100 * doc['accuracy']:.2f} % accuracy on {doc.get('runtime')}." if _num(doc.get("accuracy")) else "."))
+                   + (f", {100 * doc['accuracy']:.2f} % accuracy on {doc.get('runtime')}." if is_number(doc.get("accuracy")) else "."))
     sp = doc.get("latency_speedup") if isinstance(doc.get("latency_speedup"), dict) else None
     if sp:
-        if sp.get("stable") and _num(sp.get("value")):
-            band = (f" (interval {sp['low']:.2f}–{sp['high']:.2f})" if _num(sp.get("low")) and _num(sp.get("high")) else "")
+        if sp.get("stable") and is_number(sp.get("value")):
+            band = (f" (interval {sp['low']:.2f}–{sp['high']:.2f})" if is_number(sp.get("low")) and is_number(sp.get("high")) else "")
             faster = "faster" if sp["value"] >= 1 else "slower"
             out.append(f"ONNX Runtime runs this file {sp['value']:.2f}× {faster} than PyTorch{band}, both timed interleaved "
                        f"on {sp.get('threads')} thread{'s' if sp.get('threads') != 1 else ''}.")
@@ -185,15 +186,15 @@ def continual_story(doc: dict) -> list[str]:
     for s in doc.get("strategies") or []:
         if not isinstance(s, dict):
             continue
-        kept = [b for b in s.get("bytes_per_task") or [] if _num(b)]
+        kept = [b for b in s.get("bytes_per_task") or [] if is_number(b)]
         mat = s.get("accuracy_matrix") if isinstance(s.get("accuracy_matrix"), list) else []
         line = f"{s.get('name')}: average accuracy {100 * s['average_accuracy']:.2f} % after {len(mat)} tasks" \
-            if _num(s.get("average_accuracy")) else f"{s.get('name')}:"
-        if _num(s.get("forgetting")):
+            if is_number(s.get("average_accuracy")) else f"{s.get('name')}:"
+        if is_number(s.get("forgetting")):
             line += f", forgetting {100 * s['forgetting']:.2f} %"
         if kept:
             line += f"; it kept at most {format_bytes(max(kept))}"
-            if _num(budget) and budget > 0:
+            if is_number(budget) and budget > 0:
                 line += f" of the {format_bytes(budget)} budget ({pct(max(kept), budget)})"
         out.append(line + ".")
     return out
@@ -202,7 +203,7 @@ def continual_story(doc: dict) -> list[str]:
 def sweep_story(doc: dict) -> list[str]:
     pts = [p for p in doc.get("points") or [] if isinstance(p, dict)]
     i = doc.get("chosen_index")
-    if isinstance(i, int) and 0 <= i < len(pts) and _num(pts[i].get("val_error")):
+    if isinstance(i, int) and 0 <= i < len(pts) and is_number(pts[i].get("val_error")):
         p = pts[i]
         return [f"The lowest mean validation error, {100 * p['val_error']:.2f} %, is at {doc.get('knob')} = "
                 f"{p.get('value')} ({format_count(p.get('params'))} parameters); larger models past it overfit or "
