@@ -38,6 +38,7 @@ from netdiet.errors import NetdietError
 from netdiet.training.checkpoint import (
     Checkpoint,
     capture_rng,
+    fingerprint_difference,
     has_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -133,10 +134,10 @@ def load(folder: Path, *, fingerprint: dict, stages_in_recipe: int, model_spec: 
         return None
     ck = load_checkpoint(folder)
     index = folder / "checkpoint.json"
-    for key in sorted(set(ck.fingerprint) | set(fingerprint)):
-        if ck.fingerprint.get(key) != fingerprint.get(key):
-            raise NetdietError(f"the unfinished compress run in {folder.parent} is incompatible: its {key} differs from this "
-                               "run's; resume with the same model, recipe, data, seed and weights, or delete that folder")
+    key = fingerprint_difference(ck.fingerprint, fingerprint)
+    if key is not None:
+        raise NetdietError(f"the unfinished compress run in {folder.parent} is incompatible: its {key} differs from this "
+                           "run's; resume with the same model, recipe, data, seed and weights, or delete that folder")
     try:
         parts = _check_parts(ck, stages_in_recipe)
     except _Bad as exc:

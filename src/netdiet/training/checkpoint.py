@@ -191,13 +191,18 @@ def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> N
         raise _bad(path, "tensors", f"file {meta['tensors']} holds no model weights")
 
 
+def fingerprint_difference(theirs: dict, ours: dict) -> str | None:
+    """The first key (in sorted order) whose value differs between two run fingerprints, or None when they agree."""
+    return next((key for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)), None)
+
+
 def check_compatible(ck: Checkpoint, model: nn.Module, fingerprint: dict, folder: str | os.PathLike) -> None:
     """Refuse (one line) a checkpoint that belongs to another model or another run configuration."""
     theirs, ours = ck.fingerprint, fingerprint
-    for key in sorted(set(theirs) | set(ours)):
-        if theirs.get(key) != ours.get(key):
-            raise NetdietError(f"checkpoint in {folder} is incompatible: {key} was {theirs.get(key)!r}, now {ours.get(key)!r}; "
-                               "resume with the same settings or choose a new --out folder")
+    key = fingerprint_difference(theirs, ours)
+    if key is not None:
+        raise NetdietError(f"checkpoint in {folder} is incompatible: {key} was {theirs.get(key)!r}, now {ours.get(key)!r}; "
+                           "resume with the same settings or choose a new --out folder")
     own = model.state_dict()
     missing = [k for k in own if k not in ck.model]
     unexpected = [k for k in ck.model if k not in own]
