@@ -44,12 +44,6 @@ from netdiet.units import format_bytes, format_count
 MAX_MATRIX = 50
 
 
-# ------------------------------------------------------------------ loading
-def load_result(path: str | Path) -> dict:
-    """A result document through netdiet.documents' one validating reader (bounded, strict, known schema)."""
-    return read_result(path)
-
-
 # ------------------------------------------------------------------ small HTML helpers
 def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
@@ -473,7 +467,6 @@ SECTIONS: dict[str, Callable[[Page, str, dict], None]] = {
     "datasets": _section_listing, "recipes": _section_listing, "report": _section_listing,
     "train-ensemble": ensemble_tables.ensemble_section,
 }
-ORDER = list(SECTIONS)   # kept for callers; render_html follows SECTIONS itself
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -560,7 +553,7 @@ def render_html(docs: list[tuple[str, dict]], title: str = "netdiet report") -> 
 def write_report(paths: list[str], out: str, title: str = "netdiet report") -> dict:
     if not paths:
         raise NetdietError("no result files given; pass one or more JSON files written with --json")
-    docs = [(Path(p).name, load_result(p)) for p in paths]
+    docs = [(Path(p).name, read_result(p)) for p in paths]   # netdiet.documents: the one validating reader
     text = render_html(docs, title)
     atomic_write_text(out, text)
     return {"schema": "netdiet.report/1", "out": str(out), "bytes": len(text.encode("utf-8")),
