@@ -30,6 +30,11 @@ err_console = _make_console(stderr=True)
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _log(msg: str) -> None:
+    """A long command's progress line (the `log` callback of api.compress / train / train_ensemble / sweep): dim, on stderr."""
+    err_console.print(f"[dim]{msg}[/dim]")
+
+
 def command(fn: Callable[[argparse._SubParsersAction], None]) -> Callable:
     _COMMANDS.append(fn)
     return fn
@@ -242,7 +247,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     result = api.compress(args.model, args.recipe, data=args.data, data_dir=args.data_dir, out=args.out,
                           weights=args.weights, model_kwargs=parse_model_kw(args.model_kw), seed=args.seed,
                           baseline_epochs=args.baseline_epochs, finetune_epochs=args.finetune_epochs,
-                          latency=not args.no_latency, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+                          latency=not args.no_latency, log=_log,
                           resume=args.resume)
     doc = result.to_dict()
     console.print(compress_table(doc))
@@ -382,7 +387,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return _run_train_ensemble(args, cfg)
     run = api.train(args.model, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
                     config=cfg, nproc=args.nproc, memory_budget=args.memory_budget, val_fraction=args.val_fraction,
-                    log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+                    log=_log)
     doc = run.to_dict()
     import os
     if os.environ.get("RANK", "0") != "0":   # under torchrun only rank 0 reports and writes
@@ -401,7 +406,7 @@ def _run_train_ensemble(args: argparse.Namespace, cfg) -> int:
     run = api.train_ensemble(args.model, args.ensemble, mode=args.ensemble_mode, combine=args.combine,
                              model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
                              config=cfg, nproc=args.nproc, memory_budget=args.memory_budget,
-                             val_fraction=args.val_fraction, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+                             val_fraction=args.val_fraction, log=_log)
     doc = run.to_dict()
     for table in ensemble_tables(doc):
         console.print(table)
@@ -430,7 +435,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from netdiet.models import parse_model_kw
     from netdiet.reporting.train_tables import sweep_table
     res = api.sweep(args.model, args.knob, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir,
-                    k=args.folds, config=_train_config(args), log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+                    k=args.folds, config=_train_config(args), log=_log)
     doc = res.to_dict()
     console.print(sweep_table(doc))
     console.print(f"chosen: {doc['knob']}={doc['chosen']} ({doc['rule']})")
@@ -583,6 +588,7 @@ def _step_done(files: list[str]) -> bool:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
+
     from netdiet import api
     from netdiet.reporting.terminal import demo_summary_table
     out = Path(args.out)
