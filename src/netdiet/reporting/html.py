@@ -24,6 +24,7 @@ from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_text
 from netdiet.reporting import ensemble_tables, plots
 from netdiet.reporting.story import (
+    FIT_ROWS,
     MEMORY_NAMES,
     compress_story,
     continual_story,
@@ -244,11 +245,6 @@ def _section_profile(page: Page, src: str, doc: dict) -> None:
     if unc:
         page.add("<p class='warn'>Operators without a formula (not counted): " +
                  esc(", ".join(f"{k} ×{v}" for k, v in unc.items())) + "</p>")
-
-
-FIT_ROWS = [("memory_estimated", "training tensor peak (est.)", "bytes"), ("memory_measured", "training tensor peak (meas.)", "bytes"),
-            ("inference_memory_estimated", "inference tensor peak (est.)", "bytes"), ("flops", "forward FLOPs", "count"),
-            ("train_flops", "training-step FLOPs", "count")]
 
 
 def _fit_table(page: Page, fit: dict) -> None:

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from netdiet.reporting.story import MEMORY_NAMES, pct, peak_shares, timing, timing_text
+from netdiet.reporting.story import FIT_ROWS, MEMORY_NAMES, pct, peak_shares, timing, timing_text
 from netdiet.units import format_bytes, format_count
 
 
@@ -247,15 +247,12 @@ def fit_lines(doc: dict) -> list[str]:
     lines = []
     if sc:
         fit = sc["fit"]
-        for key, label in (("memory_estimated", "training tensor peak (est.)"), ("memory_measured", "training tensor peak (meas.)"),
-                           ("inference_memory_estimated", "inference tensor peak (est.)")):
+        for key, label, unit in FIT_ROWS:     # the bytes fits, then the counts
             f = fit.get(key)
-            if f:
+            if f and unit == "bytes":
                 lines.append(f"{label} = {format_bytes(f['fixed'])} fixed + {format_bytes(f['per_sample'])} x batch"
                              f"   R^2 {_r2(f['r2'])}")
-        for key, label in (("flops", "forward FLOPs"), ("train_flops", "training-step FLOPs")):
-            f = fit.get(key)
-            if f:
+            elif f:
                 sign = "-" if f["fixed"] < 0 else "+"
                 lines.append(f"{label} = {format_count(f['per_sample'])} x batch {sign} {format_count(abs(f['fixed']))}"
                              f"   R^2 {_r2(f['r2'])}")

@@ -17,6 +17,11 @@ MEMORY_NAMES = {"weights": "weights", "buffers": "buffers", "inputs": "inputs", 
                 "optimizer_temporaries": "optimizer temporaries", "activations": "activations saved for backward",
                 "recomputed": "recomputed activations", "workspace": "workspace", "temporaries": "other temporaries"}
 
+# The linear fits over batch sizes a profile can carry (key in scaling.fit, label, unit), in the order shown.
+FIT_ROWS = [("memory_estimated", "training tensor peak (est.)", "bytes"), ("memory_measured", "training tensor peak (meas.)", "bytes"),
+            ("inference_memory_estimated", "inference tensor peak (est.)", "bytes"), ("flops", "forward FLOPs", "count"),
+            ("train_flops", "training-step FLOPs", "count")]
+
 
 def pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.0f} %" if whole else "-"
