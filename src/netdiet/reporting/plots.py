@@ -15,21 +15,17 @@ the accuracy-matrix heatmap stays a PNG (thousands of cells). Nothing is fetched
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator  # noqa: E402
-
-from netdiet.reporting.story import MEMORY_NAMES  # noqa: E402
-from netdiet.units import byte_unit, format_bytes, format_count  # noqa: E402
+from netdiet.reporting.story import MEMORY_NAMES
+from netdiet.units import byte_unit, format_bytes, format_count
 
 # The one colour of each category, in every chart. Keys are the names used in the JSON results.
 PALETTE: dict[str, str] = {
@@ -56,43 +52,52 @@ MEMORY_ORDER = list(MEMORY_NAMES)
 # distinct markers for the points of a Pareto chart (their names are legend entries)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 
-plt.rcParams.update({"svg.fonttype": "none", "font.family": "DejaVu Sans", "svg.hashsalt": "netdiet",
-                     "axes.formatter.useoffset": False, "font.size": 9})
-
-
 def memory_rank(key: str) -> int:
     """Position of a memory category in MEMORY_ORDER (unknown keys last): the one stacking order of every chart."""
     return MEMORY_ORDER.index(key) if key in MEMORY_ORDER else len(MEMORY_ORDER)
 
 
-class _BinaryLocator(Locator):
-    """Ticks at round numbers of the binary unit the axis top is written in (0, 2, 4, 6 MiB; not 1.91 MiB)."""
+@functools.cache
+def _mpl() -> SimpleNamespace:
+    """matplotlib (Agg, this page's rcParams), imported at the first chart: every command imports this module through
+    the API, and only report and demo draw (pyplot alone is ~0.3 s of start-up)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    plt.rcParams.update({"svg.fonttype": "none", "font.family": "DejaVu Sans", "svg.hashsalt": "netdiet",
+                         "axes.formatter.useoffset": False, "font.size": 9})
 
-    def __call__(self):
-        lo, hi = self.axis.get_view_interval()
-        return self.tick_values(lo, hi)
+    class BinaryLocator(ticker.Locator):
+        """Ticks at round numbers of the binary unit the axis top is written in (0, 2, 4, 6 MiB; not 1.91 MiB)."""
 
-    def tick_values(self, vmin, vmax):
-        _unit, scale = byte_unit(max(abs(vmin), abs(vmax)))
-        ticks = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(vmin / scale, vmax / scale)
-        return [t * scale for t in ticks]
+        def __call__(self):
+            lo, hi = self.axis.get_view_interval()
+            return self.tick_values(lo, hi)
+
+        def tick_values(self, vmin, vmax):
+            _unit, scale = byte_unit(max(abs(vmin), abs(vmax)))
+            ticks = ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(vmin / scale, vmax / scale)
+            return [t * scale for t in ticks]
+
+    return SimpleNamespace(plt=plt, ticker=ticker, BinaryLocator=BinaryLocator)
 
 
 def byte_axis(ax, axis: str = "y") -> None:
     """Bytes in KiB/MiB/GiB at round binary values (a log axis keeps its powers of ten, labelled in units)."""
     target = ax.yaxis if axis == "y" else ax.xaxis
     if target.get_scale() == "linear":
-        target.set_major_locator(_BinaryLocator())
-    target.set_major_formatter(FuncFormatter(lambda v, _pos: format_bytes(v, short=True) if v >= 0 else ""))
+        target.set_major_locator(_mpl().BinaryLocator())
+    target.set_major_formatter(_mpl().ticker.FuncFormatter(lambda v, _pos: format_bytes(v, short=True) if v >= 0 else ""))
 
 
 def count_axis(ax, axis: str = "y") -> None:
-    fmt = FuncFormatter(lambda v, _pos: format_count(v, short=True) if v >= 0 else "")
+    fmt = _mpl().ticker.FuncFormatter(lambda v, _pos: format_count(v, short=True) if v >= 0 else "")
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
 
 
 def percent_axis(ax, axis: str = "y") -> None:
-    fmt = FuncFormatter(lambda v, _pos: f"{100 * v:.3g} %")
+    fmt = _mpl().ticker.FuncFormatter(lambda v, _pos: f"{100 * v:.3g} %")
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
 
 
@@ -114,7 +119,7 @@ class _Figure:
     def __init__(self, size: tuple[float, float]) -> None:
         _Figure.count += 1
         self.key = f"c{_Figure.count}"
-        self.fig, self.ax = plt.subplots(figsize=size)
+        self.fig, self.ax = _mpl().plt.subplots(figsize=size)
         self.legend: dict[str, str] = {}
         self._n = 0
 
@@ -128,7 +133,7 @@ class _Figure:
     def svg(self, title: str) -> Chart:
         buf = io.StringIO()
         self.fig.savefig(buf, format="svg", bbox_inches="tight")
-        plt.close(self.fig)
+        _mpl().plt.close(self.fig)
         text = buf.getvalue()
         text = text[text.index("<svg"):]          # drop the XML prologue and doctype: the SVG sits inside HTML
         return Chart(text, dict(self.legend), title)
@@ -249,9 +254,9 @@ def pareto(points: list[dict], *, title: str) -> Chart:
     f.ax.set_xscale("log", base=2)              # ticks at powers of two: 256 KiB, 512 KiB, 1 MiB
     xs = [p["x"] for p in points]
     f.ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
-    f.ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
+    f.ax.xaxis.set_major_locator(_mpl().ticker.LogLocator(base=2, numticks=12))
     byte_axis(f.ax, "x")
-    f.ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+    f.ax.xaxis.set_minor_formatter(_mpl().ticker.FuncFormatter(lambda v, _p: ""))
     f.ax.set_xlabel("bytes on disk (log2 scale)")
     ys = [p["y"] for p in points]
     lo, hi = min(ys), max(ys)
@@ -277,9 +282,9 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float | None]], *, titl
             f.tag(line, key)
     if logx:
         f.ax.set_xscale("log")
-        f.ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+        f.ax.xaxis.set_minor_formatter(_mpl().ticker.FuncFormatter(lambda v, _p: ""))
     if integer_x:
-        f.ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        f.ax.xaxis.set_major_locator(_mpl().ticker.MaxNLocator(integer=True))
     for axis, unit in (("y", yunit), ("x", xunit)):
         if unit == "pct":
             percent_axis(f.ax, axis)
@@ -299,7 +304,7 @@ def heatmap(matrix: list[list[float | None]], *, title: str, xlabel: str, ylabel
     """Accuracy matrix as a PNG <img> (viridis, 0..1, every cell annotated in percent)."""
     import numpy as np
     arr = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * arr.shape[1], 0.8 + 0.6 * arr.shape[0]))
+    fig, ax = _mpl().plt.subplots(figsize=(1.0 + 0.7 * arr.shape[1], 0.8 + 0.6 * arr.shape[0]))
     im = ax.imshow(arr, vmin=0, vmax=1, cmap="viridis")
     for i in range(arr.shape[0]):
         for j in range(arr.shape[1]):
@@ -312,9 +317,9 @@ def heatmap(matrix: list[list[float | None]], *, title: str, xlabel: str, ylabel
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046)
-    cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{100 * v:.0f} %"))
+    cbar.ax.yaxis.set_major_formatter(_mpl().ticker.FuncFormatter(lambda v, _p: f"{100 * v:.0f} %"))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _mpl().plt.close(fig)
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     return Chart(f'<img src="{uri}" alt="{html.escape(title, quote=True)}">', {}, title)
