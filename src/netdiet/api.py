@@ -108,18 +108,23 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
             dtype: Any = None, amp: bool = False, checkpointing: bool = False, batch_sizes: Any = None,
             max_batch_for: Any = None, dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
             warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None,
-            seq_len: int | None = None):
+            seq_len: int | None = None, parallel: str | None = None, world_size: int | None = None,
+            tp: int | None = None, target_device: str | None = None):
     """Every cost figure of `model` (an nn.Module or a spec such as "resnet", "pkg.mod:fn", "file.py:fn",
     "hf:FOLDER_OR_CACHED_NAME", "timm:NAME").
 
     `inputs` is a tensor, a tuple of tensors, a dict of named tensors, a shape such as (1, 3, 32, 32) or a list
     of shapes; zoo and hf: specs supply their own default (`seq_len`: the hf: inputs' length, default 128).
     Returns a ProfileResult; `.to_dict()` is the netdiet.profile/1 document.
+
+    `parallel` (ddp|fsdp|zero1|zero2|zero3|tp) with `world_size`, `tp` (tensor-parallel degree) and `target_device`
+    (a name from the devices table) adds the per-rank `distributed` section.
     """
     return profile_engine.profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
                     measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
                     batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
-                    seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights, seq_len=seq_len)
+                    seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights, seq_len=seq_len,
+                    parallel=parallel, world_size=world_size, tp=tp, target_device=target_device)
 
 
 def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any, dtype: Any, budget_bytes: Any, *,

@@ -169,6 +169,12 @@ def _profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", default="2", help="untimed warm-up runs before timing (with --measure; default 2)")
     p.add_argument("--repeats", default="10", help="timed runs (with --measure; default 10)")
     p.add_argument("--weights", default=None, metavar="PATH", help="load trained/pruned weights (safetensors) first")
+    p.add_argument("--parallel", default=None, metavar="STRATEGY",
+                   help="per-rank figures of a layout over --world-size devices: ddp|fsdp|zero1|zero2|zero3|tp")
+    p.add_argument("--world-size", default=None, metavar="N", help="devices in the --parallel layout")
+    p.add_argument("--tp", default=None, metavar="T", help="tensor-parallel degree within --world-size (default 1)")
+    p.add_argument("--device", default=None, metavar="NAME",
+                   help="a device from the devices table (e.g. h100-sxm) for step time and MFU with --parallel")
     add_threads_option(p)
     add_json_option(p)
     add_seed_option(p)
@@ -206,7 +212,9 @@ def _run_profile(args: argparse.Namespace) -> int:
                          dataset_size=_profile_int(args.dataset_size, "--dataset-size", 1),
                          epochs=_profile_int(args.epochs, "--epochs", 1), seed=args.seed,
                          warmup=_profile_int(args.warmup, "--warmup", 0), repeats=_profile_int(args.repeats, "--repeats", 1),
-                         weights=args.weights, seq_len=_profile_int(args.seq_len, "--seq-len", 1))
+                         weights=args.weights, seq_len=_profile_int(args.seq_len, "--seq-len", 1),
+                         parallel=args.parallel, world_size=_profile_int(args.world_size, "--world-size", 1),
+                         tp=_profile_int(args.tp, "--tp", 1), target_device=args.device)
     doc = result.to_dict()
     console.print(profile_report(doc, depth if depth is not None else 3))  # the JSON keeps every module
     write_json(args, doc)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from netdiet.analysis import parallel as parallel_engine
 from netdiet.analysis import scaling
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.latency import measure_latency
@@ -85,6 +86,8 @@ class ProfileResult:
     memory_estimate: Any = field(default=None, repr=False)
     # why the training step's figures are missing (None: they are all there); inference figures are kept
     training_unavailable: str | None = None
+    # --parallel: per-rank figures of the layout (analysis/parallel.py), None for a single-device profile
+    distributed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -109,6 +112,8 @@ class ProfileResult:
             doc["max_batch"] = self.max_batch
         if self.projection is not None:
             doc["projection"] = self.projection.to_dict()
+        if self.distributed is not None:
+            doc["distributed"] = self.distributed
         return doc
 
 
@@ -615,7 +620,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             batch_sizes: Sequence[int] | None = None, max_batch_for: int | str | None = None,
             dataset_size: int | None = None, epochs: int | None = None, seed: int = 0,
             warmup: int = 2, repeats: int = 10, progress: bool = True, weights: str | None = None,
-            seq_len: int | None = None) -> ProfileResult:
+            seq_len: int | None = None, parallel: str | None = None, world_size: int | None = None,
+            tp: int | None = None, target_device: str | None = None) -> ProfileResult:
     """Profile a model: see the module docstring. Bad input raises NetdietError (one line).
 
     `seq_len` is the length of an hf: spec's default inputs (input_ids, attention_mask; default 128).
@@ -626,6 +632,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
 
     optimizer = normalise_optimizer(optimizer)
     dtype_name = normalise_dtype(dtype)
+    # --parallel: the layout is checked before anything is built (strategy, world size, TP degree, device name)
+    layout = parallel_engine.parse_layout(parallel, world_size, tp, target_device)
     if depth is not None and int(depth) < 0:
         raise NetdietError(f"depth must be 0 or more, got {depth}")
     budget = parse_size(max_batch_for) if max_batch_for is not None else None
@@ -798,6 +806,13 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                 sweep.budget_bytes = budget
             tick()
             net.train(was_training)
+
+        distributed = None
+        if layout is not None:
+            distributed = parallel_engine.analyse(
+                layout, net, x, counts=counts, estimate=estimate, estimate_at=estimate_at, mem_kw=mem_kw,
+                measure=measure, unavailable=training_unavailable or memory_unavailable)
+            net.train(was_training)
     finally:
         stack.close()
         if bar:
@@ -841,4 +856,5 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         op_counts=counts if trained else inference_counts,
         memory_estimate=estimate,
         training_unavailable=training_unavailable,
+        distributed=distributed,
     )
