@@ -132,7 +132,7 @@ class _Figure:
 
     def svg(self, title: str) -> Chart:
         buf = io.StringIO()
-        self.fig.savefig(buf, format="svg", bbox_inches="tight")
+        self.fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})  # reproducible bytes
         _mpl().plt.close(self.fig)
         text = buf.getvalue()
         text = text[text.index("<svg"):]          # drop the XML prologue and doctype: the SVG sits inside HTML
