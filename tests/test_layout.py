@@ -15,7 +15,7 @@ SRC = pathlib.Path(netdiet.__file__).parent
 
 # lower layers first; a module may import from its own layer or any layer below it, never above
 LAYERS = [
-    {"errors", "units", "fileio", "environment", "progress", "optim", "checks", "documents"},
+    {"errors", "units", "fileio", "environment", "progress", "optim", "checks", "documents", "launch"},
     {"models", "data"},
     {"analysis"},
     {"training"},

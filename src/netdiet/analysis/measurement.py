@@ -194,3 +194,18 @@ def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
             "device": "cpu"}
 
 
+def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None]) -> dict[str, int]:
+    """Run `run(region)` under the profiler's CPU allocator events; every `with region(name):` block gets the peak
+    of the running allocation total inside it, counted from the session's start (so what `run` builds inside the
+    session — a model copy, its wrappers — is in the total; allocations made before the session, and their frees,
+    are not). Used by the per-rank measurement of parallel_measure.py."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    prefix = "netdiet_region_"
+    gc.collect()  # garbage of earlier work must not be freed inside the session
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(lambda name: record_function(prefix + name))
+    events = _allocator_events(prof)
+    return {name: _peak_in(events, start, end)[0] for name, (start, end) in _annotations(prof, prefix).items()}

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from netdiet.reporting.parallel_tables import distributed_report
 from netdiet.reporting.story import FIT_ROWS, MEMORY_NAMES, pct, peak_shares, timing, timing_text
 from netdiet.units import format_bytes, format_count
 
@@ -303,4 +304,5 @@ def profile_report(doc: dict, depth: int | None = None) -> Group:
         if extra is not None:
             parts.append(extra)
     parts += fit_lines(doc)
+    parts += distributed_report(doc)
     return Group(*parts)
