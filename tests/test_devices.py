@@ -101,8 +101,8 @@ def test_ddp_step_by_hand():
 def test_fsdp_with_tensor_parallel_by_hand():
     section = {"strategy": "fsdp", "world_size": 8, "tp": 2, "dp": 4,
                "per_rank": {"optimizer_state": 10**9},
-               "tensor_parallel": {"all_reduce_bytes_per_step": 1e9},
-               "collectives": {"messages": {"all_gather": 8e9, "reduce_scatter": 2e9}}}
+               "collectives": {"messages": {"all_reduce": 1e9, "all_gather": 8e9, "reduce_scatter": 2e9},
+                               "per_module": {"(tensor parallel)": {"all_reduce": 1e9}}}}
     # counts made at batch 8, projected at micro-batch 8 with tp 2: every operator's work halves
     r = project_step(_counts(), section, TEST_DEVICE, dtype="bf16", micro_batch=8, counts_batch=8)
     # fwd 2 s, bwd 3.5 s; dp 4 > 4/2 per node -> network. all-gather 3/4 * 8e9/1e9 = 6 s (3 s fwd, 3 s bwd),
@@ -126,5 +126,10 @@ def test_recompute_adds_forward_time_per_flop():
     # forward: 4 s for 3.001e12 FLOPs; recomputing half of them costs 2 s more backward
     assert ckpt["step_time_s"] - plain["step_time_s"] == pytest.approx(2.0)
     assert ckpt["recompute_s"] == pytest.approx(2.0)
-    with pytest.raises(NetdietError, match="tokens_per_sample"):
-        project_step(_counts(), section, TEST_DEVICE, dtype="bf16", micro_batch=1, samples_unit="tokens")
+    # tokens without a sequence length: samples/s and the counted MFU; counts at the section's global batch
+    r = project_step(_counts(), {**section, "global_batch": 2}, TEST_DEVICE, dtype="bf16", micro_batch=1,
+                     samples_unit="tokens")
+    assert r["throughput_unit"] == "samples/s" and r["mfu"] == r["mfu_counted"]
+    assert r["forward_s"] == pytest.approx(2.0)          # counts at batch 2 projected to micro-batch 1
+    with pytest.raises(NetdietError, match="must be >= 1"):
+        project_step(_counts(), section, TEST_DEVICE, dtype="bf16", micro_batch=0)

@@ -43,6 +43,7 @@ OVERLAP = {
 }
 OVERLAP["zero3"] = OVERLAP["fsdp"]
 TP_NOTE = "; tensor-parallel all-reduces are on the critical path (not overlapped)"
+TP_MODULE = "(tensor parallel)"        # parallel.per_rank's per-module name of the tp all-reduces
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
 
@@ -86,9 +87,10 @@ def project_step(counts: Any, section: dict, device: Device, *, dtype: str, micr
                  params: int | None = None) -> dict[str, Any]:
     """The projected step of one layout (`section`: parallel.per_rank's distributed section) on `device`.
 
-    `counts`: the training OpCounts of one step at `counts_batch` samples (default: the micro-batch);
-    `accumulation`: micro-batches per optimizer step; `samples_unit` "samples" or "tokens" (then
-    `tokens_per_sample` is the sequence length); `recompute_flops`: the checkpointed step's extra forward FLOPs
+    `counts`: the training OpCounts of one step at `counts_batch` samples (default: the section's `global_batch`
+    as parallel.analyse sets it, else the micro-batch);
+    `accumulation`: micro-batches per optimizer step; `samples_unit` "samples" or "tokens" (with
+    `tokens_per_sample`, the sequence length; without it the throughput is in samples); `recompute_flops`: the checkpointed step's extra forward FLOPs
     at the micro-batch; `params`: the model's trainable parameters (default: the counter's root module).
     """
     if micro_batch < 1 or accumulation < 1:
@@ -96,13 +98,14 @@ def project_step(counts: Any, section: dict, device: Device, *, dtype: str, micr
     if samples_unit not in ("samples", "tokens"):
         raise NetdietError(f"samples_unit must be 'samples' or 'tokens', got {samples_unit!r}")
     if samples_unit == "tokens" and not tokens_per_sample:
-        raise NetdietError("a token throughput needs tokens_per_sample (the sequence length)")
+        samples_unit = "samples"        # the sequence length is unknown: samples/s, and the counted MFU
     peak, bw = device.peak(dtype), float(device.memory_bandwidth)
     strategy = str(section.get("strategy", "ddp"))
     world = max(1, _int(section, "world_size", default=1))
     tp = max(1, _int(section, "tp", default=1))
     dp = max(1, _int(section, "dp", default=world // tp))
-    scale = micro_batch / float(counts_batch or micro_batch) / tp
+    counts_batch = int(counts_batch or _int(section, "global_batch") or micro_batch)
+    scale = micro_batch / float(counts_batch) / tp
 
     ops = _operator_times(counts, peak, bw, scale)
     recompute_s = 0.0
@@ -125,9 +128,9 @@ def project_step(counts: Any, section: dict, device: Device, *, dtype: str, micr
     tp_kind, tp_bw = device.link(tp > device.devices_per_node)
     msgs = (section.get("collectives") or {}).get("messages") or {}
     ar, ag, rs = (float(msgs.get(k, 0) or 0) for k in ("all_reduce", "all_gather", "reduce_scatter"))
-    tp_bytes = float(_int(section, "tensor_parallel", "all_reduce_bytes_per_step"))
-    if tp > 1 and not tp_bytes and strategy == "tp":
-        tp_bytes, ar = ar, 0.0          # pure tp: the section's all-reduces are the tp ones
+    # parallel.per_rank adds the tensor-parallel all-reduces to messages.all_reduce and names them per module
+    tp_bytes = float(_int(section, "collectives", "per_module", TP_MODULE, "all_reduce")) if tp > 1 else 0.0
+    ar = max(0.0, ar - tp_bytes)
     tp_s = ring_seconds("all_reduce", tp_bytes, tp, tp_bw) * accumulation
     t_ar, t_ag, t_rs = (ring_seconds(k, b, dp, dp_bw) for k, b in (("all_reduce", ar), ("all_gather", ag),
                                                                    ("reduce_scatter", rs)))
@@ -154,7 +157,7 @@ def project_step(counts: Any, section: dict, device: Device, *, dtype: str, micr
     samples = micro_batch * accumulation * dp
     per_sample = tokens_per_sample if samples_unit == "tokens" else 1
     rate = samples * per_sample / step if step > 0 else None
-    counted = (float(counts.train_flops) * micro_batch / float(counts_batch or micro_batch) * accumulation * dp)
+    counted = float(counts.train_flops) * micro_batch / counts_batch * accumulation * dp
     counted_mfu = counted / (step * world * peak) if step > 0 else None
     if samples_unit == "tokens":
         model_flops = 6.0 * n_params * samples * per_sample
