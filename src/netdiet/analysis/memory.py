@@ -9,8 +9,11 @@ base's storage and so are counted once. Saved-tensor hooks record which storages
 backward and which module was running when it saved them.
 
 The step simulated is netdiet's trainer step (`training/loop.py`): zero_grad(set_to_none) -> forward -> loss ->
-backward -> optimizer.step. Step 1 creates the optimizer state; the steady-state peak is the peak of step 2.
-During step 2 the tracker also keeps a copy of what is alive at each new high (`peak_breakdown`).
+backward -> optimizer.step. The forward and backward run once; the optimizer's state and step are priced from its
+definition (optimizer_cost.py), so the steady state is derived from that one step (`_simulate` says how). An
+optimizer the pricing does not cover runs its real step in two simulated steps (step 1 creates the state, step 2 is
+the steady state). During the reported step the tracker keeps a copy of what is alive at each new high
+(`peak_breakdown`).
 
 When a forward reads tensor values (transformers' masking utilities ask `.item()` whether an attention mask is
 all ones), the meta simulation stops (MetaDeviceLimit). For a real model with real inputs the same tracked step
@@ -43,7 +46,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from netdiet.analysis import scratch
+from netdiet.analysis import optimizer_cost, scratch
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.ram import available_ram
 from netdiet.analysis.step import (
@@ -92,7 +95,7 @@ class MemoryEstimate:
     recompute_flops_method: str | None = None
     checkpointed_blocks: list[str] = field(default_factory=list)
     step_order: str = STEP_ORDER
-    method: str = "meta-device simulation (dispatch-mode storage tracking)"
+    method: str = "meta-device simulation (dispatch-mode storage tracking), optimizer priced from its definition"
     # where the step was simulated: "meta" (nothing allocated), or "cpu" when a value-dependent op stopped the
     # meta simulation and the same tracked step ran on a real copy (`simulation_reason` says which op)
     simulation: str = "meta"
@@ -222,10 +225,11 @@ class _CpuScratch:
     def __init__(self, cap: scratch.CpuCapability) -> None:
         self.cap = cap
         self.unmodelled: dict[scratch.Unmodelled, int] = {}
+        self.counting = True   # off while a step that is not reported runs (step 1 of a two-step simulation)
 
     def __call__(self, func, args: tuple) -> int:
         extra, missing = scratch.kernel_scratch(func, args, self.cap)
-        if missing is not None:
+        if missing is not None and self.counting:
             self.unmodelled[missing] = self.unmodelled.get(missing, 0) + 1
         return extra
 
@@ -499,7 +503,7 @@ def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", dtype: str | torch.dtype | None = None,
                     amp: bool = False, checkpointing: bool = False,
                     loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                    real_step_bytes: int | None = None) -> MemoryEstimate:
+                    real_step_bytes: int | None = None, simulate_optimizer: bool = False) -> MemoryEstimate:
     """Training and inference memory of `model` on `inputs`, predicted without allocating any of it.
 
     When the meta simulation stops at a value-dependent op (transformers' masking utilities ask whether an
@@ -507,6 +511,9 @@ def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", d
     real inputs, so the op sees real values and decides as a real run does. That needs a real model and real
     inputs, and `real_step_bytes` (the caller's upper bound of what the step allocates) within the available
     RAM; otherwise the MetaDeviceLimit stands. `simulation` / `simulation_reason` record which path ran.
+
+    The optimizer's state and step are priced from its definition (optimizer_cost.py) and one step is simulated;
+    `simulate_optimizer` runs the optimizer's own step instead, in two simulated steps (the check of the pricing).
     """
     opt_name = normalise_optimizer(optimizer)
     dt = parse_dtype(dtype)
@@ -517,12 +524,14 @@ def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", d
     def simulate(ckpt: bool) -> MemoryEstimate:
         if not fallback:
             try:
-                return _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=False)
+                return _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=False,
+                                 price_optimizer=not simulate_optimizer)
             except MetaDeviceLimit as exc:
                 _check_real_step(model, inputs, real_step_bytes, exc)
                 fallback.append(str(exc))
         with torch.random.fork_rng(devices=[]):  # the real step's dropout must not move the caller's RNG
-            est = _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=True)
+            est = _simulate(model, inputs, opt_name, dt, amp, ckpt, loss_fn, real=True,
+                            price_optimizer=not simulate_optimizer)
         est.simulation = model_device(model).type
         est.method = (f"real-tensor step on {est.simulation} under the same storage tracker (the meta-device "
                       "simulation stopped at a value-dependent op)")
@@ -552,9 +561,15 @@ def _check_real_step(model: nn.Module, inputs: tuple[torch.Tensor, ...], bound: 
                               f"but only {format_bytes(avail)} of RAM is available; use a smaller batch or input")
 
 
-def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bool = False) -> MemoryEstimate:
+def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bool = False,
+              price_optimizer: bool = True) -> MemoryEstimate:
     """One tracked simulation: on a meta copy (nothing allocated), or with `real` on a real copy of the model and
-    the real inputs (the variable keeps the name `meta` for the copy either way)."""
+    the real inputs (the variable keeps the name `meta` for the copy either way).
+
+    With `price_optimizer` (and an optimizer optimizer_cost prices), one step runs without the optimizer: it is
+    step 1's forward and backward; the steady state adds the priced state to both (neither touches it) and the
+    optimizer phase is what is alive when the step starts plus the priced state and transients. Otherwise two
+    steps run, the optimizer's own step included: step 1 creates the state, step 2 is the steady state."""
     target = model_device(model)
     meta = real_copy(model, dt) if real else _meta_copy(model, dt)
     x = tuple(cast_input(t, dt, target if real else "meta") for t in inputs)
@@ -601,6 +616,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     modules = _ModuleStack(meta)
     saved = _SavedTensorLog(modules, tr)
     state: dict[str, Any] = {}
+    cost: list[optimizer_cost.StepCost | None] = [None]
 
     def marks(phase: str) -> None:
         prev = state.get("phase")
@@ -610,6 +626,9 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
             state["saved"] = saved.alive()
         if phase == "optimizer":
             state["grads"] = tr.uids(p.grad for p in trainable if p.grad is not None)
+            if steps == 1:   # what the priced optimizer phase starts from
+                cost[0] = optimizer_cost.price_step(opt, [p for p in trainable if p.grad is not None])
+                state["opt_live"] = dict(tr.live.values())
         state["phase"] = phase
         tr.phase = phase
         tr.reset_peak()
@@ -617,23 +636,28 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     def on_output(out: Any, loss: Any) -> None:
         state["outputs"] = tr.uids(tree_leaves((out, loss)))
 
+    # one step when the optimizer is priced (or absent); otherwise step 1 makes the state and step 2 is steady
+    steps = 1 if price_optimizer and optimizer_cost.priceable(opt) else 2
     per_step: list[dict[str, Any]] = []
     try:
         with tr, policy:
-            for step in range(2):
+            for step in range(steps):
                 saved.clear()
                 state.clear()
                 state["peaks"] = {}
-                if step == 1:
+                if cpu_scratch is not None:   # unmodelled kernels: the calls of the inference and one step
+                    cpu_scratch.counting = step == steps - 1
+                if step == steps - 1:
                     tr.snapshot_on = True
                     tr.take_snapshot(tr.current)
                 with saved.context():
-                    train_step(meta, x, opt, amp_ctx, loss_fn, marks, on_output)
+                    train_step(meta, x, opt if steps == 2 else None, amp_ctx, loss_fn, marks, on_output)
                 tr.snapshot_on = False
                 tr.phase = None
                 per_step.append({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"},
                                  "saved": state.get("saved", {}), "saved_all": dict(saved.saved),
-                                 "grads": state.get("grads", {}), "outputs": state.get("outputs", {})})
+                                 "grads": state.get("grads", {}), "outputs": state.get("outputs", {}),
+                                 "snapshot": tr.snapshot, "snapshot_total": tr.snapshot_total})
     except NetdietError:
         raise
     except Exception as exc:
@@ -645,8 +669,21 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     finally:
         modules.remove()
 
-    steady = per_step[1]
+    steady = per_step[-1]
     peaks = steady["peaks"]
+    first_step_peak = max(per_step[0]["peaks"].values())
+    snapshot, snapshot_total = steady["snapshot"], steady["snapshot_total"]
+    state_uids: dict[int, int] = {}
+    if steps == 1:
+        if cost[0] is None:   # a gradient the pricing does not cover (sparse): simulate the optimizer's step
+            return _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real, price_optimizer=False)
+        peaks, first_step_peak, snapshot, snapshot_total = optimizer_cost.steady_state(
+            peaks, cost[0], snapshot, snapshot_total, state["opt_live"])
+        state_uids = {optimizer_cost.STATE_UID: cost[0].state}
+        tr.origin[optimizer_cost.STEP_TEMPORARIES_UID] = "optimizer"
+    elif opt is not None:
+        state_uids = {u: n for u, n in tr.uids(v for st in opt.state.values() for v in st.values()).items()
+                      if u not in base_uids}
     peak = max(peaks.values())
     peak_phase = max(peaks, key=lambda k: peaks[k])
     acts = {u: v for u, v in steady["saved"].items() if u not in base_uids}
@@ -655,21 +692,17 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     for owner, n in acts.values():
         module_acts[owner] = module_acts.get(owner, 0) + n
 
-    state_uids: dict[int, int] = {}
-    if opt is not None:
-        state_uids = {u: n for u, n in tr.uids(v for st in opt.state.values() for v in st.values()).items()
-                      if u not in base_uids}
     state_bytes = sum(state_uids.values())
     gradients = sum(steady["grads"].values())
     weights, buffer_bytes, input_bytes = (sum(d.values()) for d in (weight_uids, buffer_uids, input_uids))
 
     breakdown: dict[str, int] = {}
-    if tr.snapshot is not None and tr.snapshot_total == peak:
+    if snapshot is not None and snapshot_total == peak:
         parts = {"weights": weight_uids, "buffers": buffer_uids, "inputs": input_uids, "optimizer_state": state_uids,
                  "gradients": steady["grads"], "activations": steady["saved_all"], "outputs": steady["outputs"]}
         by_origin = {"backward": "backward_buffers", "recomputed": "recomputed", "optimizer": "optimizer_temporaries"}
         breakdown = {k: 0 for k in list(parts) + _TRANSIENT_PARTS}
-        for uid, n in tr.snapshot.items():
+        for uid, n in snapshot.items():
             part = next((name for name, uids in parts.items() if uid in uids), None)
             if part is None:
                 part = "workspace" if uid == -1 else by_origin.get(tr.origin.get(uid, ""), "temporaries")
@@ -686,7 +719,9 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
         optimizer_state=state_bytes, activations=activations, temporaries=int(temporaries), peak_estimated=peak,
         inference_peak=inference_peak, module_activations=dict(sorted(module_acts.items(), key=lambda kv: -kv[1])),
         inputs=input_bytes, peak_phase=peak_phase, phase_peaks=peaks, peak_breakdown=breakdown,
-        first_step_peak=max(per_step[0]["peaks"].values()), checkpointed_blocks=blocks,
+        first_step_peak=first_step_peak, checkpointed_blocks=blocks,
+        method=MemoryEstimate.method if steps == 1 else
+        "meta-device simulation (dispatch-mode storage tracking), the optimizer's own step simulated (two steps)",
         cpu_rules=cpu_scratch.cap.label if cpu_scratch is not None else "",
         unmodelled=cpu_scratch.entries() if cpu_scratch is not None else [],
         warnings=_unmodelled_warnings(cpu_scratch),

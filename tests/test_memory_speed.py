@@ -1,0 +1,119 @@
+"""The fast memory estimate keeps every figure: the optimizer priced from its definition (optimizer_cost.py)
+against its real step run under a storage tracker, and the one-step estimate against the two-step simulation."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.optimizer_cost import price_step
+from netdiet.models import create_model
+
+torch.set_num_threads(1)
+
+
+class _Bytes(TorchDispatchMode):
+    """An independent storage counter: bytes of every storage an op returns, until the storage dies."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.seen, self.current, self.peak = {t.untyped_storage()._cdata for t in existing}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s._cdata not in self.seen:
+                    self.seen.add(s._cdata)
+                    self.current += s.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(s, self._free, s._cdata, s.nbytes())
+        return out
+
+    def _free(self, key, n):
+        self.seen.discard(key)
+        self.current -= n
+
+
+SHAPES = [(3, 5), (7,), (2, 4, 4), (11, 3)]   # 15, 7, 32, 33 elements: the order of sizes matters for Adam
+CONFIGS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-decay": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "momentum-decay": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "nesterov-decay": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "adam": lambda ps: torch.optim.Adam(ps),
+    "adam-decay": lambda ps: torch.optim.Adam(ps, weight_decay=0.1),
+    "amsgrad": lambda ps: torch.optim.Adam(ps, amsgrad=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps),
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_priced_step_equals_the_real_step_on_meta_tensors(name, dtype):
+    params = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device="meta")) for s in SHAPES]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = CONFIGS[name](params)
+    cost = price_step(opt, params)
+    counter = _Bytes(params + [p.grad for p in params])   # already there: not counted
+    with counter:
+        opt.step()                                   # step 1: makes the state
+        first = counter.peak
+        state = counter.current
+        counter.peak = counter.current
+        opt.step()                                   # step 2: the steady state
+        steady = counter.peak - counter.current
+    assert (cost.first_step_extra, cost.state, cost.transient) == (first, state, steady)
+
+
+def test_adam_step_by_hand():
+    # fp32 parameters of 60, 28, 128 and 132 bytes. State: exp_avg + exp_avg_sq (2 x 348) + a 4-byte float32
+    # `step` per parameter = 712. Step: sqrt(v) and sqrt(v)/c of the parameter being updated while the previous
+    # parameter's denom is still bound: max(0+2*60, 60+2*28, 28+2*128, 128+2*132) = 392.
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in SHAPES]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    cost = price_step(torch.optim.Adam(params), params)
+    assert (cost.state, cost.transient, cost.first_step_extra) == (712, 392, 712 + 392)
+    assert cost.state_tensors == ("step", "exp_avg", "exp_avg_sq")
+
+
+def test_what_is_not_priced_says_so():
+    params = [torch.nn.Parameter(torch.empty(4, device="meta"))]
+    params[0].grad = torch.empty_like(params[0])
+    assert price_step(torch.optim.Adam(params, foreach=True), params) is None
+    assert price_step(torch.optim.Adam(params, maximize=True), params) is None
+    assert price_step(torch.optim.RMSprop(params), params) is None
+
+
+CASES = [  # (model, kwargs, input, optimizer, settings): each optimizer, fp32 / bf16 / amp, and peaks in every phase
+    ("mlp", {}, (32, 784), "adam", {}),                    # peak in the optimizer phase
+    ("mlp", {}, (32, 784), "adamw", {"amp": True}),
+    ("lenet5", {}, (8, 1, 28, 28), "sgd", {}),
+    ("lenet5", {}, (8, 1, 28, 28), "momentum", {"dtype": "bf16"}),
+    ("lenet5", {}, (8, 1, 28, 28), "none", {}),
+    ("resnet", {}, (2, 3, 32, 32), "adam", {"dtype": "bf16"}),
+    ("transformer", {}, (2, 64), "momentum", {"amp": True}),
+    ("transformer", {}, (2, 64), "adamw", {"checkpointing": True}),
+]
+
+
+@pytest.mark.parametrize("name, kw, shape, optimizer, settings", CASES)
+def test_one_priced_step_gives_the_figures_of_two_simulated_steps(name, kw, shape, optimizer, settings):
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    x = torch.randint(0, 1000, shape) if name == "transformer" else torch.randn(shape)
+    fast = estimate_memory(model, x, optimizer=optimizer, **settings).to_dict()
+    slow = estimate_memory(model, x, optimizer=optimizer, simulate_optimizer=True, **settings).to_dict()
+    assert fast.pop("method") and slow.pop("method")
+    assert fast == slow
+    assert fast["first_step_peak"] <= fast["peak_estimated"]
