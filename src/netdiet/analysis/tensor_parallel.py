@@ -251,8 +251,9 @@ def _param_rules(net: nn.Module, regions: list[Region], emb: str | None, head: s
     return rules
 
 
-def _activation_rules(net: nn.Module, regions: list[Region]) -> dict[str, str]:
-    """Module name -> "sharded" | "replicated" for what the module saved for backward (see the docstring)."""
+def _activation_rules(net: nn.Module, regions: list[Region], head: str | None) -> dict[str, str]:
+    """Module name -> "sharded" | "replicated" | "colwise" (input replicated, autocast weight copy split) | "mha"
+    for what the module saved for backward (see the docstring)."""
     rules: dict[str, str] = {}
     names = [n for n, _ in net.named_modules()]
     for r in regions:
@@ -263,9 +264,21 @@ def _activation_rules(net: nn.Module, regions: list[Region]) -> dict[str, str]:
             for m in inside:
                 if m == n or m.startswith(n + "."):
                     rules[m] = "replicated"
+        for c in r.cols:
+            rules[c] = "colwise"
         if r.mha:
             rules[r.name] = "mha"
+    if head is not None:
+        rules[head] = "colwise"
     return rules
+
+
+def _weight_cast(mod: nn.Module | None, estimate: Any) -> int:
+    """Bytes of the bf16 copy of a projection's fp32 weight that autocast saves for backward (0 without amp)."""
+    w = getattr(mod, "weight", None)
+    if not getattr(estimate, "amp", False) or not isinstance(w, torch.Tensor) or _elem(estimate, w) != 4:
+        return 0
+    return w.numel() * 2
 
 
 def _tokens_from(estimate: Any, regions: list[Region], net: nn.Module) -> int | None:
@@ -274,9 +287,9 @@ def _tokens_from(estimate: Any, regions: list[Region], net: nn.Module) -> int | 
     mods = dict(net.named_modules())
     elem = _act_elem(estimate)
     for r in regions:
-        n = acts.get(r.row, 0)
+        n = acts.get(r.row, 0) - _weight_cast(mods.get(r.row), estimate)
         feats = _features(mods[r.row]) if r.row in mods else None
-        if n and feats and n % (feats[0] * elem) == 0:
+        if n > 0 and feats and n % (feats[0] * elem) == 0:
             return n // (feats[0] * elem)
     return None
 
@@ -330,8 +343,9 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
     elem = _act_elem(estimate)
     if tokens is None and estimate is not None:
         tokens = _tokens_from(estimate, regions, net)
-    act_rules = _activation_rules(net, regions)
+    act_rules = _activation_rules(net, regions, head if vocab_parallel else None)
     acts = dict(getattr(estimate, "module_activations", None) or {})
+    mods = dict(net.named_modules())
     act_sharded = act_replicated = 0
     for name, n in acts.items():
         rule = act_rules.get(name, "replicated")
@@ -339,9 +353,11 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
             loss_elem = 4 if getattr(estimate, "amp", False) else elem   # autocast runs the loss in fp32
             split_part = min(n, tokens * vocab * loss_elem)   # log_softmax's output over the vocab-parallel logits
             s, rep = _ceil_div(split_part, tp), n - split_part
+        elif rule == "colwise":   # its input whole on every rank, autocast's copy of its weight shard split
+            cast = min(n, _weight_cast(mods.get(name), estimate))
+            s, rep = _ceil_div(cast, tp), n - cast
         elif rule == "mha" and tokens:   # the in-projection's saved input (the query) is replicated
-            mha = dict(net.named_modules())[name]
-            rep = min(n, tokens * mha.embed_dim * elem)
+            rep = min(n, tokens * mods[name].embed_dim * elem)
             s = _ceil_div(n - rep, tp)
         elif rule in ("sharded", "mha"):
             s, rep = _ceil_div(n, tp), 0
@@ -360,15 +376,15 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
         for r in regions:
             messages.append({"module": r.row, "phase": "forward", "bytes": tokens * r.width_out * elem})
             messages.append({"module": r.name, "phase": "backward", "bytes": tokens * r.width_in * elem})
-        mods = dict(net.named_modules())
         if vocab_parallel and emb is not None:
             messages.append({"module": emb, "phase": "forward",
                              "bytes": tokens * mods[emb].embedding_dim * elem})
         if vocab_parallel and head is not None:
             width = mods[head].in_features
             messages.append({"module": head, "phase": "backward", "bytes": tokens * width * elem})
-            messages.append({"module": OUTSIDE, "phase": "forward", "bytes": 3 * tokens * 4,
-                             "what": "loss_parallel: max, sum of exp and target logit per token (fp32)"})
+            for what in ("max", "sum of exp", "target logit"):   # loss_parallel's per-token fp32 reductions
+                messages.append({"module": OUTSIDE, "phase": "forward", "bytes": tokens * 4,
+                                 "what": f"loss_parallel: {what} per token"})
         for m in messages:
             entry = per_module.setdefault(m["module"], {"rule": "replicated", "sharded_params": 0,
                                                         "replicated_params": 0})
