@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 __all__ = ["continual", "list_models", "create_model", "get_dataset", "load_model", "report", "demo_summary",
            "profile", "largest_batch_within", "compress", "list_recipes", "load_recipe", "evaluate", "train", "train_ensemble", "sweep",
-           "list_datasets", "describe_data", "estimate_memory", "measure_memory", "measure_latency", "weight_storage"]
+           "list_datasets", "describe_data", "estimate_memory", "measure_memory", "measure_latency", "weight_storage",
+           "plan"]
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ from netdiet import models as zoo
 from netdiet.analysis import latency as latency_engine
 from netdiet.analysis import measurement, scaling
 from netdiet.analysis import memory as memory_engine
+from netdiet.analysis import plan as plan_engine
 from netdiet.analysis import profile as profile_engine
 from netdiet.analysis.storage import data_report
 from netdiet.analysis.storage import weight_storage as storage_of
@@ -125,6 +126,13 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
                     batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
                     seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights, seq_len=seq_len,
                     parallel=parallel, world_size=world_size, tp=tp, target_device=target_device)
+
+def plan(model: Any, devices: str = "8xh100-sxm", **kwargs: Any):
+    """Layouts of `model` on `devices` ('64xh100') ranked by projected throughput, with why the others do not fit
+    (analysis.plan.plan; keyword arguments: global_batch, seq_len, model_kw, optimizer, dtype, amp, micro_batch,
+    checkpointing, strategies). Returns a PlanResult; `.to_dict()` is the netdiet.plan/1 document."""
+    return plan_engine.plan(model, devices, **kwargs)
+
 
 
 def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any, dtype: Any, budget_bytes: Any, *,

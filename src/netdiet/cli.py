@@ -222,6 +222,48 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 
 # ==================================================================== compress / evaluate
+# ==================================================================== plan
+@command
+def _plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="rank DDP/FSDP/ZeRO/tensor-parallel layouts of a model on N named devices by "
+                                    "projected throughput; say why the others do not fit")
+    add_model_options(p)
+    p.add_argument("--devices", default="8xh100-sxm", metavar="NxNAME",
+                   help="how many of which device, e.g. 64xh100, 8xh200, 4xcpu (default 8xh100-sxm; names: "
+                        "h100-sxm h100-pcie h200 a100-40gb a100-80gb l4 mi300x tpu-v5e cpu)")
+    p.add_argument("--global-batch", default=None, metavar="B", help="samples per optimizer step (default: one per device)")
+    p.add_argument("--seq-len", default=None, metavar="S", help="tokens per sample of a language model (default: its own)")
+    p.add_argument("--optimizer", default="adam", help="sgd|momentum|adam|adamw|none (default adam)")
+    p.add_argument("--dtype", default="bf16", help="training precision fp32|bf16|fp16 (default bf16)")
+    p.add_argument("--amp", action="store_true", help="fp32 weights with bf16 autocast instead of --dtype throughout")
+    p.add_argument("--micro-batch", default=None, metavar="M1,M2,...",
+                   help="micro-batches to try (default: the power-of-two divisors of each per-rank batch and itself)")
+    p.add_argument("--strategies", default=None, metavar="S1,S2,...", help="data-parallel strategies to sweep "
+                                                                           "(default ddp,zero1,zero2,zero3,fsdp)")
+    p.add_argument("--no-checkpointing", action="store_true", help="do not sweep activation checkpointing")
+    p.add_argument("--top", default="15", metavar="N", help="ranked rows to print (default 15; the JSON has all)")
+    add_json_option(p)
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from netdiet import api
+    from netdiet.models import parse_model_kw
+    from netdiet.reporting.plan_tables import plan_report
+    from netdiet.units import parse_int_list
+    strategies = tuple(s.strip().lower() for s in args.strategies.split(",") if s.strip()) if args.strategies else None
+    result = api.plan(args.model, args.devices, model_kw=parse_model_kw(args.model_kw),
+                      global_batch=_profile_int(args.global_batch, "--global-batch", 1),
+                      seq_len=_profile_int(args.seq_len, "--seq-len", 1), optimizer=args.optimizer, dtype=args.dtype,
+                      amp=args.amp, micro_batch=parse_int_list(args.micro_batch, "--micro-batch") if args.micro_batch
+                      else None, checkpointing=(False,) if args.no_checkpointing else (False, True),
+                      strategies=strategies, log=_log)
+    doc = result.to_dict()
+    console.print(plan_report(doc, _profile_int(args.top, "--top", 1)))
+    write_json(args, doc)
+    return 0
+
+
 @command
 def _compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="run a compression recipe (prune, cluster, quantize, low-rank, distill...) and "

@@ -105,6 +105,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "models": {"models": Rows({"name": STR, "params": NUM, "input": LIST, "description": STR})},
     "demo": {"headlines": Rows({"label": STR, "value": ANY, "unit": STR, "source": STR})},
     "datasets": {}, "recipes": {}, "report": {"out": STR, "bytes": NUM, "sources": Rows({"path": STR, "schema": STR})},
+    "plan": {
+        "model": MODEL, "global_batch": INT, "seq_len": INT, "samples_unit": STR,
+        "devices": Obj({"count": INT, "name": STR, "device": Obj({"memory_bytes": NUM, "name": STR})}),
+        "ranked": Rows({"rank": INT, "layout": STR, "strategy": STR, "tp": INT, "dp": INT, "micro_batch": INT,
+                        "accumulation": INT, "checkpointing": BOOL, "peak": NUM, "step_time_s": NUM,
+                        "throughput": NUM, "throughput_unit": STR, "mfu": NUM, "per_rank": MapOf(NUM)}),
+        "infeasible": Rows({"layout": STR, "why": STR, "over_by": NUM}),
+        "unavailable": Rows({"layout": STR, "checkpointing": BOOL, "why": STR}),
+        "simulation": Obj({"distinct": INT, "method": STR}), "notes": ListOf(STR), "seconds": NUM,
+    },
     "train-ensemble": {
         "model": MODEL, "k": INT, "mode": STR, "combine": STR,
         "members": Rows({"index": INT, "seed": INT, "test_acc": NUM, "epochs": INT, "seconds": NUM}),

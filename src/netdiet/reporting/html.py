@@ -22,7 +22,7 @@ from netdiet.documents import describe as _json_type
 from netdiet.documents import field_problems, read_result
 from netdiet.errors import NetdietError
 from netdiet.fileio import atomic_write_text
-from netdiet.reporting import ensemble_tables, plots
+from netdiet.reporting import ensemble_tables, plan_tables, plots
 from netdiet.reporting.story import (
     FIT_ROWS,
     MEMORY_NAMES,
@@ -461,7 +461,7 @@ SECTIONS: dict[str, Callable[[Page, str, dict], None]] = {
     "compress": _section_compress, "evaluate": _section_evaluate, "continual": _section_continual,
     "data": _section_data, "models": _section_models,
     "datasets": _section_listing, "recipes": _section_listing, "report": _section_listing,
-    "train-ensemble": ensemble_tables.ensemble_section,
+    "train-ensemble": ensemble_tables.ensemble_section, "plan": plan_tables.plan_section,
 }
 
 CSS = """

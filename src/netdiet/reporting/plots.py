@@ -38,6 +38,7 @@ PALETTE: dict[str, str] = {
     "train": "#e377c2", "validation": "#bcbd22", "flops": "#393b79",
     "pytorch": "#8c6d31", "onnxruntime": "#637939",
     "pareto": "#7b4173", "dominated": "#a5a5a5", "exemplars": "#e7ba52",
+    "communication_buffers": "#dbdb8d",
 }
 # What each category is called on the page: the memory parts as the report's sentences name them (story.MEMORY_NAMES,
 # whose order is also the stacking order), then the other categories.
@@ -166,8 +167,10 @@ def hbar(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: 
     return f.svg(title)
 
 
-def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], *, title: str, ylabel: str) -> Chart:
-    """Stacked bars (bytes) from zero; `series` keys are PALETTE categories, stacked in MEMORY_ORDER."""
+def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], *, title: str, ylabel: str,
+                 limit: float | None = None, limit_label: str = "budget") -> Chart:
+    """Stacked bars (bytes) from zero; `series` keys are PALETTE categories, stacked in MEMORY_ORDER. `limit`
+    (a device's memory, a budget) is drawn as the one red line, labelled `limit_label` with its size."""
     f = _Figure((7.5, max(2.4, 0.34 * len(categories) + 1.2)))
     left = [0.0] * len(categories)
     y = list(range(len(categories)))
@@ -176,9 +179,12 @@ def stacked_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
         bars = f.ax.barh(y, vals, left=left, label=LABELS[key], color=PALETTE[key])
         f.tag(bars, key)
         left = [a + b for a, b in zip(left, vals)]
+    if limit is not None:
+        line = f.ax.axvline(limit, color=PALETTE["budget"], linewidth=2, label=f"{limit_label} {format_bytes(limit)}")
+        f.tag(line, "budget")
     f.ax.set_yticks(y, labels=categories, fontsize=7)
     f.ax.invert_yaxis()
-    f.ax.set_xlim(0, max(max(left, default=0), 1) * 1.05)
+    f.ax.set_xlim(0, max(max(left, default=0), limit or 0, 1) * 1.05)
     byte_axis(f.ax, "x")
     f.ax.set_xlabel(ylabel)
     f.ax.grid(axis="x", alpha=0.3)

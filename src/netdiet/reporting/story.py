@@ -15,7 +15,8 @@ from netdiet.units import format_bytes, format_count
 MEMORY_NAMES = {"weights": "weights", "buffers": "buffers", "inputs": "inputs", "outputs": "outputs",
                 "gradients": "gradients", "backward_buffers": "backward temporaries", "optimizer_state": "optimizer state",
                 "optimizer_temporaries": "optimizer temporaries", "activations": "activations saved for backward",
-                "recomputed": "recomputed activations", "workspace": "workspace", "temporaries": "other temporaries"}
+                "recomputed": "recomputed activations", "workspace": "workspace",
+                "communication_buffers": "communication buffers", "temporaries": "other temporaries"}
 
 # The linear fits over batch sizes a profile can carry (key in scaling.fit, label, unit), in the order shown.
 FIT_ROWS = [("memory_estimated", "training tensor peak (est.)", "bytes"), ("memory_measured", "training tensor peak (meas.)", "bytes"),
@@ -214,3 +215,31 @@ def sweep_story(doc: dict) -> list[str]:
                 f"{p.get('value')} ({format_count(p.get('params'))} parameters); larger models past it overfit or "
                 "cost more for nothing."]
     return []
+
+
+def plan_story(doc: dict) -> list[str]:
+    """netdiet plan: the fastest feasible layout, what it costs per rank, and how far the closest misfit is off."""
+    dev = doc.get("devices") if isinstance(doc.get("devices"), dict) else {}
+    memory = (dev.get("device") or {}).get("memory_bytes") if isinstance(dev.get("device"), dict) else None
+    ranked = [r for r in doc.get("ranked") or [] if isinstance(r, dict)]
+    where = f"{dev.get('count')}× {dev.get('name')}" + (f" ({format_bytes(memory)} each)" if is_number(memory) else "")
+    out = []
+    if ranked and is_number(ranked[0].get("step_time_s")) and is_number(ranked[0].get("peak")):
+        best = ranked[0]
+        mb = f"micro-batch {best.get('micro_batch')}" + (f" × {best['accumulation']} accumulated"
+                                                           if (best.get("accumulation") or 1) > 1 else "")
+        rate = (f", {format_count(best['throughput'])} {best.get('throughput_unit', 'samples/s')}"
+                if is_number(best.get("throughput")) else "")
+        mfu = f", MFU {100 * best['mfu']:.0f} %" if is_number(best.get("mfu")) else ""
+        out.append(f"On {where}, the fastest of {len(ranked)} feasible layout variants is {best.get('layout')} at {mb}"
+                   f"{' with checkpointing' if best.get('checkpointing') else ''}: a projected step of "
+                   f"{best['step_time_s']:.3g} s{rate}{mfu}, with a per-rank peak of {format_bytes(best['peak'])}.")
+    bad = [b for b in doc.get("infeasible") or [] if isinstance(b, dict) and is_number(b.get("over_by"))]
+    if bad:
+        near = min(bad, key=lambda b: b["over_by"])
+        out.append(f"{len(bad)} layout{'s do' if len(bad) != 1 else ' does'} not fit at any micro-batch; the closest, "
+                   f"{near.get('layout')}, needs {format_bytes(near['over_by'])} more per rank than the device has.")
+    if ranked:
+        out.append("Step times are roofline projections from the counted work and the links' bandwidth (an upper bound "
+                   "on speed a tuned run approaches), not measurements; memory is the estimated per-rank tensor peak.")
+    return out

@@ -1,0 +1,119 @@
+"""netdiet plan: the layer-scaled simulation equals the full one byte for byte, the sweep ranks feasible layouts by
+projected throughput and says why the others fail, and bad input is one line (exit 2)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from netdiet.analysis import plan as plan_mod
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.devices import get_device
+from netdiet.analysis.memory import estimate_memory
+from netdiet.cli import main
+from netdiet.documents import field_problems, read_result
+from netdiet.errors import NetdietError
+from netdiet.models import create_model
+
+SMALL = dict(d_model=64, heads=4, seq_len=32, vocab=100)
+
+
+def _meta(layers: int):
+    with torch.device("meta"):
+        return create_model("transformer", layers=layers, **SMALL)
+
+
+def _x(mb: int = 2):
+    return (torch.empty((mb, 32), dtype=torch.int64, device="meta"),)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_layer_scaled_estimate_equals_the_full_simulation(ckpt):
+    net = _meta(6)
+    stack = plan_mod.find_stack(net)
+    assert stack == plan_mod.Stack("blocks", 6)
+    kw = dict(optimizer="adam", dtype="bf16", checkpointing=ckpt)
+    with plan_mod.truncated(net, stack, 2):
+        e2 = estimate_memory(net, _x(), **kw)
+    with plan_mod.truncated(net, stack, 3):
+        e3 = estimate_memory(net, _x(), **kw)
+    assert len(net.blocks) == 6                           # the container is put back
+    full = estimate_memory(net, _x(), **kw)
+    scaled = plan_mod.scale_estimate(e2, e3, stack)
+    for f in plan_mod._INT_FIELDS + ("phase_peaks", "peak_breakdown", "peak_phase", "module_activations",
+                                     "checkpointed_blocks"):
+        assert getattr(scaled, f) == getattr(full, f), f
+    if ckpt:
+        assert full.recompute_flops > 0 and full.checkpointed_blocks == [f"blocks.{i}" for i in range(6)]
+
+
+def test_layer_scaled_counts_equal_the_full_count():
+    net = _meta(6)
+    stack = plan_mod.find_stack(net)
+    parts = []
+    for k in (2, 3):
+        with plan_mod.truncated(net, stack, k):
+            parts.append(count_ops(net, _x(), train=True, optimizer="adam"))
+    full = count_ops(net, _x(), train=True, optimizer="adam")
+    scaled = plan_mod.scale_counts(*parts, stack)
+    assert scaled.operators == full.operators
+    for f in plan_mod._COUNT_FIELDS:
+        assert getattr(scaled, f) == getattr(full, f), f
+    assert scaled.modules[0].params == full.modules[0].params == sum(p.numel() for p in net.parameters())
+
+
+def test_small_helpers():
+    assert plan_mod.micro_batches(12, None) == [1, 2, 4, 12]
+    assert plan_mod.micro_batches(8, [3, 4]) == [4]
+    dev = get_device("h100")
+    assert plan_mod.tp_degrees(_meta(2), 8, dev) == [1, 2, 4]       # 4 heads: 8 does not divide them
+    lays = plan_mod.layouts(8, [1, 8])
+    assert [(lay.strategy, lay.tp) for lay in lays] == [("ddp", 1), ("zero1", 1), ("zero2", 1), ("zero3", 1),
+                                                          ("fsdp", 1), ("tp", 8)]
+
+
+def test_plan_ranks_by_throughput_and_explains_misfits(monkeypatch):
+    # 10 identical blocks of width 64 on 4 L4s, simulated layer-scaled and checked against 4 blocks
+    kw = dict(layers=10, **SMALL)
+    doc = plan_mod.plan("transformer", "4xl4", model_kw=kw, global_batch=8, micro_batch=[1, 2]).to_dict()
+    assert doc["simulation"]["method"].startswith("layer-scaled: 10 identical blocks")
+    assert doc["simulation"]["checked"] == {"off": True, "on": True}
+    ranked = doc["ranked"]
+    assert ranked and [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    rates = [r["throughput"] for r in ranked]
+    assert rates == sorted(rates, reverse=True)
+    for r in ranked:
+        assert r["fits"] and r["peak"] <= 24e9 and r["micro_batch"] * r["accumulation"] * r["dp"] == 8
+        assert r["throughput"] == pytest.approx(8 * 32 / r["step_time_s"])        # tokens per step / step time
+    assert {r["tp"] for r in ranked} == {1, 2, 4}
+    assert not field_problems(doc, "plan")
+    # the same model on devices of 100 kB: every layout fails, and the message says by how much
+    small = dataclasses.replace(get_device("l4"), name="tiny", memory_bytes=10**5)
+    monkeypatch.setattr(plan_mod, "parse_devices", lambda _spec: (4, small))
+    with pytest.raises(NetdietError, match=r"no layout of transformer fits 4x tiny \(97.66 KiB each\): the smallest "
+                                           r"per-rank peak is .* over; use more devices"):
+        plan_mod.plan("transformer", "4xl4", model_kw=kw, global_batch=8, micro_batch=[1])
+
+
+def test_bad_input_is_one_line(capsys):
+    assert main(["plan", "transformer", "--devices", "8xh10"]) == 2
+    assert "unknown device 'h10'; did you mean h100-sxm?" in capsys.readouterr().err
+    assert main(["plan", "transformer", "--devices", "8xh100", "--global-batch", "3", "--micro-batch", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "global batch 3 is not divisible by any data-parallel degree" in err and len(err.splitlines()) == 1
+    assert main(["plan", "transformer", "--devices", "4xh100", "--strategies", "ddp,foo"]) == 2
+    assert "unknown strategy 'foo'" in capsys.readouterr().err
+
+
+def test_cli_plan_writes_a_validated_document(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "transformer", "--devices", "2xh100", "--no-checkpointing", "--micro-batch", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "netdiet plan: transformer on 2x h100-sxm" in text
+    doc = read_result(out)
+    assert doc["schema"] == "netdiet.plan/1" and not field_problems(doc)
+    assert doc["checkpointing"] == [False] and doc["global_batch"] == 2
+    assert json.loads(out.read_text())["ranked"][0]["layout"] in text
