@@ -1,5 +1,6 @@
 """The fast memory estimate keeps every figure: the optimizer priced from its definition (optimizer_cost.py)
-against its real step run under a storage tracker, and the one-step estimate against the two-step simulation."""
+against its real step run under a storage tracker, the one-step estimate against the two-step simulation, and the
+memoised meta kernels (meta_memo.py) against the kernels themselves."""
 from __future__ import annotations
 
 import weakref
@@ -9,7 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from netdiet.analysis import memory
 from netdiet.analysis.memory import estimate_memory
+from netdiet.analysis.meta_memo import MetaMemo
 from netdiet.analysis.optimizer_cost import price_step
 from netdiet.models import create_model
 
@@ -117,3 +120,51 @@ def test_one_priced_step_gives_the_figures_of_two_simulated_steps(name, kw, shap
     assert fast.pop("method") and slow.pop("method")
     assert fast == slow
     assert fast["first_step_peak"] <= fast["peak_estimated"]
+
+
+class _Outputs(TorchDispatchMode):
+    """Every op's outputs (shape, strides, dtype, storage bytes and offset), with or without the memo."""
+
+    def __init__(self, memo=None):
+        super().__init__()
+        self.memo, self.events = memo, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = self.memo(func, args, kwargs) if self.memo is not None else func(*args, **kwargs)
+        self.events.append((str(func), [(tuple(t.shape), t.stride(), t.dtype, t.untyped_storage().nbytes(),
+                                         t.storage_offset()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("name, shape", [("resnet", (2, 3, 32, 32)), ("transformer", (2, 64))])
+def test_memoised_meta_kernels_return_what_the_kernels_return(name, shape):
+    torch.manual_seed(0)
+    model = create_model(name).to("meta")
+    x = torch.empty(shape, dtype=torch.long if name == "transformer" else torch.float32, device="meta")
+    memo = MetaMemo()
+    runs = []
+    for mode in (_Outputs(), _Outputs(memo), _Outputs(memo)):   # plain, memo filling, memo answering
+        with mode:
+            out = model(x)
+            out.float().pow(2).mean().backward()
+        runs.append(mode.events)
+        model.zero_grad(set_to_none=True)
+    assert runs[0] == runs[1] == runs[2]
+    # the repeated blocks (resnet's stages, the transformer's layers) are answered inside the first run already
+    assert memo.hits > len(runs[0]) // 2
+
+
+@pytest.mark.parametrize("name, kw, shape, optimizer, settings", [
+    ("resnet", {}, (2, 3, 32, 32), "adam", {}),
+    ("mobilenet", {}, (2, 3, 32, 32), "momentum", {"dtype": "bf16"}),
+    ("transformer", {}, (2, 64), "adamw", {"amp": True}),
+    ("transformer", {}, (2, 64), "sgd", {"checkpointing": True}),
+])
+def test_the_estimate_with_the_memo_is_the_estimate_without(monkeypatch, name, kw, shape, optimizer, settings):
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    x = torch.randint(0, 1000, shape) if name == "transformer" else torch.randn(shape)
+    fast = estimate_memory(model, x, optimizer=optimizer, **settings).to_dict()
+    monkeypatch.setattr(memory, "META_MEMO", None)
+    assert estimate_memory(model, x, optimizer=optimizer, **settings).to_dict() == fast

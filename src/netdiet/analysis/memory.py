@@ -14,6 +14,9 @@ definition (optimizer_cost.py), so the steady state is derived from that one ste
 optimizer the pricing does not cover runs its real step in two simulated steps (step 1 creates the state, step 2 is
 the steady state). During the reported step the tracker keeps a copy of what is alive at each new high
 (`peak_breakdown`).
+On the meta device each distinct operator call runs its meta kernel once (meta_memo.py): repeated blocks and the
+training forward after the inference one get fresh outputs of the recorded metadata, the same storages in the
+same order.
 
 When a forward reads tensor values (transformers' masking utilities ask `.item()` whether an attention mask is
 all ones), the meta simulation stops (MetaDeviceLimit). For a real model with real inputs the same tracked step
@@ -48,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from netdiet.analysis import optimizer_cost, scratch
 from netdiet.analysis.counter import count_ops
+from netdiet.analysis.meta_memo import MetaMemo
 from netdiet.analysis.ram import available_ram
 from netdiet.analysis.step import (
     STEP_ORDER,
@@ -143,6 +147,7 @@ class _StorageTracker(TorchDispatchMode):
         # where storages were created, for peak_breakdown: uid -> "backward" | "optimizer" | "recomputed"
         self.phase: str | None = None
         self.origin: dict[int, str] = {}
+        self.memo: MetaMemo | None = None       # meta kernels run once per distinct call (meta_memo.py)
 
     def register(self, t: torch.Tensor) -> int | None:
         try:
@@ -198,10 +203,13 @@ class _StorageTracker(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.register(t)
+        out = func(*args, **(kwargs or {})) if self.memo is None else self.memo(func, args, kwargs or {})
+        if type(out) is torch.Tensor:
+            self.register(out)
+        else:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.register(t)
         if self.workspace_fn is not None:
             extra = self.workspace_fn(func, args)
             if extra and self.current + extra > self.peak:
@@ -209,6 +217,10 @@ class _StorageTracker(TorchDispatchMode):
             if self.snapshot_on and self.current + extra > self.snapshot_total:
                 self.take_snapshot(self.current + extra, extra)
         return out
+
+
+# shared by every meta simulation of the process: a meta kernel's result depends on nothing but the call
+META_MEMO = MetaMemo()
 
 
 def _nbytes(t: Any) -> int:
@@ -580,6 +592,8 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     params = list(dict.fromkeys(meta.parameters()))
     buffers = list(dict.fromkeys(meta.buffers()))
     tr = _StorageTracker()
+    if not real:
+        tr.memo = META_MEMO
     cpu_scratch = None
     if target.type in ("cpu", "meta"):
         cpu_scratch = _CpuScratch(scratch.probe_cpu())
