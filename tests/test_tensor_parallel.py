@@ -53,6 +53,23 @@ def test_activation_split_equals_hand_count(tiny):
     assert s["activations_per_rank"] == 3684 and split(net, 1, est)["activations_per_rank"] == est.activations
 
 
+def test_activation_split_under_autocast_splits_the_weight_copies():
+    net = transformer(layers=1, d_model=8, heads=4, seq_len=4, vocab=16)
+    est = estimate_memory(net, torch.randint(0, 16, (2, 4)), amp=True)
+    # bf16 autocast: each projection also saves its bf16 weight copy, which a rank holds for its shard only
+    # qkv: input 8x8x2 = 128 B (whole on every rank) + weight copy 24x8x2 = 384 B (split)
+    assert est.module_activations["blocks.0.attn.qkv"] == 128 + 384
+    s = split(net, 2, est)
+    assert s["per_module"]["blocks.0.attn.qkv"]["activations"] == 128 + 192
+    # split: qkv copy 192 + attention (bf16 q,k,v,out 512 + fp32 lse 128) / 2 = 320 + proj copy 128 / 2 = 64
+    #   + mlp.0 copy 512 / 2 = 256 + GELU input 512 / 2 = 256 + mlp.2 (input 512 + copy 512) / 2 = 512
+    #   + head copy 256 / 2 = 128 + fp32 log_softmax 512 / 2 = 256 -> 1984
+    # whole: qkv, mlp.0, head inputs 3 x 128 + 3 LayerNorms 960 + pos 32 + target and weight 68 -> 1444
+    assert (s["activations_sharded"], s["activations_replicated"]) == (1984, 1444)
+    # bf16 messages: 8 tokens x 8 x 2 B = 128, six of them, + loss_parallel's fp32 3 x 8 x 4 = 96
+    assert s["activation_bytes_per_element"] == 2 and s["all_reduce_bytes_per_step"] == 6 * 128 + 96
+
+
 def test_all_reduce_bytes_equal_hand_count(tiny):
     net, est = tiny
     s = split(net, 2, est)
