@@ -37,6 +37,8 @@ def _arg_key(v: Any) -> Hashable:
     if isinstance(v, _VALUES):
         return (type(v), v)
     if isinstance(v, (list, tuple)):
+        if all(type(x) is int for x in v):   # sizes, strides, dims: the common case
+            return (type(v), tuple(v))
         keys = tuple(_arg_key(x) for x in v)
         return _NO if any(k is _NO for k in keys) else (type(v), keys)
     return _NO
@@ -90,18 +92,19 @@ class MetaMemo:
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self.ops: dict[Any, bool] = {}        # operator -> cacheable by its schema
+        # by id: OpOverload's __hash__ is Python, and torch keeps every overload alive for the process
+        self.ops: dict[int, bool] = {}        # id(operator) -> cacheable by its schema
         self.results: dict[Hashable, Any] = {}
         self.hits = 0
         self.misses = 0
 
     def __call__(self, func, args: tuple, kwargs: dict) -> Any:
-        ok = self.ops.get(func)
+        ok = self.ops.get(id(func))
         if ok is None:
-            ok = self.ops[func] = _functional(func)
+            ok = self.ops[id(func)] = _functional(func)
         if not ok:
             return func(*args, **kwargs)
-        key = (func, torch.get_default_dtype(), _arg_key(args), _arg_key(tuple(kwargs.items())))
+        key = (id(func), torch.get_default_dtype(), _arg_key(args), _arg_key(tuple(kwargs.items())) if kwargs else ())
         if key[2] is _NO or key[3] is _NO:
             return func(*args, **kwargs)
         spec = self.results.get(key)
