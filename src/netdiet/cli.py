@@ -410,6 +410,11 @@ def _train(sub: argparse._SubParsersAction) -> None:
                    help="write the resumable checkpoint every N epochs, every N steps (500steps) or every TIME (5min)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP over gloo on CPU; default 1)")
+    p.add_argument("--parallel", default=None, metavar="ddp|fsdp",
+                   help="how --nproc (or torchrun's) processes share the work: ddp (replicas; the default) or fsdp "
+                        "(FSDP2: parameters, gradients and optimizer state sharded)")
+    p.add_argument("--clip-grad-norm", type=float, default=0.0, metavar="MAX",
+                   help="clip the gradients' total norm to MAX before each step (default 0: off)")
     p.add_argument("--memory-budget", metavar="SIZE", help="fit training into SIZE (e.g. 512MiB): batch, then checkpointing, then bf16")
     p.add_argument("--projection-steps", type=int, default=5, help="steps measured for the run-time projection (0 = off)")
     p.add_argument("--ensemble", type=int, default=None, metavar="K",
@@ -432,8 +437,12 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args, checkpointing=args.checkpointing, checkpoint_segments=args.segments, workers=args.workers,
                         prefetch=args.prefetch, pin_memory=args.pin_memory, patience=args.patience, monitor=args.monitor,
                         min_delta=args.min_delta, restore_best=not args.no_restore_best,
-                        checkpoint_every=args.checkpoint_every, resume=args.resume, projection_steps=args.projection_steps)
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, projection_steps=args.projection_steps,
+                        clip_grad_norm=args.clip_grad_norm, parallel=args.parallel or "ddp")
     if args.ensemble is not None:
+        if args.parallel is not None:
+            raise NetdietError(f"--ensemble trains its members one after another in one process; --parallel "
+                               f"{args.parallel} is not supported with it: drop --parallel, or train members separately")
         return _run_train_ensemble(args, cfg)
     run = api.train(args.model, model_kw=parse_model_kw(args.model_kw), data=args.data, data_dir=args.data_dir, out=args.out,
                     config=cfg, nproc=args.nproc, memory_budget=args.memory_budget, val_fraction=args.val_fraction,

@@ -194,6 +194,25 @@ def _measure_cpu(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
             "device": "cpu"}
 
 
+@contextlib.contextmanager
+def cpu_allocation_peak():
+    """Measure a block of real work: yields a dict whose "peak" is, on exit, the highest running total of CPU
+    bytes allocated inside the block (bytes it frees again lower the total; frees of older blocks are left out).
+    The profiler's allocator events, as `measure_memory` reads them; the training loop measures one step with it."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, int] = {}
+    gc.collect()  # garbage of earlier work must not be freed inside the measured block
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield out
+    events = _allocator_events(prof)
+    peak, _ = _peak_in(events, 0, events[-1][0] if events else 0)
+    out["peak"] = peak
+    out["live"] = sum(n for _, n in events)    # allocated inside the block and still held at its end
+
+
 def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None]) -> dict[str, int]:
     """Run `run(region)` under the profiler's CPU allocator events; every `with region(name):` block gets the peak
     of the running allocation total inside it, counted from the session's start (so what `run` builds inside the

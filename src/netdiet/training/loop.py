@@ -2,12 +2,11 @@
 
 Techniques that need to act inside the loop (pruning masks, cluster-gradient gathering, distillation
 losses, regularisers, early stopping) do it through a `Callback`, never by copying the loop. Features
-(precision, recompute, data loading, schedules, checkpoints, DDP) are small functions in the sibling modules;
+(precision, recompute, data loading, schedules, checkpoints, DDP/FSDP) are small functions in the sibling modules;
 `fit` only calls them.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -35,7 +34,17 @@ from netdiet.training.checkpoint import (
     save_checkpoint,
 )
 from netdiet.training.data import batch_iterator, epoch_batches
-from netdiet.training.distributed import all_reduce_sum, dist_info, wrap_ddp
+from netdiet.training.distributed import (
+    StepPeak,
+    all_reduce_sum,
+    check_batch_split,
+    dist_info,
+    gather_state,
+    gather_tensors,
+    gradient_sync,
+    load_state,
+    shard_like,
+)
 from netdiet.training.measure import PeakRSS, projection
 from netdiet.training.precision import autocast, check_precision, grad_scaler, resolve_device
 from netdiet.training.recompute import enable_checkpointing
@@ -80,6 +89,8 @@ class TrainConfig:
     resume: bool = False             # continue from the checkpoint in checkpoint_dir
     device: str = "cpu"              # cpu | cuda | auto
     projection_steps: int = 0        # >0: after this many steps, project the full run's time from the throughput
+    parallel: str = "ddp"            # ddp | fsdp: how 2+ processes share the work (distributed.py); unused on one
+    clip_grad_norm: float = 0.0      # >0: scale the gradients so their total norm is at most this (0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,11 +107,13 @@ class TrainResult:
     early_stopping: dict | None = None
     recompute: dict | None = None
     memory_method: str = "rss_delta"
+    distributed: dict | None = None  # 2+ processes: {strategy, world_size, per_rank_peak_measured, ...}
 
     def to_dict(self) -> dict:
         return {"history": self.history, "steps": self.steps, "seconds": self.seconds, "world_size": self.world_size,
                 "resumed_from_epoch": self.resumed_from_epoch, "projection": self.projection,
-                "early_stopping": self.early_stopping, "recompute": self.recompute, "memory_method": self.memory_method}
+                "early_stopping": self.early_stopping, "recompute": self.recompute, "memory_method": self.memory_method,
+                "distributed": self.distributed}
 
 
 class TrainingDiverged(NetdietError):
@@ -178,7 +191,10 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     result = TrainResult(world_size=world)
     if cfg.checkpointing:
         result.recompute = enable_checkpointing(model, cfg.checkpoint_segments)
-    net = wrap_ddp(model, device) if world > 1 else model
+    if optimizer is not None and world > 1 and cfg.parallel == "fsdp":
+        raise NetdietError("fit under FSDP builds its optimizer over the sharded parameters itself; pass no optimizer")
+    rank_peak = StepPeak(device)                     # one steady-state step measured per rank (2+ processes)
+    net = rank_peak.wrap(model, cfg.parallel, world)  # FSDP shards `model` in place: net is model
     opt = optimizer or make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     base_lrs = [g["lr"] for g in opt.param_groups]
     scheduled = cfg.schedule != "constant" or cfg.warmup_steps > 0
@@ -205,6 +221,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     total_steps = cfg.epochs * steps_per_epoch
     progress = _progress(cfg.progress and rank == 0, (cfg.epochs - start_epoch) * batches_per_epoch, cfg.description)
     rss, t_start, first_step, t_first = PeakRSS(), time.perf_counter(), step, None
+    measure_at = first_step + 1 if world > 1 else -1   # the process's second step: the optimizer state exists
     t_saved = t_start
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, cfg.epochs):
@@ -224,7 +241,9 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             waited += time.perf_counter() - t_wait
             last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
-            with net.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext():
+            if step == measure_at and i % cfg.grad_accum == 0 and rank_peak.peak is None:
+                rank_peak.start(model, opt, (x, y))
+            with gradient_sync(net, cfg.parallel, world, last_micro):
                 with autocast(cfg.precision, device):
                     logits = net(x)
                     loss = loss_fn(logits, y)
@@ -234,8 +253,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                     if extra is not None:
                         total = total + extra
                 penalty = weight_penalty(penalised, cfg.l1, cfg.l2)
-                if penalty is not None:
-                    total = total + penalty
+                if penalty is not None:    # of FSDP shards: summed over the ranks into one plain tensor
+                    total = total + (penalty.full_tensor() if hasattr(penalty, "full_tensor") else penalty)
                 if cfg.grad_accum > 1:
                     total = total / cfg.grad_accum
                 loss_value = loss.item()
@@ -264,6 +283,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                         progress.close()
                         raise TrainingDiverged(epoch + 1, step + 1, loss_value, json_finite(result.history), saved_epoch,
                                                cfg.checkpoint_dir, grad_norm=grad_norm)
+                if cfg.clip_grad_norm:      # the norm over all gradients (under FSDP: of every rank's shards)
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad_norm)
                 for cb in callbacks:
                     cb.before_step(model, step)
                 if scaler:
@@ -272,6 +293,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
                 else:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
+                if rank_peak.running:
+                    rank_peak.stop()
                 step += 1
                 for cb in callbacks:
                     cb.after_step(model, step)
@@ -299,9 +322,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         result.history.append(metrics)
         stop = any([cb.on_epoch_end(model, epoch, metrics) for cb in callbacks])
         metrics["stopped_early"] = bool(stop)
-        if cfg.checkpoint_dir and rank == 0 and (stop or epoch + 1 == cfg.epochs or every_unit != "epochs"
-                                                 or (epoch + 1) % every == 0):
-            _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch + 1, step, result.history, fingerprint)
+        if cfg.checkpoint_dir and (stop or epoch + 1 == cfg.epochs or every_unit != "epochs" or (epoch + 1) % every == 0):
+            _save(cfg.checkpoint_dir, model, opt, scaler, early, epoch + 1, step, result.history, fingerprint, rank=rank)
             saved_epoch, t_saved = epoch + 1, time.perf_counter()
         if stop:
             break
@@ -311,6 +333,10 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     result.steps, result.seconds = step, time.perf_counter() - t_start
     result.early_stopping = early.summary() if early else None
     result.memory_method = rss.method if rss.available else "unavailable"
+    if world > 1:
+        result.distributed = {"strategy": cfg.parallel, "world_size": world, "per_rank_peak_measured": rank_peak.gather(),
+                              "peak_method": rank_peak.method, "measured_step": measure_at + 1,
+                              "measured_step_seconds": rank_peak.seconds}   # rank 0's, profiler included
     return result
 
 
@@ -334,6 +360,7 @@ _NUMBERS: dict[str, tuple[str, float | None, float | None, str, str]] = {
     "patience": ("int", 0, None, "--patience", "--patience 3"),
     "min_delta": ("real", 0, None, "--min-delta", "--min-delta 0.001"),
     "projection_steps": ("int", 0, None, "--projection-steps", "--projection-steps 5"),
+    "clip_grad_norm": ("real", 0, None, "--clip-grad-norm", "--clip-grad-norm 1.0"),
 }
 
 
@@ -372,8 +399,7 @@ def _check_config(cfg: TrainConfig, n: int, world: int) -> None:
     check_train_config(cfg)
     if n == 0:
         raise NetdietError("no training samples; check the dataset or the task split")
-    if cfg.batch_size % world:
-        raise NetdietError(f"batch size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+    check_batch_split(cfg.batch_size, world)
     if cfg.resume and not cfg.checkpoint_dir:
         raise NetdietError("--resume needs the folder of the run to continue (--out DIR)")
 
@@ -381,7 +407,9 @@ def _check_config(cfg: TrainConfig, n: int, world: int) -> None:
 def _fingerprint(cfg: TrainConfig, world: int) -> dict:
     """Settings a resumed run must share with the run that wrote the checkpoint (epochs may grow)."""
     keys = ("batch_size", "grad_accum", "optimizer", "seed", "precision", "schedule", "l1", "l2", "weight_decay")
-    return {**{k: getattr(cfg, k) for k in keys}, "world_size": world}
+    # --parallel is not a key: DDP and FSDP checkpoints hold the same whole state, so either resumes the other
+    return {**{k: getattr(cfg, k) for k in keys}, "world_size": world,
+            **({"clip_grad_norm": cfg.clip_grad_norm} if cfg.clip_grad_norm else {})}
 
 
 def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float, rss,
@@ -397,11 +425,17 @@ def _epoch_metrics(epoch: int, sums: torch.Tensor, seconds: float, waited: float
     return metrics
 
 
-def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint, batch=0, partial=None) -> None:
-    callbacks = {"early_stopping": early.state_dict()} if early else {}
-    save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model.state_dict(), opt.state_dict(),
-                                       capture_rng(), callbacks, scaler.state_dict() if scaler else None,
-                                       batch=batch, partial=partial))
+def _save(folder, model, opt, scaler, early, epoch, step, history, fingerprint, batch=0, partial=None, rank=0) -> None:
+    """Every rank calls it (under FSDP the whole state is gathered from all of them); rank 0 writes."""
+    model_state, opt_state = gather_state(model, opt)
+    callbacks = {}
+    if early:
+        scalars, tensors = early.state_dict()
+        callbacks["early_stopping"] = (scalars, gather_tensors(tensors))
+    if rank == 0:
+        save_checkpoint(folder, Checkpoint(epoch, step, history, fingerprint, model_state, opt_state,
+                                           capture_rng(), callbacks, scaler.state_dict() if scaler else None,
+                                           batch=batch, partial=partial))
 
 
 def _non_finite(total: torch.Tensor) -> float | None:
@@ -428,10 +462,9 @@ def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[i
         return 0, 0, 0, None
     ck = load_checkpoint(cfg.checkpoint_dir)
     check_compatible(ck, model, fingerprint, cfg.checkpoint_dir)
-    model.load_state_dict(ck.model)
     configured = [g["lr"] for g in opt.param_groups]
-    try:
-        opt.load_state_dict(optimizer_state_for(opt, ck, cfg.checkpoint_dir))   # hyperparameters: this run's
+    try:     # hyperparameters: this run's; under FSDP each rank keeps its shards of the whole state
+        load_state(model, opt, ck.model, optimizer_state_for(opt, ck, cfg.checkpoint_dir))
         for g, lr in zip(opt.param_groups, configured):   # the LR asked for now wins (resume after a divergence)
             g["lr"] = lr
     except (ValueError, KeyError, TypeError) as exc:
@@ -441,7 +474,8 @@ def _resume(cfg, model, opt, scaler, early, fingerprint, result, log) -> tuple[i
         if scaler and ck.scaler:
             scaler.load_state_dict(ck.scaler)
         if early and "early_stopping" in ck.callbacks:
-            early.load_state_dict(*ck.callbacks["early_stopping"])
+            scalars, tensors = ck.callbacks["early_stopping"]
+            early.load_state_dict(scalars, shard_like(model, tensors))
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise NetdietError(f"{cfg.checkpoint_dir}/checkpoint.json is damaged: the scaler or early-stopping state does not load "
                            f"({type(exc).__name__}: {exc}); train afresh into a new --out") from None

@@ -27,7 +27,14 @@ from netdiet.fileio import atomic_write_json, folder_lock, read_json, save_state
 from netdiet.models import ModelSpec, create_model, resolve
 from netdiet.training.budget import choose_for_budget, measure_activation_bytes
 from netdiet.training.checkpoint import INDEX, has_checkpoint
-from netdiet.training.distributed import dist_info, init_from_env, launched_by_torchrun, spawn
+from netdiet.training.distributed import (
+    check_parallel,
+    dist_info,
+    gather_state,
+    init_from_env,
+    launched_by_torchrun,
+    spawn,
+)
 from netdiet.training.loop import TrainConfig, TrainingDiverged, check_train_config, evaluate_accuracy, fit
 from netdiet.training.precision import resolve_device
 from netdiet.training.recompute import disable_checkpointing, enable_checkpointing
@@ -61,6 +68,7 @@ class TrainRun:
     memory_method: str = "rss_delta"
     environment: dict = field(default_factory=dict)   # netdiet.environment.environment() where the numbers were made
     diverged: dict | None = None    # {"epoch", "step", "loss" (a string: "nan"), "checkpoint_epoch"} when the loss blew up
+    distributed: dict | None = None  # 2+ processes: {strategy, world_size, per_rank_peak_measured: [bytes per rank], ...}
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -75,7 +83,7 @@ class TrainRun:
                 "early_stopping": self.early_stopping, "recompute": self.recompute, "budget": self.budget,
                 "precision_effect": self.precision_effect,
                 "train_flops_per_sample": self.train_flops_per_sample, "flops_method": self.flops_method,
-                "out": self.out, "files": self.files, "diverged": self.diverged,
+                "out": self.out, "files": self.files, "diverged": self.diverged, "distributed": self.distributed,
                 "environment": self.environment or environment()}
 
 
@@ -274,12 +282,13 @@ def execute_member(params: dict, dataset=None, callbacks: list | None = None) ->
                    recompute={**res.recompute, **(params.get("recompute_effect") or {})} if res.recompute else None,
                    budget=params.get("budget"), precision_effect=params.get("precision_effect"),
                    train_flops_per_sample=flops, flops_method=flops_method,
-                   memory_method=res.memory_method, environment=env)
+                   memory_method=res.memory_method, environment=env, distributed=res.distributed)
+    weights = gather_state(model)[0] if out is not None else None   # every rank: FSDP gathers the shards
     if out is not None and rank == 0:
         disable_checkpointing(model)
         run.files = {"weights": str(out / "model.safetensors"), "model": str(out / "model.json"),
                      "log": str(out / "train.json"), "checkpoint": str(out / "checkpoint" / "checkpoint.json")}
-        save_state_dict(out / "model.safetensors", model.state_dict(), metadata={"spec": params["spec"]})
+        save_state_dict(out / "model.safetensors", weights, metadata={"spec": params["spec"]})
         atomic_write_json(out / "model.json", {"schema": "netdiet.model/1", **ModelSpec(params["spec"], kwargs).to_dict()})
         atomic_write_json(out / "train.json", run.to_dict())
     return run.to_dict(), model
@@ -313,9 +322,13 @@ def _ddp_execute(params: dict) -> dict:
 def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", data_dir: str | None = None,
           out: str | None = None, config: TrainConfig | None = None, nproc: int = 1, memory_budget: str | int | None = None,
           val_fraction: float = 0.1, log: Callable[[str], None] | None = None) -> TrainRun:
-    """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given)."""
+    """Train `spec` on `data`; returns a TrainRun (and writes `out/` when given). `config.parallel` says how `nproc`
+    processes (or torchrun's) share the work: "ddp" (the default) or "fsdp" (which needs 2 or more)."""
     cfg = config or TrainConfig()
     check_train_config(cfg)                          # bad numbers fail before the dataset is even loaded
+    if nproc < 1:
+        raise NetdietError(f"--nproc must be at least 1, got {nproc}")
+    check_parallel(cfg.parallel, nproc, cfg.batch_size)
     if out is None and cfg.resume:
         raise NetdietError("--resume needs --out DIR (the folder of the run to continue)")
     with out_dir_lock(out) if out is not None else contextlib.nullcontext():
@@ -336,8 +349,6 @@ def out_dir_lock(out: str | os.PathLike):
 
 
 def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_fraction, log) -> TrainRun:
-    if nproc < 1:
-        raise NetdietError(f"--nproc must be at least 1, got {nproc}")
     dataset = get_dataset(data, data_dir=data_dir, seed=cfg.seed)
     kwargs = zoo_kwargs_for(spec, model_kw or {}, dataset.input_shape)
     model = build_classifier(spec, kwargs, dataset.input_shape, dataset.num_classes)
