@@ -107,6 +107,8 @@ CASES = [  # (model, kwargs, input, optimizer, settings): each optimizer, fp32 /
     ("resnet", {}, (2, 3, 32, 32), "adam", {"dtype": "bf16"}),
     ("transformer", {}, (2, 64), "momentum", {"amp": True}),
     ("transformer", {}, (2, 64), "adamw", {"checkpointing": True}),
+    ("transformer", {}, (2, 64), "adam", {"dtype": "bf16"}),
+    ("mobilenet", {}, (2, 3, 32, 32), "sgd", {"amp": True}),
 ]
 
 
