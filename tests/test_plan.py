@@ -117,3 +117,16 @@ def test_cli_plan_writes_a_validated_document(tmp_path, capsys):
     assert doc["schema"] == "netdiet.plan/1" and not field_problems(doc)
     assert doc["checkpointing"] == [False] and doc["global_batch"] == 2
     assert json.loads(out.read_text())["ranked"][0]["layout"] in text
+
+
+def test_alive_at_peak_sums_to_the_peak():
+    parts = dict(weights=10, gradients=10, optimizer_state=20, activations=30, communication_buffers=5, temporaries=3)
+    # backward peak 70: the gradients alive then are 70 - 10 - 20 - 5 - 30 - 3 = 2 (not all 10)
+    at = plan_mod.alive_at_peak({"per_rank": {**parts, "peak_estimated": 70}, "peak_phase": "backward"})
+    assert at == {**parts, "gradients": 2} and sum(at.values()) == 70
+    # optimizer peak 50: activations are freed; what is beyond the states and buffers (5) is the rest
+    at = plan_mod.alive_at_peak({"per_rank": {**parts, "peak_estimated": 50}, "peak_phase": "optimizer"})
+    assert at == {"weights": 10, "optimizer_state": 20, "gradients": 10, "communication_buffers": 5, "temporaries": 5}
+    # parts that cannot make the peak this way are shown as the section has them
+    at = plan_mod.alive_at_peak({"per_rank": {**parts, "peak_estimated": 40}, "peak_phase": "backward"})
+    assert at == parts

@@ -141,7 +141,9 @@ def _results(tmp_path: Path) -> list[Path]:
                        ("profile.json", ["profile", "lenet5", "--batch-sizes", "1,8,32", "--measure", "--max-batch-for",
                                          "16MiB"]),
                        ("continual.json", ["continual", "--scenario", "split", "--data", "digits", "--setting", "class",
-                                           "--strategy", "replay", "--budget", "256KiB", "--epochs", "1"])]:
+                                           "--strategy", "replay", "--budget", "256KiB", "--epochs", "1"]),
+                       ("plan.json", ["plan", "transformer", "--devices", "4xl4", "--micro-batch", "1,2",
+                                      "--no-checkpointing"])]:
         out = tmp_path / name
         if main(argv + ["--json", str(out)]) == 0 and out.exists():
             made.append(out)

@@ -319,6 +319,13 @@ def demo_summary(result_paths: list[str]) -> dict:
                 budget = cont.get("budget")
                 add(f"continual {st.get('name')}: most bytes kept"
                     + (f" (budget {format_bytes(budget)})" if isinstance(budget, int) else ""), max(bpt), "bytes", "continual.json")
+    planned = docs.get("plan.json") or {}
+    ranked = planned.get("ranked") if isinstance(planned.get("ranked"), list) else []
+    if ranked and isinstance(ranked[0], dict) and isinstance(planned.get("devices"), dict):
+        dev, kw = planned["devices"], (planned.get("model") or {}).get("kwargs") or {}
+        add(f"{kw.get('preset', '')} {(planned.get('model') or {}).get('spec')} on {dev.get('count')}x {dev.get('name')}: "
+            f"fastest layout {ranked[0].get('layout')}, projected {ranked[0].get('throughput_unit')}".strip(),
+            ranked[0].get("throughput"), "count", "plan.json", "ranked.0.throughput")
     # the demo process's own record; each step's record is in its result file (a reused step keeps the one it ran with)
     return {"schema": "netdiet.demo/1", "headlines": heads, "sources": sorted(docs), "environment": environment()}
 

@@ -625,6 +625,10 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
                                                                       "--json", str(d / "continual.json"), *s],
                   [str(d / "continual.json")]))
     return steps
+    # past one machine: the zoo's 7B preset on 8 H100s, planned on the meta device (nothing allocated)
+    steps.append(("plan the 7B transformer on 8 H100s", ["plan", "transformer", "--model-kw", "preset=7b", "--devices",
+                                                          "8xh100", "--json", str(d / "plan.json")],
+                  [str(d / "plan.json")]))
 
 
 def _step_done(files: list[str]) -> bool:

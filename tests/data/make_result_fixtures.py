@@ -18,6 +18,7 @@ runs = {
     "evaluate": ["evaluate", str(tmp / "m.ndz"), "--data", "digits", "--no-latency"],
     "continual": ["continual", "--data", "digits", "--strategy", "replay", "--budget", "64KiB", "--epochs", "1"],
     "data": ["data", "digits"], "models": ["models"], "recipes": ["recipes"], "datasets": ["data", "--list"],
+    "plan": ["plan", "transformer", "--devices", "4xl4", "--micro-batch", "1,2"],
 }
 for name, argv in runs.items():
     subprocess.run([sys.executable, "-m", "netdiet", *argv, "--json", str(out / f"{name}.json")], check=True,

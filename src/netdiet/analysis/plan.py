@@ -421,13 +421,38 @@ def _row(lay: parallel.Layout, mb: int, accumulation: int, ckpt: bool, est: Memo
     return {
         "layout": layout_name(lay.strategy, lay.tp, lay.dp), "strategy": lay.strategy, "tp": lay.tp, "dp": lay.dp,
         "micro_batch": mb, "accumulation": accumulation, "checkpointing": ckpt,
-        "per_rank": dict(section["per_rank"]), "peak": peak, "fits": peak <= device.memory_bytes,
+        "per_rank": dict(section["per_rank"]), "at_peak": alive_at_peak(section), "peak": peak,
+        "fits": peak <= device.memory_bytes,
         "headroom": device.memory_bytes - peak, "peak_phase": section.get("peak_phase"),
         "collectives": {k: section["collectives"].get(k) for k in ("all_reduce", "all_gather", "reduce_scatter")},
         "step_time_s": proj["step_time_s"], "throughput": proj["tokens_or_samples_per_s"],
         "throughput_unit": proj["throughput_unit"], "mfu": proj["mfu"], "mfu_counted": proj["mfu_counted"],
         "projection": proj,
     }
+
+
+def alive_at_peak(section: dict) -> dict[str, int]:
+    """What one rank holds at its peak, summing to per_rank.peak_estimated: per_rank's parts are each their own
+    largest (all gradients, activations at the end of forward), so at the peak's phase the part that is not all
+    there is the remainder: the gradients alive at a backward peak, everything beyond the model states at an
+    optimizer peak (activations are freed by then), the rest of a forward peak (no gradients yet)."""
+    pr = section["per_rank"]
+    peak, phase = int(pr["peak_estimated"]), section.get("peak_phase")
+    w, s, c = int(pr["weights"]), int(pr["optimizer_state"]), int(pr["communication_buffers"])
+    acts, temps, grads = int(pr["activations"]), int(pr["temporaries"]), int(pr["gradients"])
+    if phase == "optimizer":
+        out = {"weights": w, "optimizer_state": s, "gradients": grads, "communication_buffers": c,
+               "temporaries": peak - w - s - grads - c}
+    elif phase == "forward":
+        out = {"weights": w, "optimizer_state": s, "communication_buffers": c, "activations": acts,
+               "temporaries": peak - w - s - c - acts}
+    else:
+        out = {"weights": w, "optimizer_state": s, "communication_buffers": c, "activations": acts,
+               "temporaries": temps, "gradients": peak - w - s - c - acts - temps}
+    if min(out.values()) < 0:       # the section's parts do not decompose this way: show them as they are
+        out = {k: int(pr[k]) for k in ("weights", "gradients", "optimizer_state", "activations",
+                                        "communication_buffers", "temporaries")}
+    return out
 
 
 def _root_params(counts: OpCounts) -> int:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from netdiet.reporting import plots
-from netdiet.reporting.story import plan_story
+from netdiet.reporting.story import format_seconds, plan_story
 from netdiet.units import format_bytes, format_count
 
 # the per-rank parts drawn in a stack (parallel.per_rank's keys), in the report's stacking order
@@ -45,7 +45,7 @@ def plan_rows(doc: dict, top: int) -> list[list[str]]:
     out = []
     for r in doc.get("ranked", [])[:top]:
         out.append([str(r["rank"]), r["layout"], _variant(r), format_bytes(r["peak"]), format_bytes(mem - r["peak"]),
-                    f"{r['step_time_s']:.3g} s", _rate(r), _pct(r.get("mfu"))])
+                    format_seconds(r["step_time_s"]), _rate(r), _pct(r.get("mfu"))])
     return out
 
 
@@ -94,16 +94,18 @@ def plan_section(page: Any, src: str, doc: dict) -> None:
     page.story(plan_story(doc))
     ranked = [r for r in doc.get("ranked") or [] if isinstance(r, dict)]
     if ranked:
-        page.headline(src, doc, [("fastest layout: projected step (s)", "ranked.0.step_time_s", ""),
+        page.headline(src, doc, [(f"fastest layout: projected {ranked[0].get('throughput_unit', 'samples/s')}",
+                                  "ranked.0.throughput", "count"),
                                  ("its per-rank peak", "ranked.0.peak", "bytes"), ("its MFU", "ranked.0.mfu", "pct")])
     shown = ranked[:HTML_ROWS]
     mem = (dev.get("device") or {}).get("memory_bytes")
     if shown:
         labels = [f"{r['rank']}. {r['layout']} · {_variant(r)}" for r in shown]
-        series = {k: [int((r.get("per_rank") or {}).get(k) or 0) for r in shown] for k in STACK_PARTS}
+        series = {k: [int((r.get("at_peak") or r.get("per_rank") or {}).get(k) or 0) for r in shown]
+                  for k in STACK_PARTS}
         page.chart(plots.stacked_bars(labels, {k: v for k, v in series.items() if any(v)}, limit=mem,
                                       limit_label=f"{dev.get('name')} memory", ylabel="bytes per rank",
-                                      title="per-rank memory of the ranked layouts (estimated tensor peak)"),
+                                      title="per-rank memory alive at the estimated tensor peak, ranked layouts"),
                    "per-rank memory stacks")
         page.table(["#", "layout", "micro-batch", "per-rank peak", "headroom", "step", "throughput", "MFU"],
                    plan_rows(doc, HTML_ROWS))

@@ -24,6 +24,14 @@ FIT_ROWS = [("memory_estimated", "training tensor peak (est.)", "bytes"), ("memo
             ("train_flops", "training-step FLOPs", "count")]
 
 
+def format_seconds(s: float) -> str:
+    """A duration in s, ms or µs with 3 significant digits (never an exponent)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(s) >= scale or unit == "µs":
+            return f"{s / scale:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
 def pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.0f} %" if whole else "-"
 
@@ -233,7 +241,8 @@ def plan_story(doc: dict) -> list[str]:
         mfu = f", MFU {100 * best['mfu']:.0f} %" if is_number(best.get("mfu")) else ""
         out.append(f"On {where}, the fastest of {len(ranked)} feasible layout variants is {best.get('layout')} at {mb}"
                    f"{' with checkpointing' if best.get('checkpointing') else ''}: a projected step of "
-                   f"{best['step_time_s']:.3g} s{rate}{mfu}, with a per-rank peak of {format_bytes(best['peak'])}.")
+                   f"{format_seconds(best['step_time_s'])}{rate}{mfu}, with a per-rank peak of "
+                   f"{format_bytes(best['peak'])}.")
     bad = [b for b in doc.get("infeasible") or [] if isinstance(b, dict) and is_number(b.get("over_by"))]
     if bad:
         near = min(bad, key=lambda b: b["over_by"])
