@@ -130,3 +130,24 @@ def test_alive_at_peak_sums_to_the_peak():
     # parts that cannot make the peak this way are shown as the section has them
     at = plan_mod.alive_at_peak({"per_rank": {**parts, "peak_estimated": 40}, "peak_phase": "backward"})
     assert at == parts
+
+
+def test_layer_scaled_simulation_of_a_transformers_llama_equals_the_full_one(tmp_path):
+    # transformers' decoder layers differ only in the layer_idx they keep for the KV cache
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=6, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100, max_position_embeddings=64).save_pretrained(tmp_path)
+    net, _ = plan_mod.resolve_model(f"hf:{tmp_path}", None, seed=0, before_real=lambda _m: False)
+    stack = plan_mod.find_stack(net)
+    assert stack == plan_mod.Stack("layers", 6)
+    x = (torch.empty((2, 16), dtype=torch.int64, device="meta"),)
+    kw = dict(optimizer="adam", dtype="bf16")
+    parts = []
+    for k in (2, 3):
+        with plan_mod.truncated(net, stack, k):
+            parts.append((estimate_memory(net, x, **kw), count_ops(net, x, train=True)))
+    full, counted = estimate_memory(net, x, **kw), count_ops(net, x, train=True)
+    scaled = plan_mod.scale_estimate(parts[0][0], parts[1][0], stack)
+    for f in plan_mod._INT_FIELDS + ("phase_peaks", "peak_breakdown", "module_activations"):
+        assert getattr(scaled, f) == getattr(full, f), f
+    assert plan_mod.scale_counts(parts[0][1], parts[1][1], stack).operators == counted.operators

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from netdiet.analysis import parallel, roofline, tensor_parallel
-from netdiet.analysis.blocks import repeated_blocks
+from netdiet.analysis.blocks import module_signature, repeated_blocks
 from netdiet.analysis.counter import OpCounts, count_ops
 from netdiet.analysis.devices import Device, parse_devices
 from netdiet.analysis.memory import MemoryEstimate, estimate_memory
@@ -56,10 +56,17 @@ class Stack:
 
 
 def find_stack(net: nn.Module) -> Stack | None:
-    """The longest run of identical blocks that are all the children of one nn.Sequential / nn.ModuleList."""
+    """The longest run of identical blocks that are all the children of one nn.Sequential / nn.ModuleList:
+    equal module signatures (blocks.repeated_blocks), or equal up to the layer index a block keeps for its KV
+    cache (transformers' `layer_idx`) when the model's config gives every layer the same type."""
     modules = dict(net.named_modules())
+    groups = [names for names in repeated_blocks(net)]
+    layer_types = getattr(getattr(net, "config", None), "layer_types", None)
+    if not layer_types or len(set(map(str, layer_types))) == 1:
+        groups += [[f"{n}.{i}" if n else str(i) for i in range(len(m))] for n, m in modules.items()
+                   if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 2 and _same_but_index(list(m))]
     best = None
-    for names in repeated_blocks(net):
+    for names in groups:
         prefix = names[0].rpartition(".")[0]
         container = modules.get(prefix)
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
@@ -69,6 +76,24 @@ def find_stack(net: nn.Module) -> Stack | None:
         if best is None or len(names) > best.length:
             best = Stack(prefix, len(names))
     return best
+
+
+INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
+
+
+def _same_but_index(blocks: list[nn.Module]) -> bool:
+    """Every block has the signature of the first once their layer-index attributes are set aside."""
+    saved = [(m, k, m.__dict__[k]) for b in blocks for m in b.modules() for k in INDEX_ATTRS if k in m.__dict__]
+    if not saved:
+        return False          # nothing set aside: repeated_blocks has already decided
+    try:
+        for m, k, _ in saved:
+            m.__dict__[k] = None
+        first = module_signature(blocks[0])
+        return first is not None and all(module_signature(b) == first for b in blocks[1:])
+    finally:
+        for m, k, v in saved:
+            m.__dict__[k] = v
 
 
 @contextlib.contextmanager
@@ -366,7 +391,9 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
             f"({format_bytes(device.memory_bytes)} each): the smallest per-rank peak is {format_bytes(best['peak'])} "
             f"({best['layout']}, micro-batch {best['micro_batch']}{', checkpointing' if best['checkpointing'] else ''})"
             f", {format_bytes(best['peak'] - device.memory_bytes)} over; use more devices, a device with more "
-            "memory, or a smaller batch or sequence")
+            "memory, or a smaller batch or sequence"
+            + (f" ({len(unavailable)} layout variants could not be projected: {next(iter(unavailable.values()))})"
+               if unavailable else ""))
     stack_info = sim.stack
     doc = {
         "schema": "netdiet.plan/1",
