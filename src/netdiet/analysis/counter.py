@@ -17,8 +17,9 @@ How attribution works:
 """
 from __future__ import annotations
 
+import warnings
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,134 +30,159 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from netdiet.analysis.ops import OpCost, op_cost
+from netdiet.analysis.meta_memo import MetaMemo
+
+# re-exported: the rest of netdiet imports LOSS, ModuleCost, OpCounts and the optimizer table from here
+from netdiet.analysis.opcounts import (  # noqa: F401
+    LOSS,
+    OP_KEYS,
+    OPTIMIZER_FLOPS_PER_PARAM,
+    ModuleCost,
+    OpCounts,
+    build_counts,
+    optimizer_step_flops,
+)
+from netdiet.analysis.ops import OpCost, is_free, op_cost
+from netdiet.analysis.step import meta_copy
 from netdiet.errors import NetdietError
 from netdiet.models.inputs import bind_inputs, structured_forward
 
-LOSS = "<loss>"
-
-# Per-element FLOPs of one optimizer step, derived from PyTorch's single-tensor update code with netdiet's
-# defaults (optim.make_optimizer: weight_decay 0 except AdamW 0.01) and the pointwise formulas of ops.py:
-#   sgd:      p -= lr·g                                  add_(alpha)            2
-#   momentum: b = μ·b + g; p -= lr·b                     mul_ 1, add_ 1, add_(alpha) 2     4
-#   adam:     m.lerp_(g, 1−β1) 3; v.mul_(β2) 1 .addcmul_(g, g, 1−β2) 3; denom = sqrt(v)/bc2 + eps 3;
-#             p.addcdiv_(m, denom, −step) 3                                   13
-#   adamw:    adam + decoupled decay p.mul_(1 − lr·wd) 1                      14
-# (momentum's very first step copies g into the buffer instead: 2; the table gives the steady state.)
-OPTIMIZER_FLOPS_PER_PARAM = {"none": 0, "sgd": 2, "momentum": 4, "adam": 13, "adamw": 14}
-
-
-def optimizer_step_flops(optimizer: str, n_params: int) -> int:
-    """FLOPs of one optimizer step over n_params parameter elements."""
-    key = str(optimizer).lower()
-    if key not in OPTIMIZER_FLOPS_PER_PARAM:
-        raise NetdietError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZER_FLOPS_PER_PARAM)}")
-    if n_params < 0:
-        raise NetdietError(f"parameter count {n_params} is negative")
-    return OPTIMIZER_FLOPS_PER_PARAM[key] * int(n_params)
-
-
-@dataclass
-class ModuleCost:
-    name: str
-    type: str
-    depth: int
-    params: int
-    param_bytes: int
-    macs: int
-    flops: int
-    backward_macs: int
-    backward_flops: int
-    output_shape: list | None
-
-
-@dataclass
-class OpCounts:
-    modules: list[ModuleCost]
-    operators: dict[str, dict]
-    uncounted: dict[str, int]
-    macs: int
-    flops: int
-    backward_macs: int
-    backward_flops: int
-    optimizer: str
-    optimizer_flops: int
-    train_flops: int
-    train: bool = False
-    bytes_read: int = 0
-    bytes_written: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def module(self, name: str) -> ModuleCost:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
-    def to_dict(self) -> dict:
-        return {
-            "schema": "netdiet.opcounts/1",
-            "train": self.train,
-            "macs": self.macs, "flops": self.flops,
-            "backward_macs": self.backward_macs, "backward_flops": self.backward_flops,
-            "optimizer": self.optimizer, "optimizer_flops": self.optimizer_flops, "train_flops": self.train_flops,
-            "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-            "modules": [asdict(m) for m in self.modules],
-            "operators": {k: dict(v) for k, v in self.operators.items()},
-            "uncounted": dict(self.uncounted),
-            "notes": list(self.notes),
-        }
-
-
-_OP_KEYS = ("count", "macs", "flops", "backward_count", "backward_macs", "backward_flops", "bytes_read", "bytes_written")
-
 
 class _Tally:
-    """Self costs per module name, per operator, and the uncounted calls."""
+    """Self costs per module name, per operator, and the uncounted calls.
 
-    def __init__(self) -> None:
+    Forward calls are also kept per group: the loss, each watched module (see count_training_pass) and "" for
+    the rest of the model (`forward_rows`, `forward_uncounted`), with the order in which each (group, operator)
+    first ran (`first_seen`), so an eval-mode forward can be assembled from a training pass whose watched
+    modules' calls are recounted (passes.py)."""
+
+    def __init__(self, watched: frozenset[str] | None = None) -> None:
         self.self_cost: dict[str, list[int]] = {}       # name -> [macs, flops, bmacs, bflops]
         self.operators: dict[str, dict[str, int]] = {}
         self.uncounted: dict[str, int] = {}
+        self.split = watched is not None                # keep the forward per group (a training pass to derive from)
+        self.watched = watched or frozenset()
+        self.forward_rows: dict[str, dict[str, dict[str, int]]] = {}
+        self.forward_uncounted: dict[str, dict[str, int]] = {}
+        self.first_seen: dict[tuple[str, str], int] = {}   # (group, op) -> index of the forward call it first ran in
+        self.n_forward = 0
+
+    def _forward_row(self, owner: str, op: str) -> dict[str, int]:
+        self.n_forward += 1
+        group = owner if owner == LOSS or owner in self.watched else ""
+        rows = self.forward_rows.get(group)
+        if rows is None:
+            rows = self.forward_rows[group] = {}
+        row = rows.get(op)
+        if row is None:
+            row = rows[op] = dict.fromkeys(OP_KEYS, 0)
+            self.first_seen[(group, op)] = self.n_forward
+        return row
+
+    def count_view(self, owner: str, op: str, backward: bool) -> None:
+        """A call that costs nothing and moves no bytes (a view, a metadata query): its count only."""
+        row = self.operators.get(op)
+        if row is None:
+            row = self.operators[op] = dict.fromkeys(OP_KEYS, 0)
+        if backward:
+            row["backward_count"] += 1
+        else:
+            row["count"] += 1
+            if self.split:
+                self._forward_row(owner, op)["count"] += 1
 
     def add(self, owner: str, op: str, cost: OpCost | None, backward: bool) -> None:
         if cost is None:
             self.uncounted[op] = self.uncounted.get(op, 0) + 1
+            if self.split and not backward:
+                self.n_forward += 1
+                group = owner if owner == LOSS or owner in self.watched else ""
+                book = self.forward_uncounted.setdefault(group, {})
+                book[op] = book.get(op, 0) + 1
             return
-        row = self.operators.setdefault(op, {k: 0 for k in _OP_KEYS})
+        row = self.operators.get(op)
+        if row is None:
+            row = self.operators[op] = dict.fromkeys(OP_KEYS, 0)
         pre = "backward_" if backward else ""
         row[pre + "count"] += 1
         row[pre + "macs"] += cost.macs
         row[pre + "flops"] += cost.flops
         row["bytes_read"] += cost.bytes_read
         row["bytes_written"] += cost.bytes_written
-        acc = self.self_cost.setdefault(owner, [0, 0, 0, 0])
+        acc = self.self_cost.get(owner)
+        if acc is None:
+            acc = self.self_cost[owner] = [0, 0, 0, 0]
         i = 2 if backward else 0
         acc[i] += cost.macs
         acc[i + 1] += cost.flops
+        if self.split and not backward:
+            fwd = self._forward_row(owner, op)
+            fwd["count"] += 1
+            fwd["macs"] += cost.macs
+            fwd["flops"] += cost.flops
+            fwd["bytes_read"] += cost.bytes_read
+            fwd["bytes_written"] += cost.bytes_written
+
+
+# meta kernels run once per distinct call (many of torch's are Python: elementwise type promotion, batch norm,
+# convolution); a count reads only the outputs' metadata, which the memo reproduces exactly (meta_memo.py)
+_META_MEMO = MetaMemo()
 
 
 class _CountMode(TorchDispatchMode):
-    def __init__(self, counter: "_Counter") -> None:
+    def __init__(self, counter: "_Counter", memo: MetaMemo | None = None) -> None:
         super().__init__()
         self.counter = counter
+        self.memo = memo
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
         self.counter.record(func, args, kwargs, out)
         return out
 
 
+class RealTensorsNeeded(RuntimeError):
+    """A count on a meta copy of a real model met a call whose CPU path is not its meta path: count for real."""
+
+
+# Calls whose CPU kernel differs from what the meta device runs in their place, so a meta copy would count other
+# operators than the real model: the recurrent layers (the CPU precomputes the input projection of every step,
+# LSTM runs as mkldnn_rnn_layer) and multi-head attention (the CPU's fused fast paths; its attention is not
+# routed). On a meta copy of a real model they send the count back to the real tensors.
+_CPU_PATHS = frozenset(f for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu, F.multi_head_attention_forward,
+                                   getattr(torch, "_native_multi_head_attention", None),
+                                   getattr(torch, "_transformer_encoder_layer_fwd", None)) if f is not None)
+
+
+_DETACH = (torch.Tensor.detach, torch.detach)
+
+
 class _MetaAttentionMode(TorchFunctionMode):
-    """On meta tensors, run F.scaled_dot_product_attention as the CPU flash op (see module docstring)."""
+    """On meta tensors, run F.scaled_dot_product_attention as the CPU flash op (see module docstring).
+
+    `strict` (a meta copy of a real CPU model): raise RealTensorsNeeded at an attention the flash op cannot
+    stand in for, and at the calls of _CPU_PATHS. With a `counter`, the forward's own detach calls are tallied
+    (Tensor.detach, torch.detach): in a training pass autograd dispatches aten.detach too, to save an output
+    for backward, and an eval-mode forward derived from the pass keeps only the forward's own (passes.py)."""
+
+    def __init__(self, strict: bool = False, counter: "_Counter | None" = None) -> None:
+        super().__init__()
+        self.strict = strict
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _DETACH and self.counter is not None:
+            self.counter.own_detach()
         if func is F.scaled_dot_product_attention:
             rerouted = _flash_on_meta(*args, **kwargs)
             if rerouted is not None:
                 return rerouted
+            if self.strict:
+                raise RealTensorsNeeded("an attention the CPU may run otherwise than the meta device")
+        elif self.strict and func in _CPU_PATHS:
+            raise RealTensorsNeeded(f"{getattr(func, '__name__', func)} runs another path on the CPU")
         return func(*args, **kwargs)
 
 
@@ -203,16 +229,21 @@ class _Counter:
                inputs or outputs to require grad.
     """
 
-    def __init__(self, model: nn.Module, meta_routing: bool = False) -> None:
-        self.tally = _Tally()
+    def __init__(self, model: nn.Module, meta_routing: bool = False, strict: bool = False,
+                 watched: frozenset[str] | None = None) -> None:
+        self.tally = _Tally(watched)
         # meta attention routing re-entered around module calls made inside backward (checkpoint recomputes):
         # function modes entered around the step are not active there; (module, mode) pairs, innermost last
         self.meta_routing = meta_routing
+        self.strict = strict
+        self.watched = watched or frozenset()
+        self.calls: list[WatchedCall] = []   # the forward calls of watched modules, in order
+        self.own_detaches: dict[str, list[int]] = {}   # group -> [detach calls of the forward itself, first index]
+        self.kinds: dict[Any, tuple[str, bool]] = {}   # func -> (operator name, costs nothing: a view or metadata)
         self.rerouted: list[tuple[nn.Module, _MetaAttentionMode]] = []
         self.names: dict[int, str] = {}
         for name, mod in model.named_modules(remove_duplicate=True):
             self.names.setdefault(id(mod), name)
-        self.ancestors: dict[str, tuple[str, ...]] = {}
         self.stack: list[str] = []          # running module names (forward)
         self.open: list[int] = []           # their interval indices
         self.starts: list[int] = []         # interval i = [starts[i], ends[i]) of sequence numbers, owner names[i]
@@ -237,17 +268,6 @@ class _Counter:
             self.rerouted.pop()[1].__exit__(None, None, None)
 
     # ---- attribution
-    def _ancestry(self, name: str) -> tuple[str, ...]:
-        chain = self.ancestors.get(name)
-        if chain is None:
-            if name == LOSS:
-                chain = (LOSS,)
-            else:
-                parts = name.split(".") if name else []
-                chain = tuple(".".join(parts[:i]) for i in range(len(parts), 0, -1)) + ("",)
-            self.ancestors[name] = chain
-        return chain
-
     def _add_interval(self, start: int, end: int | None, owner: str, parent: int) -> int:
         self.starts.append(start)
         self.ends.append(end)
@@ -292,12 +312,16 @@ class _Counter:
     def _pre(self, mod: nn.Module, args: tuple) -> None:
         if (self.meta_routing and torch._C._current_graph_task_id() != -1
                 and not any(isinstance(m, _MetaAttentionMode) for m in _get_current_function_mode_stack())):
-            mode = _MetaAttentionMode()
+            mode = _MetaAttentionMode(self.strict)
             mode.__enter__()
             self.rerouted.append((mod, mode))
         name = self.names.get(id(mod))
         if name is None:
             return
+        if name in self.watched and torch._C._current_graph_task_id() == -1:
+            self.calls.append(WatchedCall(name, self.tally.n_forward, tuple(
+                (tuple(a.shape), tuple(a.stride()), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor)
+                else None for a in args)))
         self.stack.append(name)
         self.open_interval(name)
 
@@ -315,8 +339,27 @@ class _Counter:
             self.stack.pop()
             self.close_interval()
 
+    def own_detach(self) -> None:
+        """A detach called by the forward itself (see _MetaAttentionMode): per group, with the forward call index
+        its aten.detach will get."""
+        if torch._C._current_graph_task_id() == -1:
+            owner = self.stack[-1] if self.stack else self.outside
+            group = owner if owner == LOSS or owner in self.watched else ""
+            book = self.own_detaches.setdefault(group, [0, self.tally.n_forward + 1])
+            book[0] += 1
+
     def record(self, func, args, kwargs, out) -> None:
         backward = torch._C._current_graph_task_id() != -1
+        kind = self.kinds.get(func)
+        if kind is None:
+            kind = self.kinds[func] = (str(func.overloadpacket), is_free(func))
+        if kind[1]:   # a view or metadata op: its count only, no owner to find (unless backward must fill one)
+            if not backward:
+                self.tally.count_view(self.stack[-1] if self.stack else self.outside, kind[0], False)
+                return
+            if self.open or _next_sequence_nr() <= self.fill_from:
+                self.tally.count_view("", kind[0], True)
+                return
         if backward:
             node = torch._C._current_autograd_node()
             owner = self._owner_of(node._sequence_nr()) if node is not None else ""
@@ -324,7 +367,7 @@ class _Counter:
                 self._fill_backward(owner)
         else:
             owner = self.stack[-1] if self.stack else self.outside
-        op = str(func.overloadpacket)
+        op = kind[0]
         try:
             cost = op_cost(func, args, kwargs, out)
         except Exception as exc:  # a formula that cannot read this call: report it, never guess
@@ -354,14 +397,40 @@ def _loss_of(output: Any, loss: str) -> torch.Tensor | None:
     return total
 
 
+@dataclass
+class WatchedCall:
+    """One forward call of a watched module: its name, how many forward calls ran before it, and per positional
+    argument (shape, stride, dtype, device, requires_grad), or None for a non-tensor argument."""
+
+    name: str
+    position: int
+    args: tuple
+
+
+@dataclass
+class Pass:
+    """A count with what it saw besides the totals: the tally (per group, see _Tally), the output shapes and
+    the watched modules' calls. Made by count_pass, read by passes.py."""
+
+    counts: OpCounts
+    tally: Any
+    output_shapes: dict[str, list | None]
+    calls: list[WatchedCall]
+    formula_errors: dict[str, str]
+    own_detaches: dict[str, list[int]] | None = None   # None: not tallied (the pass ran without the function mode)
+
+
 def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = False, optimizer: str = "adam",
-              loss: str = "auto") -> OpCounts:
+              loss: str = "auto", meta: bool = True) -> OpCounts:
     """Count MACs/FLOPs of one forward (train=False, eval mode, no grad) or one training step (train=True:
     train mode, forward, scalar loss, backward and the optimizer step by formula), per module and operator.
 
     Works on real tensors and on the meta device. The model's mode, buffers (BatchNorm running stats),
     gradients and the global RNG are left as they were. `inputs` is a tensor, a tuple of tensors (positional),
     or a dict of tensors: keyword arguments of forward (or its one dict argument, see models.inputs.bind_inputs).
+
+    A model and inputs on the CPU are counted on a meta copy (no kernel runs; the counts are the same, see
+    on_meta_copy) unless `meta` is False or the forward needs the real tensors.
     """
     if not isinstance(model, nn.Module):
         raise NetdietError(f"count_ops needs a torch.nn.Module, got {type(model).__name__}")
@@ -371,19 +440,57 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                                "{'input_ids': ids, 'attention_mask': mask}")
         call_args, call_kwargs = bind_inputs(model, [], dict(inputs))
         with structured_forward(model, call_args, call_kwargs) as flat:
-            return count_ops(model, flat, train=train, optimizer=optimizer, loss=loss)
+            return count_ops(model, flat, train=train, optimizer=optimizer, loss=loss, meta=meta)
+    args = _as_tuple(inputs)
+    opt_key = check_count_args(optimizer, loss)
+    return on_meta_copy(model, args, lambda m, a, strict: count_pass(m, a, train, opt_key, loss, strict).counts,
+                        enabled=meta)
+
+
+def check_count_args(optimizer: str, loss: str) -> str:
+    """The optimizer's key; NetdietError for an unknown loss or optimizer or a torch the counter cannot read."""
     if loss not in ("auto", "sum", "mean"):
         raise NetdietError(f"unknown loss '{loss}'; choose auto (sum of outputs), sum or mean")
     opt_key = str(optimizer).lower()
     optimizer_step_flops(opt_key, 0)  # validates the name
     check_autograd_api()
-    args = _as_tuple(inputs)
+    return opt_key
 
+
+def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) -> Any:
+    """`run(model, args, strict)` on a meta copy of a CPU model and its inputs (strict=True: see
+    _MetaAttentionMode), else, or when that fails, `run(model, args, False)` on the real ones.
+
+    Counting needs shapes only, and every formula reads only shapes, so the copy counts what the real model would
+    without running a kernel; a forward that reads tensor values, an op without a meta kernel, or a call whose
+    CPU path differs (_CPU_PATHS, an attention the flash op cannot stand in for) raises on the copy, and the
+    real count (with its own error, if any) stands."""
+    tensors = list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, torch.Tensor)]
+    if enabled and tensors and all(t.device.type == "cpu" for t in tensors):
+        try:
+            copy = meta_copy(model)
+            meta_args = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+                              .requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        except Exception:   # not deep-copyable: count the model itself
+            copy = None
+        if copy is not None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # the real run below repeats any warning that matters
+                    return run(copy, meta_args, True)
+            except Exception:   # noqa: BLE001 - any failure on the copy: the real count decides
+                pass
+    return run(model, args, False)
+
+
+def count_pass(model: nn.Module, args: tuple, train: bool, opt_key: str, loss: str, strict: bool = False,
+               watched: frozenset[str] | None = None) -> Pass:
+    """One counted forward (train=False) or training step, on `model` as given (see count_ops)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)])
     modes = [(m, m.training) for m in model.modules()]   # restored one by one: mixed modes are kept
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-    counter = _Counter(model, meta_routing=on_meta)
+    counter = _Counter(model, meta_routing=on_meta, strict=strict, watched=watched)
     notes: list[str] = []
     saved_grads: dict = {}
     try:
@@ -391,11 +498,11 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                 if t.device.type == "cuda"] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=sorted(set(cuda))):
             model.train(train)
-            meta_mode = _MetaAttentionMode() if on_meta else None
+            meta_mode = _MetaAttentionMode(strict, counter if watched is not None else None) if on_meta else None
             if meta_mode is not None:
                 meta_mode.__enter__()
             try:
-                with _CountMode(counter):
+                with _CountMode(counter, _META_MEMO if on_meta else None):
                     if not train:
                         with torch.no_grad():
                             model(*args)
@@ -421,7 +528,7 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
             finally:
                 if meta_mode is not None:
                     meta_mode.__exit__(None, None, None)
-    except NetdietError:
+    except (NetdietError, RealTensorsNeeded):
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = (str(exc).splitlines() or [""])[0]
@@ -438,49 +545,8 @@ def count_ops(model: nn.Module, inputs: tuple | torch.Tensor, *, train: bool = F
                 for n, b in model.named_buffers():
                     if n in saved_buffers:
                         b.copy_(saved_buffers[n])
-
-    # inclusive costs: each self cost goes to its module and every ancestor by name
-    incl: dict[str, list[int]] = {}
-    for owner, acc in counter.tally.self_cost.items():
-        for name in counter._ancestry(owner):
-            row = incl.setdefault(name, [0, 0, 0, 0])
-            for i in range(4):
-                row[i] += acc[i]
-
-    modules: list[ModuleCost] = []
-    for name, mod in model.named_modules():
-        params = list(mod.parameters())
-        row = incl.get(name, [0, 0, 0, 0])
-        modules.append(ModuleCost(
-            name=name, type=type(mod).__name__, depth=0 if not name else name.count(".") + 1,
-            params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
-            macs=row[0], flops=row[1], backward_macs=row[2], backward_flops=row[3],
-            output_shape=counter.output_shapes.get(name)))
-    if train:
-        row = incl.get(LOSS, [0, 0, 0, 0])
-        modules.append(ModuleCost(LOSS, "loss", 0, 0, 0, row[0], row[1], row[2], row[3], []))
-
-    ops = counter.tally.operators
-    macs = sum(v["macs"] for v in ops.values())
-    flops = sum(v["flops"] for v in ops.values())
-    bmacs = sum(v["backward_macs"] for v in ops.values())
-    bflops = sum(v["backward_flops"] for v in ops.values())
-    n_trainable = sum(p.numel() for p in trainable)
-    opt_flops = optimizer_step_flops(opt_key, n_trainable) if train else 0
-    if counter.tally.uncounted:
-        notes.append(f"{sum(counter.tally.uncounted.values())} calls of {len(counter.tally.uncounted)} operators have "
-                     "no formula and are not in the totals: see 'uncounted'")
-    for op, err in counter.formula_errors.items():
-        notes.append(f"{op}: the formula could not read this call ({err}); counted as uncounted")
-    if not train:
-        notes.append("inference count: backward, optimizer and train_flops are 0; count with train=True for a step")
-    return OpCounts(
-        modules=modules,
-        operators=dict(sorted(ops.items(), key=lambda kv: -(kv[1]["flops"] + kv[1]["backward_flops"]))),
-        uncounted=dict(sorted(counter.tally.uncounted.items())),
-        macs=macs, flops=flops, backward_macs=bmacs, backward_flops=bflops,
-        optimizer=opt_key if train else "none", optimizer_flops=opt_flops,
-        train_flops=(flops + bflops + opt_flops) if train else 0, train=train,
-        bytes_read=sum(v["bytes_read"] for v in ops.values()),
-        bytes_written=sum(v["bytes_written"] for v in ops.values()),
-        notes=notes)
+    tally = counter.tally
+    counts = build_counts(model, tally.self_cost, tally.operators, tally.uncounted, counter.output_shapes,
+                          counter.formula_errors, train, opt_key, sum(p.numel() for p in trainable), notes)
+    return Pass(counts, tally, counter.output_shapes, counter.calls, counter.formula_errors,
+                counter.own_detaches if on_meta and watched is not None else None)

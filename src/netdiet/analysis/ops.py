@@ -165,8 +165,53 @@ def op_cost(func: Any, args: tuple, kwargs: dict | None, out: Any) -> OpCost | N
         cost.flops = 0  # integer/bool arithmetic (step counters, index maths) is not floating-point work
     if formula.moves_data and not (cost.bytes_read or cost.bytes_written):
         cost.bytes_read = sum(_nbytes(t) for t in _flatten(list(args) + list((kwargs or {}).values())))
-        cost.bytes_written = sum(_nbytes(t) for t in _flatten(out))
+        cost.bytes_written = sum(_nbytes(t) for t in _flatten(_written(func, args, kwargs, out)))
     return cost
+
+
+def is_free(func: Any) -> bool:
+    """The call costs nothing and moves no bytes whatever its arguments (a view, a metadata query, a profiler
+    marker): the counter tallies its count only."""
+    formula = lookup(func)
+    return formula is not None and formula.fn is _view
+
+
+_WRITE_RULES: dict[Any, tuple[int | None, int | None]] = {}   # func -> (output_mask index, batch-norm training index)
+
+
+def _write_rule(func: Any) -> tuple[int | None, int | None]:
+    rule = _WRITE_RULES.get(func)
+    if rule is None:
+        schema = getattr(func, "_schema", None)
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        mask = names.index("output_mask") if "output_mask" in names else None
+        packet = getattr(func, "overloadpacket", None)
+        if packet is aten._native_batch_norm_legit_no_training:
+            bn = -1
+        elif packet is aten.native_batch_norm and "training" in names:
+            bn = names.index("training")
+        else:
+            bn = None
+        rule = _WRITE_RULES[func] = (mask, bn)
+    return rule
+
+
+def _written(func: Any, args: tuple, kwargs: dict | None, out: Any) -> Any:
+    """The outputs an op writes, as the CPU kernel returns them: those an `output_mask` leaves out are None there
+    (the meta kernels allocate them anyway), and batch norm in eval mode returns empty saved statistics (meta:
+    one per channel), so meta and CPU counts agree."""
+    if not isinstance(out, (tuple, list)):
+        return out
+    mask_at, bn_at = _write_rule(func)
+    if mask_at is not None:
+        mask = (kwargs or {}).get("output_mask", args[mask_at] if mask_at < len(args) else None)
+        if isinstance(mask, (list, tuple)) and len(mask) == len(out):
+            return [o for o, keep in zip(out, mask) if keep]
+    if bn_at is not None:
+        training = False if bn_at < 0 else (kwargs or {}).get("training", args[bn_at] if bn_at < len(args) else True)
+        if not training:
+            return out[:1]
+    return out
 
 
 def _any_floating(args: tuple, kwargs: dict | None, out: Any) -> bool:

@@ -33,6 +33,7 @@ from netdiet.analysis.counter import count_ops
 from netdiet.analysis.latency import measure_latency
 from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import MetaDeviceLimit, estimate_memory
+from netdiet.analysis.passes import count_step
 from netdiet.analysis.ram import available_ram, check_fits_in_ram, measure_copy_bytes
 from netdiet.analysis.scaling import with_batch
 from netdiet.analysis.step import DTYPE_NAMES, model_device, normalise_optimizer, parse_dtype
@@ -88,6 +89,9 @@ class ProfileResult:
     training_unavailable: str | None = None
     # --parallel: per-rank figures of the layout (analysis/parallel.py), None for a single-device profile
     distributed: dict[str, Any] | None = None
+    # how the counts were made: where the training pass ran (device), and whether the inference forward was
+    # derived from it or counted in a separate pass (and why), see passes.py
+    counting: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -101,6 +105,7 @@ class ProfileResult:
             "modules": self.modules,
             "operators": self.operators,
             "uncounted": self.uncounted,
+            "counting": self.counting,
             "training_unavailable": self.training_unavailable,
             "storage": self.storage,
             "latency": self.latency,
@@ -525,32 +530,48 @@ def engine_failure(exc: BaseException, what: str) -> str:
     return f"{what} failed ({_first_line(exc)})"
 
 
-def training_count(net: nn.Module, x: Sequence[torch.Tensor], optimizer: str) -> tuple[Any, str | None]:
+def training_count(net: nn.Module, x: Sequence[torch.Tensor], optimizer: str,
+                   derive: bool = False) -> tuple[Any, str | None]:
     """(the training-step count, None), or (None, why the training step cannot run) - the inference figures
     stand either way. No trainable parameter, no loss, or a layer that fails in train mode (batch norm at
-    batch 1) make the training step impossible, not the profile."""
+    batch 1) make the training step impossible, not the profile. With `derive`, a third item: the inference
+    counts derived from the same pass (passes.count_step; None when they need a pass of their own), and a fourth:
+    how the counting ran (the profile's `counting` section)."""
+    def result(counts: Any, why: str | None, inference: Any = None, how: dict | None = None) -> tuple:
+        return (counts, why, inference, how) if derive else (counts, why)
+
     if not any(p.requires_grad for p in net.parameters()):
-        return None, ("the model has no trainable parameter (every parameter is frozen, or it has none): "
-                      "there is no training step to count")
-    tracker = _ModuleTracker(net)
+        return result(None, "the model has no trainable parameter (every parameter is frozen, or it has none): "
+                            "there is no training step to count")
+    failure: BaseException | None = None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*always_call=True.*raised an exception")
-            counts = count_ops(net, x, train=True, optimizer=optimizer)
+            counts, inference, how = count_step(net, tuple(x), optimizer, derive=derive)
     except (NetdietError, RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError) as exc:
+        failure = exc
+    if failure is not None:
+        # counted again on the real tensors with a layer tracker, to name the layer that failed
+        tracker = _ModuleTracker(net)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*always_call=True.*raised an exception")
+                count_ops(net, x, train=True, optimizer=optimizer, meta=False)
+        except (NetdietError, RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError) as exc:
+            failure = exc
+        finally:
+            tracker.remove()
         where = ""
         if tracker.stack and tracker.stack[-1][0]:
             where = f" in layer '{tracker.stack[-1][0]}' ({type(tracker.stack[-1][1]).__name__})"
-        msg = _first_line(exc)
+        msg = _first_line(failure)
         hint = "; profile with --batch-size 2 or more for the training figures" \
             if "more than 1 value per channel" in msg else ""
-        return None, f"the training step fails{where} in train mode: {msg}{hint}"
-    finally:
-        tracker.remove()
+        return result(None, f"the training step fails{where} in train mode: {msg}{hint}")
     if any("nothing to back-propagate" in n for n in counts.notes):
-        return None, ("no floating-point output depends on a trainable parameter, so there is no loss to "
-                      "back-propagate: no training step to count")
-    return counts, None
+        return result(None, "no floating-point output depends on a trainable parameter, so there is no loss to "
+                            "back-propagate: no training step to count")
+    return result(counts, None, inference, how)
 
 
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -693,10 +714,17 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         was_training = net.training
         # Forward figures are reported for inference (eval mode), as papers and peers report them:
         # in training mode batch norm computes batch statistics and dropout draws masks, which costs more.
-        # The inference count comes first: when it fails, the inputs do not fit the model.
-        with input_fit_check(net, x):
-            inference_counts = count_ops(net, x, train=False)
-        counts, training_unavailable = training_count(net, x, optimizer)
+        # One training pass gives both where the two forwards differ only in those layers (passes.py); otherwise,
+        # or when the step cannot run, the inference forward is counted alone, and when that fails the inputs
+        # do not fit the model.
+        counts, training_unavailable, inference_counts, counting = training_count(net, x, optimizer, derive=True)
+        if inference_counts is None:
+            with input_fit_check(net, x):
+                inference_counts = count_ops(net, x, train=False)
+            if counting is None:
+                counting = {"device": None, "inference_forward": "separate pass", "recounted_calls": 0,
+                            "reason": "no training step to derive it from"}
+            counting["reason"] = counting.get("reason") or "no training step to derive it from"
         for p in net.parameters():
             p.grad = None
         tick()
@@ -857,4 +885,5 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
         memory_estimate=estimate,
         training_unavailable=training_unavailable,
         distributed=distributed,
+        counting=counting,
     )

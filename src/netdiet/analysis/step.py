@@ -17,8 +17,6 @@ from netdiet.errors import NetdietError
 from netdiet.optim import OPTIMIZERS as TRAIN_OPTIMIZERS
 from netdiet.optim import make_optimizer
 
-
-
 OPTIMIZERS = TRAIN_OPTIMIZERS + ("none",)   # "none": price or time the step without an optimizer
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -126,6 +124,22 @@ def real_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if dtype is not None:
         m = m.to(dtype)
     return m
+
+
+def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of `model` on the meta device, made without allocating its weights (parameters and buffers
+    are replaced by meta tensors of their shape, and of `dtype` when given and floating; sharing is kept)."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            empty = torch.empty(t.shape, dtype=dt, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise NetdietError(f"cannot copy the model to the meta device ({type(exc).__name__}: {exc}); "
+                           "the model must be deep-copyable") from None
 
 
 def model_device(model: nn.Module) -> torch.device:

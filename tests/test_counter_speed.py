@@ -1,0 +1,180 @@
+"""The counter's shortcuts keep every count exact (issue 13): counting on a meta copy of a real model, the
+inference forward derived from the training pass (passes.py), and the view fast path.
+
+Each shortcut is checked against the slow way it replaces: count_ops(meta=False) on the real tensors, and a
+separate eval-mode count_ops(train=False). Where a count is written out by hand it says so.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from netdiet.analysis import counter
+from netdiet.analysis.counter import count_ops
+from netdiet.analysis.passes import count_step, separate_pass_reason
+from netdiet.models import create_model, default_inputs, list_models, make_inputs
+
+torch.set_num_threads(1)
+
+ZOO_KW = {"yolo": {"image_size": 64}, "transformer": {"preset": "tiny"}}
+
+
+def _zoo(name: str, batch: int = 2):
+    kw = ZOO_KW.get(name, {})
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    shape, dtype, high = default_inputs(name, kw)
+    return model, (make_inputs((batch, *shape[1:]), dtype, high=high),)
+
+
+def _without_derived_note(counts) -> dict:
+    doc = counts.to_dict()
+    doc["notes"] = [n for n in doc["notes"] if not n.startswith("inference forward derived")]
+    return doc
+
+
+class _Ran:
+    """Which device count_pass ran on, per call (a spy)."""
+
+    def __init__(self, monkeypatch):
+        self.devices: list[str] = []
+        real = counter.count_pass
+
+        def spy(model, args, *rest, **kw):
+            self.devices.append(args[0].device.type)
+            return real(model, args, *rest, **kw)
+
+        monkeypatch.setattr(counter, "count_pass", spy)
+        monkeypatch.setattr("netdiet.analysis.passes.count_pass", spy)
+
+
+@pytest.mark.parametrize("name", [e.name for e in list_models()])
+def test_zoo_inference_derived_from_the_training_pass_equals_an_eval_pass(name):
+    model, x = _zoo(name)
+    train, inference, how = count_step(model, x, "adam")
+    assert how["inference_forward"] == "derived" and how["device"] == "meta" and inference is not None
+    assert inference.notes[0].startswith("inference forward derived from the training pass")
+    separate = count_ops(model, x, train=False, meta=False)
+    assert _without_derived_note(inference) == separate.to_dict()
+    # the operators in the order an eval pass lists them (JSON output order), not just equal as dicts
+    assert list(inference.operators) == list(separate.operators)
+    assert train.to_dict() == count_ops(model, x, train=True, optimizer="adam", meta=False).to_dict()
+    assert model.training  # the caller's mode is left as it was (zoo models are built in train mode)
+
+
+@pytest.mark.parametrize("name", [e.name for e in list_models()])
+def test_zoo_counts_on_a_meta_copy_equal_the_real_tensors(name, monkeypatch):
+    model, x = _zoo(name, batch=3)
+    ran = _Ran(monkeypatch)
+    for train in (False, True):
+        fast = count_ops(model, x, train=train).to_dict()
+        assert ran.devices[-1] == "meta"
+        assert fast == count_ops(model, x, train=train, meta=False).to_dict()
+        assert ran.devices[-1] == "cpu"
+
+
+def test_batch_norm_and_dropout_are_recounted_in_eval_mode_by_hand():
+    # BatchNorm1d(4) on 5x4, Dropout, Linear(4, 2) (ops.py's formulas). Eval forward by hand: batch norm folds
+    # its statistics into x·a + b, 2 FLOPs per element = 40; dropout nothing; linear 5·4·2 = 40 MACs, 80 FLOPs
+    # + 10 bias adds = 90. Total 130 FLOPs. Training forward: batch statistics, 5 + 2 (affine) per element = 140.
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x = torch.randn(5, 4)
+    train, inference, how = count_step(model, x, "sgd")
+    assert how["recounted_calls"] == 2
+    separate = count_ops(model, x, train=False, meta=False)
+    assert _without_derived_note(inference) == separate.to_dict()
+    assert (inference.macs, inference.flops) == (40, 130)
+    assert [inference.module(n).flops for n in ("0", "1", "2")] == [40, 0, 90]
+    assert train.module("0").flops == 140 and train.module("1").flops > 0
+    assert "aten.bernoulli_" in train.operators and "aten.bernoulli_" not in inference.operators
+    # eval-mode batch norm writes its output only (the CPU returns empty saved statistics): 5·4 floats = 80 bytes,
+    # on the meta copy too; the training pass also writes the saved mean and inverse std, 2·4 floats
+    assert inference.operators["aten.native_batch_norm"]["bytes_written"] == 80
+    assert train.operators["aten.native_batch_norm"]["bytes_written"] == 80 + 32
+
+
+def test_a_batch_norm_called_with_a_keyword_is_counted_in_a_pass_of_its_own():
+    class KeywordBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.bn(input=x))
+
+    model = KeywordBN()
+    assert separate_pass_reason(model) is not None   # a class of the test module: unknown behaviour
+    x = torch.randn(3, 4)
+    _, inference, how = count_step(model, x, "adam")
+    assert inference is None and how["inference_forward"] == "separate pass" and "KeywordBN" in how["reason"]
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.LSTM(8, 8, batch_first=True), torch.randn(2, 5, 8)),
+    (lambda: nn.GRU(8, 8, batch_first=True), torch.randn(2, 5, 8)),
+    (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                   enable_nested_tensor=False).eval(), torch.randn(2, 6, 16)),
+    (lambda: nn.MultiheadAttention(16, 4, batch_first=True).eval(), None),
+])
+def test_layers_whose_cpu_path_differs_are_counted_on_the_real_tensors(make, x, monkeypatch):
+    torch.manual_seed(0)
+    model = make()
+    if x is None:   # MultiheadAttention takes query, key, value
+        q = torch.randn(2, 6, 16)
+        x = (q, q, q)
+    x = x if isinstance(x, tuple) else (x,)
+    ran = _Ran(monkeypatch)
+    for train in (False, True):
+        fast = count_ops(model, x, train=train).to_dict()
+        assert ran.devices[-1] == "cpu"   # the meta copy gave up, the real tensors were counted
+        assert fast == count_ops(model, x, train=train, meta=False).to_dict()
+    _, inference, how = count_step(model, x, "adam")
+    assert inference is None and how["device"] == "real tensors"
+
+
+class _ReadsValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n = int(x.shape[0] if x.abs().sum().item() >= 0 else 0)   # .item(): impossible on the meta device
+        return self.fc(x[:n])
+
+
+def test_a_value_dependent_forward_falls_back_to_the_real_tensors(monkeypatch):
+    model, x = _ReadsValues(), torch.randn(5, 4)
+    ran = _Ran(monkeypatch)
+    counts = count_ops(model, x)
+    assert ran.devices == ["meta", "cpu"]
+    assert counts.macs == 5 * 4 * 3   # by hand: Linear(4, 3) on 5 rows
+    assert counts.to_dict() == count_ops(model, x, meta=False).to_dict()
+
+
+def test_views_are_tallied_by_their_count_only():
+    class Views(nn.Module):
+        def forward(self, x):
+            return x.view(6, 2).t().transpose(0, 1).unsqueeze(0).expand(3, 6, 2).sum()
+
+    counts = count_ops(Views(), torch.randn(3, 4), train=False)
+    zero = {"macs": 0, "flops": 0, "backward_count": 0, "backward_macs": 0, "backward_flops": 0,
+            "bytes_read": 0, "bytes_written": 0}
+    for op in ("aten.view", "aten.t", "aten.transpose", "aten.unsqueeze", "aten.expand"):
+        assert counts.operators[op] == {"count": 1, **zero}, op
+    # the sum reads the expanded 3·6·2 view: 36 elements, 35 additions (ops.py: n - 1 per output)
+    assert counts.flops == 35 and counts.operators["aten.sum"]["count"] == 1
+
+
+def test_hf_configs_count_their_inference_forward_in_a_pass_of_their_own(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                     architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 100, (2, 8))
+    train, inference, how = count_step(model, (ids,), "adam")
+    assert inference is None and "GPT2LMHeadModel" in how["reason"]
+    # its attention takes dropout in train mode: the meta copy cannot stand in, the real tensors are counted
+    assert how["device"] == "real tensors"
+    assert train.to_dict() == count_ops(model, ids, train=True, meta=False).to_dict()
