@@ -19,6 +19,7 @@ from netdiet.analysis import measurement, scaling
 from netdiet.analysis import memory as memory_engine
 from netdiet.analysis import plan as plan_engine
 from netdiet.analysis import profile as profile_engine
+from netdiet.analysis.lazy_dynamo import without_dynamo_import
 from netdiet.analysis.storage import data_report
 from netdiet.analysis.storage import weight_storage as storage_of
 from netdiet.compression import evaluate as evaluation
@@ -52,7 +53,8 @@ def describe_data(name: str, data_dir: str | None = None, seed: int = 0, samples
 
 def estimate_memory(model, inputs, **kwargs: Any):
     """Training/inference memory predicted on the meta device (analysis.memory.estimate_memory)."""
-    return memory_engine.estimate_memory(model, inputs, **kwargs)
+    with without_dynamo_import():
+        return memory_engine.estimate_memory(model, inputs, **kwargs)
 
 
 def measure_memory(model, inputs, **kwargs: Any) -> dict:
@@ -71,15 +73,9 @@ def weight_storage(model) -> dict:
 
 
 def list_models() -> list[dict[str, Any]]:
-    """One row per zoo model: name, parameters, default input, description."""
-    rows = []
-    for entry in zoo.list_models():
-        with torch.device("meta"):  # counting parameters needs no memory
-            model = zoo.create_model(entry.name)
-        rows.append({"name": entry.name, "params": sum(p.numel() for p in model.parameters()),
-                     "input": list(entry.input_shape), "input_dtype": str(entry.input_dtype).replace("torch.", ""),
-                     "task": entry.task, "description": entry.description})
-    return rows
+    """One row per zoo model: name, parameters, default input, description (ModelEntry.row: the stored counts,
+    nothing is built)."""
+    return [entry.row() for entry in zoo.list_models()]
 
 
 def create_model(spec: str, **kwargs: Any):
@@ -120,12 +116,16 @@ def profile(model: Any, inputs: Any = None, *, model_kw: dict | None = None, bat
 
     `parallel` (ddp|fsdp|zero1|zero2|zero3|tp) with `world_size`, `tp` (tensor-parallel degree) and `target_device`
     (a name from the devices table) adds the per-rank `distributed` section.
+
+    Nothing on this path compiles, so torch's own lazy `import torch._dynamo` (2 s) is kept out (lazy_dynamo).
     """
-    return profile_engine.profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer, depth=depth,
-                    measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
+    with without_dynamo_import():
+        return profile_engine.profile(model, inputs, model_kw=model_kw, batch_size=batch_size, optimizer=optimizer,
+                    depth=depth, measure=measure, force=force, dtype=dtype, amp=amp, checkpointing=checkpointing,
                     batch_sizes=batch_sizes, max_batch_for=max_batch_for, dataset_size=dataset_size, epochs=epochs,
                     seed=seed, warmup=warmup, repeats=repeats, progress=progress, weights=weights, seq_len=seq_len,
                     parallel=parallel, world_size=world_size, tp=tp, target_device=target_device)
+
 
 def plan(model: Any, devices: str = "8xh100-sxm", **kwargs: Any):
     """Layouts of `model` on `devices` ('64xh100') ranked by projected throughput, with why the others do not fit
@@ -134,13 +134,13 @@ def plan(model: Any, devices: str = "8xh100-sxm", **kwargs: Any):
     return plan_engine.plan(model, devices, **kwargs)
 
 
-
 def largest_batch_within(model_factory_or_model: Any, input_shape_at_batch1: Any, dtype: Any, budget_bytes: Any, *,
                          optimizer: str = "adam", amp: bool = False, checkpointing: bool = False,
                          input_dtype: Any = None):
     """(batch, memory estimate): the largest batch whose estimated training peak fits in the budget (0 if none)."""
-    return scaling.largest_batch_within(model_factory_or_model, input_shape_at_batch1, dtype, budget_bytes, optimizer=optimizer, amp=amp,
-                    checkpointing=checkpointing, input_dtype=input_dtype)
+    with without_dynamo_import():
+        return scaling.largest_batch_within(model_factory_or_model, input_shape_at_batch1, dtype, budget_bytes,
+                    optimizer=optimizer, amp=amp, checkpointing=checkpointing, input_dtype=input_dtype)
 
 
 # ==================================================================== compress / evaluate

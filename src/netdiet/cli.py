@@ -105,9 +105,10 @@ def _models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from netdiet import api
+    # the registry alone (stored parameter counts), not the API: listing the zoo imports no analysis engine
+    from netdiet.models import list_models
     from netdiet.reporting.terminal import models_table
-    rows = api.list_models()
+    rows = [entry.row() for entry in list_models()]
     console.print(models_table(rows))
     write_json(args, {"schema": "netdiet.models/1", "models": rows})
     return 0

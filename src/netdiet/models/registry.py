@@ -30,6 +30,23 @@ class ModelEntry:
     input_high: int | None = None         # for integer inputs (token ids): exclusive upper bound
     input_for_kwargs: Callable[[dict], tuple[int, ...]] | None = None  # default input that follows factory kwargs
     input_high_for_kwargs: Callable[[dict], int] | None = None
+    # parameters of factory() with its defaults, stored so that listing the zoo builds nothing (tests check
+    # every stored count against the built model's, so it cannot go stale)
+    params: int | None = None
+
+    def param_count(self) -> int:
+        """Parameters of the default model: the stored count, else counted on the meta device (no memory)."""
+        if self.params is not None:
+            return self.params
+        with torch.device("meta"):
+            model = create_model(self.name)
+        return sum(p.numel() for p in model.parameters())
+
+    def row(self) -> dict[str, Any]:
+        """The zoo listing's row (`netdiet models`, api.list_models): name, parameters, default input, description."""
+        return {"name": self.name, "params": self.param_count(), "input": list(self.input_shape),
+                "input_dtype": str(self.input_dtype).replace("torch.", ""), "task": self.task,
+                "description": self.description}
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -38,12 +55,13 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, input_shape: tuple[int, ...], *, input_dtype: torch.dtype = torch.float32,
                    description: str = "", task: str = "classification", input_high: int | None = None,
                    input_for_kwargs: Callable[[dict], tuple[int, ...]] | None = None,
-                   input_high_for_kwargs: Callable[[dict], int] | None = None):
-    """Decorator: `@register_model("lenet5", (1, 1, 28, 28))` on a factory."""
+                   input_high_for_kwargs: Callable[[dict], int] | None = None, params: int | None = None):
+    """Decorator: `@register_model("lenet5", (1, 1, 28, 28), params=431_080)` on a factory (`params`: the
+    parameter count of the factory's default model)."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = ModelEntry(name, fn, tuple(input_shape), input_dtype, description or (fn.__doc__ or "").strip().split("\n")[0],
-                                     task, input_high, input_for_kwargs, input_high_for_kwargs)
+                                     task, input_high, input_for_kwargs, input_high_for_kwargs, params)
         return fn
 
     return wrap

@@ -11,7 +11,8 @@ from netdiet.models.registry import register_model
 
 
 # ---------------------------------------------------------------- classic MNIST nets
-@register_model("lenet300", (1, 1, 28, 28), description="LeNet-300-100: MLP 784-300-100-10 (Deep Compression's MNIST net)")
+@register_model("lenet300", (1, 1, 28, 28), description="LeNet-300-100: MLP 784-300-100-10 (Deep Compression's MNIST net)",
+                params=266_610)
 def lenet300(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
@@ -45,7 +46,8 @@ class LeNet5(nn.Module):
 
 
 @register_model("lenet5", (1, 1, 28, 28), description="LeNet-5 (Caffe variant): conv20-pool-conv50-pool-fc500-fc10, 431K params",
-                input_for_kwargs=lambda kw: (1, kw.get("in_channels", 1), kw.get("image_size", 28), kw.get("image_size", 28)))
+                input_for_kwargs=lambda kw: (1, kw.get("in_channels", 1), kw.get("image_size", 28), kw.get("image_size", 28)),
+                params=431_080)
 def lenet5(num_classes: int = 10, in_channels: int = 1, conv_channels: Sequence[int] = (20, 50), fc: int = 500,
            image_size: int = 28) -> nn.Module:
     return LeNet5(num_classes, in_channels, tuple(conv_channels), fc, image_size)
@@ -55,7 +57,8 @@ def _mlp_input(kw: dict) -> tuple[int, ...]:
     return (1, int(kw.get("in_features", 784)))
 
 
-@register_model("mlp", (1, 784), description="MLP with widths=[...], optional batchnorm and dropout", input_for_kwargs=_mlp_input)
+@register_model("mlp", (1, 784), description="MLP with widths=[...], optional batchnorm and dropout", input_for_kwargs=_mlp_input,
+                params=235_146)
 def mlp(widths: Sequence[int] = (256, 128), in_features: int = 784, num_classes: int = 10, dropout: float = 0.0,
         batchnorm: bool = False, activation: str = "relu") -> nn.Module:
     act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}[activation]
@@ -81,7 +84,7 @@ def _image_input(default_c: int, default_hw: int):
 
 
 @register_model("cnn", (1, 1, 28, 28), description="Small convnet: [conv-BN-ReLU-pool] x len(channels), dropout, linear",
-                input_for_kwargs=_image_input(1, 28))
+                input_for_kwargs=_image_input(1, 28), params=50_282)
 def cnn(channels: Sequence[int] = (32, 64), num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
         dropout: float = 0.25, batchnorm: bool = True) -> nn.Module:
     layers: list[nn.Module] = []
@@ -144,7 +147,8 @@ class ResNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.layers(x))))
 
 
-@register_model("resnet", (1, 3, 32, 32), description="CIFAR-style ResNet (depth=6n+2, default 20)", input_for_kwargs=_image_input(3, 32))
+@register_model("resnet", (1, 3, 32, 32), description="CIFAR-style ResNet (depth=6n+2, default 20)", input_for_kwargs=_image_input(3, 32),
+                params=272_474)
 def resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16, image_size: int = 32) -> nn.Module:
     return ResNet(depth, num_classes, in_channels, width)
 
@@ -164,7 +168,7 @@ class DepthwiseSeparable(nn.Module):
 
 
 @register_model("mobilenet", (1, 3, 32, 32), description="MobileNet-v1-style depthwise-separable convnet (grouped convolutions)",
-                input_for_kwargs=_image_input(3, 32))
+                input_for_kwargs=_image_input(3, 32), params=279_466)
 def mobilenet(num_classes: int = 10, in_channels: int = 3, width_mult: float = 0.5, image_size: int = 32) -> nn.Module:
     def c(n: int) -> int:
         return max(8, int(n * width_mult))
@@ -248,7 +252,7 @@ def _tf_cfg(kw: dict) -> dict:
 @register_model("transformer", (1, 64), input_dtype=torch.int64, task="lm", input_high=1000,
                 description="Decoder-only LM; preset=tiny|small|gpt2|7b or layers/d_model/heads/seq_len/vocab",
                 input_for_kwargs=lambda kw: (1, _tf_cfg(kw)["seq_len"]),
-                input_high_for_kwargs=lambda kw: _tf_cfg(kw)["vocab"])
+                input_high_for_kwargs=lambda kw: _tf_cfg(kw)["vocab"], params=660_992)
 def transformer(preset: str = "tiny", layers: int | None = None, d_model: int | None = None, heads: int | None = None,
                 seq_len: int | None = None, vocab: int | None = None, d_ff: int | None = None, dropout: float = 0.0) -> nn.Module:
     if preset not in TRANSFORMER_PRESETS:
@@ -299,7 +303,8 @@ class YoloTiny(nn.Module):
 
 
 @register_model("yolo", (1, 3, 416, 416), task="detection", description="YOLOv3-tiny-style detector (two heads, 80 classes)",
-                input_for_kwargs=lambda kw: (1, 3, int(kw.get("image_size", 416)), int(kw.get("image_size", 416))))
+                input_for_kwargs=lambda kw: (1, 3, int(kw.get("image_size", 416)), int(kw.get("image_size", 416))),
+                params=8_852_366)
 def yolo(num_classes: int = 80, anchors_per_scale: int = 3, width_mult: float = 1.0, image_size: int = 416) -> nn.Module:
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
