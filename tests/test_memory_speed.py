@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from netdiet.analysis import memory
+from netdiet.analysis import memory, scratch
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.meta_memo import MetaMemo
 from netdiet.analysis.optimizer_cost import price_step
@@ -170,3 +170,26 @@ def test_the_estimate_with_the_memo_is_the_estimate_without(monkeypatch, name, k
     fast = estimate_memory(model, x, optimizer=optimizer, **settings).to_dict()
     monkeypatch.setattr(memory, "META_MEMO", None)
     assert estimate_memory(model, x, optimizer=optimizer, **settings).to_dict() == fast
+
+
+def test_the_ops_the_tracker_asks_for_scratch_are_every_op_a_rule_reads():
+    # the tracker skips scratch.kernel_scratch for ops outside scratch_ops(): that must drop no call parse_call knows
+    ids = {id(f) for f in scratch.scratch_ops()}
+    seen = []
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    for name, x in (("resnet", torch.empty(2, 3, 32, 32, device="meta")),
+                    ("transformer", torch.zeros(2, 64, dtype=torch.long, device="meta"))):
+        model = create_model(name).to("meta")
+        with Calls():
+            out = model(x)
+            if name == "transformer":
+                q = torch.empty(2, 4, 16, 8, device="meta", requires_grad=True)
+                out = out.sum() + torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0].sum()
+            out.sum().backward()
+    recognised = {func for func, args in seen if scratch.parse_call(func, args) is not None}
+    assert len(recognised) >= 5 and all(id(f) in ids for f in recognised)   # conv fwd/bwd, addmm, mm, flash...

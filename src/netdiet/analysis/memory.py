@@ -238,8 +238,11 @@ class _CpuScratch:
         self.cap = cap
         self.unmodelled: dict[scratch.Unmodelled, int] = {}
         self.counting = True   # off while a step that is not reported runs (step 1 of a two-step simulation)
+        self.ops = {id(f) for f in scratch.scratch_ops()}   # the only ops with a rule (or a missing one)
 
     def __call__(self, func, args: tuple) -> int:
+        if id(func) not in self.ops:
+            return 0
         extra, missing = scratch.kernel_scratch(func, args, self.cap)
         if missing is not None and self.counting:
             self.unmodelled[missing] = self.unmodelled.get(missing, 0) + 1

@@ -242,6 +242,17 @@ def _as_tuple(v, n: int = 2) -> tuple[int, ...]:
     return (int(v),) * n
 
 
+def scratch_ops() -> tuple:
+    """Every aten overload parse_call recognises (any other op has no kernel scratch rule)."""
+    aten = torch.ops.aten
+    ops = [aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.bmm.default,
+           aten.addmm.default, aten.baddbmm.default]
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        if getattr(aten, name, None) is not None:
+            ops.append(getattr(aten, name).default)
+    return tuple(ops)
+
+
 def parse_call(func, args: tuple) -> tuple[str, Any] | None:
     """(op family, call) for the aten ops that have kernel scratch on CPU; None for every other op."""
     aten = torch.ops.aten
