@@ -19,13 +19,15 @@ Per rank (the largest rank where a dimension does not divide: DTensor shards lik
   * activations, from the single-device estimate's `module_activations` (what each module saved for backward):
     what a column-parallel projection saves is its input, which every rank holds whole (replicated); what the
     region saves between its input and output projections (attention core, activation function, the row-parallel
-    projection's input) is split by tp; modules after the row-parallel projection inside the region, and every
-    module outside regions, are replicated; with vocab-parallel the loss's log-softmax (tokens x vocab fp32) is split;
+    projection's input) is split by tp; a dropout on the region's output (GPT-2's resid_dropout), and every module
+    outside regions, are replicated; with vocab-parallel the loss's log-softmax (tokens x vocab) is split. Not
+    modelled: RoPE's cos/sin tables saved inside attention are counted as split (2 x seq x head_dim, once a model);
   * all-reduce messages per step (logical sizes, tokens x width x activation bytes): forward one per region (the
     row-parallel output) and one for the vocab-parallel embedding, plus loss_parallel's three per-token fp32
     reductions (max, sum of exp, target logit); backward one per region (the gradient of the region input) and one
     for the LM head input. This is Megatron's count with a fused QKV (torch's ColwiseParallel on separate q/k/v_proj
-    without a PrepareModuleInput at the region would all-reduce each projection's input gradient separately).
+    without a PrepareModuleInput at the region would all-reduce each projection's input gradient separately;
+    measure_split lifts the region input to one replicated DTensor, replicate_region_inputs, so it counts the same).
 
 `measure_split` is the check: the zoo transformer parallelized by torch's own `parallelize_module` over gloo on
 this machine, each rank's parameter bytes, saved-activation bytes, all-reduce messages and allocator peak measured.
@@ -45,7 +47,8 @@ from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.step import default_loss, storage_key
 from netdiet.errors import NetdietError
 from netdiet.launch import run_ranks
-from netdiet.models.zoo import transformer
+from netdiet.models.inputs import integer_range
+from netdiet.models.registry import create_model
 
 OUTSIDE = "(outside the model)"   # memory.py's name for what the loss (outside every module) saved
 _ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -73,7 +76,7 @@ class Region:
     row: str                   # full name of the row-parallel projection
     width_in: int              # features entering the region (the column-parallel input)
     width_out: int             # features leaving it (the row-parallel output)
-    after: list[str] = field(default_factory=list)   # children run after the row-parallel projection (replicated)
+    after: list[str] = field(default_factory=list)   # dropouts on the region's output (replicated)
     mha: bool = False          # nn.MultiheadAttention: projections are its own parameters
 
 
@@ -128,8 +131,12 @@ def find_regions(net: nn.Module) -> list[Region]:
                 feats = [_features(kids[c]) for c in cols] + [_features(kids[row])]
                 if any(f is None for f in feats):
                     continue
+                # modules are registered in any order (Llama's act_fn after down_proj, yet it runs before): only a
+                # dropout registered after the output projection and not on the attention probabilities (GPT-2's
+                # resid_dropout, mlp.dropout) is taken to run on the all-reduced output
                 order = list(kids)
-                after = [n for n in order[order.index(row) + 1:] if n not in cols]
+                after = [n for n in order[order.index(row) + 1:]
+                         if isinstance(kids[n], nn.Dropout) and "attn" not in n]
                 regions.append(Region(prefix, [_join(prefix, c) for c in cols], _join(prefix, row),
                                       feats[0][0], feats[-1][1], after=[_join(prefix, n) for n in after]))
                 break
@@ -390,6 +397,7 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
                                                         "replicated_params": 0})
             entry["all_reduce"] = entry.get("all_reduce", 0) + m["bytes"]
     total = sum(m["bytes"] for m in messages)
+    logits = (tokens or 0) * vocab * elem if head is not None else 0
     if not vocab_parallel and (emb is not None or head is not None):
         notes.append("token embedding and LM head replicated (vocab_parallel=False)")
     if regions and tp > 1:
@@ -405,6 +413,9 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
         "all_reduce_backward": sum(m["bytes"] for m in messages if m["phase"] == "backward"),
         "all_reduce_count": len(messages),
         "all_reduce_sent_per_rank": _ceil_div(2 * (tp - 1) * total, tp),   # ring all-reduce: 2 (tp-1)/tp x message
+        # one logits-sized tensor (the head's output; its gradient and the loss's log-softmax are as large): split
+        # by tp under vocab-parallel, which the step's transients at the loss scale with
+        "logits_bytes": logits, "logits_bytes_per_rank": _ceil_div(logits, tp) if vocab_parallel else logits,
         "messages": messages, "per_module": per_module, "notes": list(dict.fromkeys(notes)),
     }
 
@@ -504,21 +515,54 @@ def _saved_activation_bytes(run, exclude: set[int]) -> tuple[Any, int]:
     return out, sum(saved.values())
 
 
-def _measure_rank(rank: int, world: int, model_kw: dict, batch: int, seed: int, optimizer: str) -> dict:
+def replicate_region_inputs(net: nn.Module, mesh: Any) -> None:
+    """Make each region with several column-parallel projections (q/k/v, gate/up) take its input as one replicated
+    DTensor, so the projections' input gradients add up as one partial sum and are all-reduced once at the region
+    (Megatron's count; without it each projection's ColwiseParallel all-reduces its own). PrepareModuleInput does
+    this for a fixed call signature; the hook takes the hidden states positionally or as `hidden_states=`."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def lift(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.is_floating_point():
+            return DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+        return t
+
+    def hook(_mod, args, kwargs):
+        if args:
+            return (lift(args[0]),) + tuple(args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": lift(kwargs["hidden_states"])}
+        return None
+
+    mods = dict(net.named_modules())
+    for r in find_regions(net):
+        if len(r.cols) > 1 and not r.mha:
+            mods[r.name].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _measure_rank(rank: int, world: int, spec: str, model_kw: dict, batch: int, seq: int | None, seed: int,
+                  optimizer: str) -> dict:
     """One rank of measure_split (runs in a gloo process of launch.run_ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
     torch.manual_seed(seed)
-    net = transformer(**model_kw)
-    x = torch.randint(0, net.tok.num_embeddings, (batch, net.seq_len), generator=torch.Generator().manual_seed(seed))
+    net = create_model(spec, **model_kw)
+    length = int(seq or getattr(net, "seq_len", 0) or 64)
+    x = torch.randint(0, integer_range(net) or 2, (batch, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        reference = net(x)
+        reference = _logits(net(x))
     prepare_zoo_attention(net, world)
-    parallelize_module(net, init_device_mesh("cpu", (world,)), torch_plan(net))
+    mesh = init_device_mesh("cpu", (world,))
+    replicate_region_inputs(net, mesh)
+    parallelize_module(net, mesh, torch_plan(net))
     with torch.no_grad():
-        out = net(x)
+        out = _logits(net(x))
         full = out.full_tensor() if isinstance(out, DTensor) else out
     max_diff = float((full - reference).abs().max())
     del out, full, reference
@@ -542,16 +586,18 @@ def _measure_rank(rank: int, world: int, model_kw: dict, batch: int, seed: int, 
     # measure_memory's baseline counts DTensor parameters at their global size; a rank holds its local shards
     peak = measured["peak_measured"] - measured["baseline"] + param_bytes + x.numel() * x.element_size()
     return {"rank": rank, "param_bytes": param_bytes, "activations": activations, "peak_measured": int(peak),
-            "collectives": comms.log, "max_abs_diff_vs_unsharded": max_diff}
+            "collectives": comms.log, "max_abs_diff_vs_unsharded": max_diff, "input_shape": [batch, length]}
 
 
-def measure_split(model_kw: dict | None = None, batch: int = 2, tp: int = 2, *, seed: int = 0,
-                  optimizer: str = "adam") -> dict:
-    """The zoo transformer (`model_kw` for zoo.transformer) parallelized by torch.distributed.tensor.parallel on
-    `tp` gloo processes here, each rank measured: local parameter bytes, the bytes autograd saved in one forward +
-    loss (loss_parallel), the collectives of one forward + backward, the allocator peak of real training steps
-    (measurement.measure_memory), and the output's largest difference from the unsharded model."""
-    ranks = run_ranks(_measure_rank, (dict(model_kw or {}), int(batch), int(seed), optimizer), tp)
-    return {"tp": tp, "batch": batch, "model_kw": dict(model_kw or {}), "ranks": ranks,
+def measure_split(spec: str = "transformer", model_kw: dict | None = None, batch: int = 2, tp: int = 2, *,
+                  seq: int | None = None, seed: int = 0, optimizer: str = "adam") -> dict:
+    """`spec` (a zoo name or hf:FOLDER, built with `model_kw`; token ids batch x seq, seq defaulting to the zoo
+    model's seq_len, else 64) parallelized by torch.distributed.tensor.parallel on `tp` gloo processes here, each
+    rank measured: local parameter bytes, the bytes autograd saved in one forward + loss (loss_parallel), the
+    collectives of one forward + backward, the allocator peak of real training steps (measurement.measure_memory),
+    and the output's largest difference from the unsharded model."""
+    kw = dict(model_kw or {})
+    ranks = run_ranks(_measure_rank, (spec, kw, int(batch), seq, int(seed), optimizer), tp)
+    return {"tp": tp, "spec": spec, "model_kw": kw, "batch": batch, "ranks": ranks,
             "method": "torch.distributed.tensor.parallel.parallelize_module over gloo (CPU); saved-tensor hooks on "
                       "local shards; a dispatch mode under DTensor for the collectives; profiler allocator events"}
