@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -151,3 +152,13 @@ def test_layer_scaled_simulation_of_a_transformers_llama_equals_the_full_one(tmp
     for f in plan_mod._INT_FIELDS + ("phase_peaks", "peak_breakdown", "module_activations"):
         assert getattr(scaled, f) == getattr(full, f), f
     assert plan_mod.scale_counts(parts[0][1], parts[1][1], stack).operators == counted.operators
+
+
+def test_a_model_that_fits_nowhere_is_one_line_with_by_how_much(capsys):
+    # the 7B preset (6.7e9 parameters: 13.4 GB of bf16 weights alone) on one 16 GB TPU v5e chip
+    assert main(["plan", "transformer", "--model-kw", "preset=7b", "--devices", "tpu-v5e", "--no-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()       # the progress lines, then the one error line
+    assert [line for line in err if "error" in line] == err[-1:]
+    err = err[-1]
+    assert re.search(r"no layout of transformer fits 1x tpu-v5e \(14.90 GiB each\): the smallest per-rank peak is "
+                     r"[\d.]+ GiB \(ddp x1, micro-batch 1\), [\d.]+ GiB over", err), err
