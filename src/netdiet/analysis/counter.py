@@ -239,7 +239,7 @@ class _Counter:
         self.watched = watched or frozenset()
         self.calls: list[WatchedCall] = []   # the forward calls of watched modules, in order
         self.own_detaches: dict[str, list[int]] = {}   # group -> [detach calls of the forward itself, first index]
-        self.kinds: dict[Any, tuple[str, bool]] = {}   # func -> (operator name, costs nothing: a view or metadata)
+        self.kinds: dict[int, tuple[str, bool]] = {}   # id(func) -> (operator name, costs nothing: a view or metadata)
         self.rerouted: list[tuple[nn.Module, _MetaAttentionMode]] = []
         self.names: dict[int, str] = {}
         for name, mod in model.named_modules(remove_duplicate=True):
@@ -350,9 +350,9 @@ class _Counter:
 
     def record(self, func, args, kwargs, out) -> None:
         backward = torch._C._current_graph_task_id() != -1
-        kind = self.kinds.get(func)
+        kind = self.kinds.get(id(func))   # by id: OpOverload's __hash__ is Python; torch keeps overloads alive
         if kind is None:
-            kind = self.kinds[func] = (str(func.overloadpacket), is_free(func))
+            kind = self.kinds[id(func)] = (str(func.overloadpacket), is_free(func))
         if kind[1]:   # a view or metadata op: its count only, no owner to find (unless backward must fill one)
             if not backward:
                 self.tally.count_view(self.stack[-1] if self.stack else self.outside, kind[0], False)
@@ -412,7 +412,7 @@ class Pass:
     """A count with what it saw besides the totals: the tally (per group, see _Tally), the output shapes and
     the watched modules' calls. Made by count_pass, read by passes.py."""
 
-    counts: OpCounts
+    counts: OpCounts | None
     tally: Any
     output_shapes: dict[str, list | None]
     calls: list[WatchedCall]
@@ -484,8 +484,9 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
 
 
 def count_pass(model: nn.Module, args: tuple, train: bool, opt_key: str, loss: str, strict: bool = False,
-               watched: frozenset[str] | None = None) -> Pass:
-    """One counted forward (train=False) or training step, on `model` as given (see count_ops)."""
+               watched: frozenset[str] | None = None, build: bool = True) -> Pass:
+    """One counted forward (train=False) or training step, on `model` as given (see count_ops); without
+    `build`, the tally only (Pass.counts is None)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + [a for a in args if isinstance(a, torch.Tensor)])
     modes = [(m, m.training) for m in model.modules()]   # restored one by one: mixed modes are kept
@@ -546,7 +547,7 @@ def count_pass(model: nn.Module, args: tuple, train: bool, opt_key: str, loss: s
                     if n in saved_buffers:
                         b.copy_(saved_buffers[n])
     tally = counter.tally
-    counts = build_counts(model, tally.self_cost, tally.operators, tally.uncounted, counter.output_shapes,
+    counts = None if not build else build_counts(model, tally.self_cost, tally.operators, tally.uncounted, counter.output_shapes,
                           counter.formula_errors, train, opt_key, sum(p.numel() for p in trainable), notes)
     return Pass(counts, tally, counter.output_shapes, counter.calls, counter.formula_errors,
                 counter.own_detaches if on_meta and watched is not None else None)

@@ -5,6 +5,7 @@ build their results here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -106,6 +107,26 @@ def _ancestry(name: str) -> tuple[str, ...]:
     return chain
 
 
+def _subtree_parameter_sizes(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """id(module) -> (elements, bytes) of the distinct parameters of its subtree, as sum over mod.parameters()
+    gives them, for every module at once (one walk, each subtree's parameters collected from its children's)."""
+    params: dict[int, dict[int, Any]] = {}
+
+    def collect(mod: nn.Module) -> dict[int, Any]:
+        got = params.get(id(mod))
+        if got is None:
+            got = {id(p): p for p in mod._parameters.values() if p is not None}
+            for child in mod._modules.values():
+                if child is not None:
+                    got.update(collect(child))
+            params[id(mod)] = got
+        return got
+
+    collect(model)
+    return {key: (sum(p.numel() for p in ps.values()), sum(p.numel() * p.element_size() for p in ps.values()))
+            for key, ps in params.items()}
+
+
 def build_counts(model: nn.Module, self_cost: dict[str, list[int]], operators: dict[str, dict], uncounted: dict[str, int],
                  output_shapes: dict[str, list | None], formula_errors: dict[str, str], train: bool, opt_key: str,
                  n_trainable: int, notes: list[str] | None = None) -> OpCounts:
@@ -119,12 +140,13 @@ def build_counts(model: nn.Module, self_cost: dict[str, list[int]], operators: d
                 row[i] += acc[i]
 
     modules: list[ModuleCost] = []
+    sizes = _subtree_parameter_sizes(model)
     for name, mod in model.named_modules():
-        params = list(mod.parameters())
+        n_params, n_bytes = sizes[id(mod)]
         row = incl.get(name, [0, 0, 0, 0])
         modules.append(ModuleCost(
             name=name, type=type(mod).__name__, depth=0 if not name else name.count(".") + 1,
-            params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
+            params=n_params, param_bytes=n_bytes,
             macs=row[0], flops=row[1], backward_macs=row[2], backward_flops=row[3],
             output_shape=output_shapes.get(name)))
     if train:

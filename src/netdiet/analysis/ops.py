@@ -45,6 +45,10 @@ class OpCost:
                       self.bytes_read + other.bytes_read, self.bytes_written + other.bytes_written)
 
 
+# per-operator facts read once (keyed by id: OpOverload's __hash__ is Python, and torch keeps every overload alive)
+_ARG_NAMES: dict[int, tuple[str, ...]] = {}   # the schema's argument names
+
+
 @dataclass
 class OpCall:
     """One operator call as a formula sees it: arguments by schema name, plus the output."""
@@ -57,11 +61,13 @@ class OpCall:
 
     def _bind(self) -> dict:
         if self._bound is None:
-            bound: dict[str, Any] = {}
-            schema = getattr(self.func, "_schema", None)
-            names = [a.name for a in schema.arguments] if schema is not None else []
-            for i, value in enumerate(self.args):
-                bound[names[i] if i < len(names) else f"_{i}"] = value
+            names = _ARG_NAMES.get(id(self.func))
+            if names is None:
+                schema = getattr(self.func, "_schema", None)
+                names = _ARG_NAMES[id(self.func)] = tuple(a.name for a in schema.arguments) if schema is not None else ()
+            bound: dict[str, Any] = dict(zip(names, self.args))
+            for i in range(len(names), len(self.args)):
+                bound[f"_{i}"] = self.args[i]
             bound.update(self.kwargs)
             self._bound = bound
         return self._bound
@@ -91,12 +97,15 @@ class OpCall:
 
 
 def _flatten(x: Any) -> list:
-    if isinstance(x, (list, tuple)):
-        out: list = []
-        for item in x:
+    if not isinstance(x, (list, tuple)):
+        return [x]
+    out: list = []
+    for item in x:
+        if isinstance(item, (list, tuple)):
             out.extend(_flatten(item))
-        return out
-    return [x]
+        else:
+            out.append(item)
+    return out
 
 
 def prod(xs: Iterable[int]) -> int:
@@ -161,10 +170,15 @@ def op_cost(func: Any, args: tuple, kwargs: dict | None, out: Any) -> OpCost | N
         raise AssertionError(f"formula for {func} declares unit {formula.unit!r} but returned MACs")
     if formula.unit == "bytes" and cost.flops:
         raise AssertionError(f"formula for {func} declares unit 'bytes' but returned FLOPs")
-    if formula.unit == "flops" and cost.flops and not _any_floating(args, kwargs, out):
-        cost.flops = 0  # integer/bool arithmetic (step counters, index maths) is not floating-point work
+    inputs = None
+    if formula.unit == "flops" and cost.flops:
+        inputs = _flatten(list(args) + list((kwargs or {}).values()))
+        if not _any_floating_in(inputs + _flatten(out)):
+            cost.flops = 0  # integer/bool arithmetic (step counters, index maths) is not floating-point work
     if formula.moves_data and not (cost.bytes_read or cost.bytes_written):
-        cost.bytes_read = sum(_nbytes(t) for t in _flatten(list(args) + list((kwargs or {}).values())))
+        if inputs is None:
+            inputs = _flatten(list(args) + list((kwargs or {}).values()))
+        cost.bytes_read = sum(_nbytes(t) for t in inputs)
         cost.bytes_written = sum(_nbytes(t) for t in _flatten(_written(func, args, kwargs, out)))
     return cost
 
@@ -176,11 +190,11 @@ def is_free(func: Any) -> bool:
     return formula is not None and formula.fn is _view
 
 
-_WRITE_RULES: dict[Any, tuple[int | None, int | None]] = {}   # func -> (output_mask index, batch-norm training index)
+_WRITE_RULES: dict[int, tuple[int | None, int | None]] = {}   # id(func) -> (output_mask index, batch-norm training index)
 
 
 def _write_rule(func: Any) -> tuple[int | None, int | None]:
-    rule = _WRITE_RULES.get(func)
+    rule = _WRITE_RULES.get(id(func))
     if rule is None:
         schema = getattr(func, "_schema", None)
         names = [a.name for a in schema.arguments] if schema is not None else []
@@ -192,7 +206,7 @@ def _write_rule(func: Any) -> tuple[int | None, int | None]:
             bn = names.index("training")
         else:
             bn = None
-        rule = _WRITE_RULES[func] = (mask, bn)
+        rule = _WRITE_RULES[id(func)] = (mask, bn)
     return rule
 
 
@@ -214,8 +228,7 @@ def _written(func: Any, args: tuple, kwargs: dict | None, out: Any) -> Any:
     return out
 
 
-def _any_floating(args: tuple, kwargs: dict | None, out: Any) -> bool:
-    items = _flatten(list(args) + list((kwargs or {}).values())) + _flatten(out)
+def _any_floating_in(items: list) -> bool:
     return any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in items)
 
 

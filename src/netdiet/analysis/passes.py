@@ -48,7 +48,7 @@ def count_step(model: nn.Module, args: tuple, optimizer: str = "adam", loss: str
 
     def run(m: nn.Module, a: tuple, strict: bool) -> tuple[OpCounts, OpCounts | None, dict[str, Any]]:
         trained = count_pass(m, a, True, opt_key, loss, strict, watched=watched)
-        inference = derive_inference(m, trained, strict) if reason is None else None
+        inference = derive_inference(m, trained, strict, checked=True) if reason is None else None
         how = {"device": "meta" if strict or next(iter(m.parameters()), torch.empty(0)).device.type == "meta"
                else "real tensors",
                "inference_forward": "derived" if inference is not None else "separate pass",
@@ -87,12 +87,15 @@ def recounted_names(model: nn.Module) -> frozenset[str]:
     return frozenset(names[id(m)] for m in model.modules() if isinstance(m, RECOUNTED))
 
 
-def derive_inference(model: nn.Module, trained: Pass, strict: bool = False) -> OpCounts | None:
+def derive_inference(model: nn.Module, trained: Pass, strict: bool = False, checked: bool = False) -> OpCounts | None:
     """The eval-mode forward's OpCounts from a training pass made with watched=recounted_names(model) on this
-    `model` (the same object: a meta copy or the real one), or None when it cannot be derived exactly."""
-    if trained.formula_errors or trained.own_detaches is None or separate_pass_reason(model) is not None:
+    `model` (the same object: a meta copy or the real one), or None when it cannot be derived exactly.
+    `checked`: separate_pass_reason(model) is already known to be None."""
+    if trained.formula_errors or trained.own_detaches is None:
         return None
-    modules = dict(model.named_modules())
+    if not checked and separate_pass_reason(model) is not None:
+        return None
+    modules = dict(model.named_modules()) if trained.calls else {}
     tally = trained.tally
     self_cost = {owner: [acc[0], acc[1], 0, 0] for owner, acc in tally.self_cost.items()
                  if owner != LOSS and owner not in tally.watched}
@@ -117,7 +120,7 @@ def derive_inference(model: nn.Module, trained: Pass, strict: bool = False) -> O
         key = block_signature(mod, (x,))
         again = cache.get(key) if key is not None else None
         if again is None:
-            again = count_pass(mod, (x,), False, "none", "auto", strict)
+            again = count_pass(mod, (x,), False, "none", "auto", strict, build=False)
             if key is not None:
                 cache[key] = again
         if again.formula_errors:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -136,10 +137,46 @@ def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             empty = torch.empty(t.shape, dtype=dt, device="meta")
             memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     try:
-        return copy.deepcopy(model, memo)
+        return _deepcopy_module(model, memo)
     except Exception as exc:
         raise NetdietError(f"cannot copy the model to the meta device ({type(exc).__name__}: {exc}); "
                            "the model must be deep-copyable") from None
+
+
+_PLAIN_VALUES = (bool, int, float, str, type(None))
+
+
+def _deepcopy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """copy.deepcopy(mod, memo), done directly for modules that copy the default way (nn.Module's __getstate__,
+    no __deepcopy__ or __reduce__ of their own; the state goes through the class's __setstate__ as deepcopy does):
+    children recursively, parameters and buffers from `memo`, empty hook dicts and plain values made directly,
+    every other attribute by copy.deepcopy with the same memo (so sharing is kept as deepcopy keeps it). Any other
+    module: copy.deepcopy itself."""
+    hit = memo.get(id(mod))
+    if hit is not None:
+        return hit
+    cls = type(mod)
+    if (cls.__getstate__ is not nn.Module.__getstate__ or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
+            or hasattr(cls, "__deepcopy__") or any("__slots__" in c.__dict__ for c in cls.__mro__)):
+        return copy.deepcopy(mod, memo)
+    new = cls.__new__(cls)
+    memo[id(mod)] = new
+    state: dict[str, Any] = {}
+    for key, value in mod.__dict__.items():
+        kind = type(value)
+        if key == "_modules" and kind is dict:
+            state[key] = {n: None if c is None else _deepcopy_module(c, memo) for n, c in value.items()}
+        elif key in ("_parameters", "_buffers") and kind is dict and all(id(t) in memo for t in value.values()
+                                                                          if t is not None):
+            state[key] = {n: None if t is None else memo[id(t)] for n, t in value.items()}
+        elif kind in (dict, OrderedDict, set) and not value:
+            state[key] = kind()
+        elif kind in _PLAIN_VALUES:
+            state[key] = value
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
 
 
 def model_device(model: nn.Module) -> torch.device:
