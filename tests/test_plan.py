@@ -106,6 +106,8 @@ def test_bad_input_is_one_line(capsys):
     assert "global batch 3 is not divisible by any data-parallel degree" in err and len(err.splitlines()) == 1
     assert main(["plan", "transformer", "--devices", "4xh100", "--strategies", "ddp,foo"]) == 2
     assert "unknown strategy 'foo'" in capsys.readouterr().err
+    assert main(["plan", "resnet", "--devices", "2xh100", "--seq-len", "100"]) == 2
+    assert "resnet does not take token ids: drop --seq-len" in capsys.readouterr().err
 
 
 def test_cli_plan_writes_a_validated_document(tmp_path, capsys):

@@ -330,6 +330,9 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
     with contextlib.ExitStack() as stack:
         x1 = stack.enter_context(structured_forward(net, call.args, call.kwargs))
         unit, tokens = _samples_unit(x1)
+        if seq_len is not None and unit != "tokens":
+            raise NetdietError(f"--seq-len sets the length of a language model's token ids (batch x tokens); "
+                               f"{spec or info.get('class')} does not take token ids: drop --seq-len")
         cache: dict[int, tuple] = {}
 
         def inputs_at(mb: int) -> tuple:

@@ -123,8 +123,8 @@ def project_step(counts: Any, section: dict, device: Device, *, dtype: str, micr
     optimizer_s = max(opt_flops / peak, opt_bytes / bw)
     opt_bound = "compute_s" if opt_flops / peak >= opt_bytes / bw else "memory_s"
 
-    nodes_per_dp = dp > max(1, device.devices_per_node // tp)   # does a data-parallel group leave its node?
-    dp_kind, dp_bw = device.link(nodes_per_dp)
+    dp_spans_nodes = dp > max(1, device.devices_per_node // tp)   # does a data-parallel group leave its node?
+    dp_kind, dp_bw = device.link(dp_spans_nodes)
     tp_kind, tp_bw = device.link(tp > device.devices_per_node)
     msgs = (section.get("collectives") or {}).get("messages") or {}
     ar, ag, rs = (float(msgs.get(k, 0) or 0) for k in ("all_reduce", "all_gather", "reduce_scatter"))
