@@ -21,7 +21,12 @@ heads, vocab 32000, seq 4096, 64 GPUs = 8 nodes x 8, and tensor parallel 8). Mic
   5 a s / (h t)) with tensor parallel t (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", Eq. 1-2); parameters 12 L h^2 + V h (GPT-style closed form; the exact count is also shown).
 
-Writes benchmarks/results/distributed_formulas.json and prints a table. Nothing is allocated: meta device.
+The check on the tensor-parallel split (`measured_tp`, skipped with --no-measure): torch's own tensor parallelism
+(parallelize_module, loss_parallel) on 2 gloo processes here, for the tiny zoo transformer and a 2-layer Llama with
+grouped KV heads, each rank's parameters, saved activations, all-reduce bytes and allocator peak beside the split
+and parallel.per_rank's per-rank peak.
+
+Writes benchmarks/results/distributed_formulas.json and prints tables. The formula rows allocate nothing (meta).
 """
 from __future__ import annotations
 
@@ -37,8 +42,10 @@ import torch
 
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.parallel import Layout, per_rank
-from netdiet.analysis.tensor_parallel import split
+from netdiet.analysis.tensor_parallel import measure_split, split
 from netdiet.fileio import atomic_write_json
+from netdiet.models.inputs import integer_range
+from netdiet.models.registry import create_model
 from netdiet.units import format_bytes
 
 SHAPES = {
@@ -158,6 +165,52 @@ def run_shape(name: str, spec: dict, ds_python: str | None) -> dict:
     }
 
 
+def measured_tp() -> dict:
+    """The split beside torch's own tensor parallelism on 2 gloo processes (real tensors, this CPU)."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64,
+                    architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+        cases = {"zoo transformer tiny, batch 2 x 64": ("transformer", {"preset": "tiny"}, 2, 64),
+                 "Llama 2 layers, 4 heads / 2 KV, batch 2 x 32": (f"hf:{folder}", {}, 2, 32)}
+        for name, (spec, kw, b, seq) in cases.items():
+            torch.manual_seed(0)
+            net = create_model(spec, **kw)
+            x = (torch.randint(0, integer_range(net), (b, seq)),)
+            est = estimate_memory(net, x, optimizer="adam")
+            s = split(net, 2, est)
+            composed = per_rank(Layout("tp", 2, 2), net, x, mem_kw={"optimizer": "adam"}, estimate=est)["per_rank"]
+            ranks = measure_split(spec, kw, batch=b, tp=2, seq=seq)["ranks"]
+            out[name] = {
+                "estimated": {"params": s["params_per_rank"], "activations": s["activations_per_rank"],
+                              "all_reduce": s["all_reduce_bytes_per_step"], "peak": composed["peak_estimated"],
+                              "single_device_peak": est.peak_estimated},
+                "measured": [{"params": r["param_bytes"], "activations": r["activations"],
+                              "all_reduce": sum(c["bytes"] for c in r["collectives"] if c["kind"] == "all_reduce"),
+                              "peak": r["peak_measured"], "max_abs_diff": r["max_abs_diff_vs_unsharded"]}
+                             for r in ranks]}
+    return out
+
+
+def measured_table(measured: dict) -> str:
+    rows = ["| model (tp 2) | params / rank | activations / rank | all-reduce / step | peak / rank |",
+            "|---|---|---|---|---|"]
+    for name, r in measured.items():
+        e, ms = r["estimated"], r["measured"]
+
+        def cell(key: str) -> str:
+            got = sorted({m[key] for m in ms})
+            spread = " / ".join(str(g) for g in got)
+            return f"{e[key]} est · {spread} measured ({(max(got) / e[key] - 1) * 100:+.1f} %)"
+        rows.append(f"| {name} | {cell('params')} | {cell('activations')} | {cell('all_reduce')} | {cell('peak')} |")
+    return "\n".join(rows)
+
+
 def table(results: dict) -> str:
     rows = ["| model · layout | netdiet model states | DeepSpeed | transformer-math | netdiet activations (of which "
             "bf16 weight copies) | Korthikanti activations | netdiet peak |", "|---|---|---|---|---|---|---|"]
@@ -184,14 +237,18 @@ def main() -> None:
     ap.add_argument("--deepspeed-python", default="/tmp/ds/bin/python",
                     help="a python with deepspeed and accelerate installed ('' to use their published formulas)")
     ap.add_argument("--quick", action="store_true", help="a tiny Llama shape only (seconds; not written)")
+    ap.add_argument("--no-measure", action="store_true", help="skip the measured tensor-parallel check")
     args = ap.parse_args()
     ds_python = args.deepspeed_python if args.deepspeed_python and Path(args.deepspeed_python).exists() else None
     shapes = QUICK if args.quick else SHAPES
     results = {name: run_shape(name, spec, ds_python) for name, spec in shapes.items()}
     print(table(results))
+    measured = {} if args.no_measure else measured_tp()
+    if measured:
+        print(measured_table(measured))
     if not args.quick:
         out = Path(__file__).parent / "results" / "distributed_formulas.json"
-        atomic_write_json(out, {"benchmark": "distributed_formulas", "results": results,
+        atomic_write_json(out, {"benchmark": "distributed_formulas", "results": results, "measured_tp": measured,
                                 "torch": torch.__version__, "python": sys.version.split()[0]})
         print(f"wrote {out}")
 

@@ -71,6 +71,20 @@ def test_activation_split_under_autocast_splits_the_weight_copies():
     assert s["activation_bytes_per_element"] == 2 and s["all_reduce_bytes_per_step"] == 6 * 128 + 96
 
 
+def test_split_of_a_checkpointed_estimate():
+    net = transformer(layers=2, d_model=8, heads=4, seq_len=4, vocab=16)
+    est = estimate_memory(net, torch.randint(0, 16, (2, 4)), checkpointing=True)
+    # checkpointing keeps each block's input (8 tokens x 8 x 4 B = 256) and nothing inside the regions, so the
+    # tokens come from the loss: log_softmax 8 x 16 x 4 + targets 8 x 8 + weight 4 = 580 -> 8 tokens
+    assert est.module_activations == {"(outside the model)": 580, "ln_f": 320, "blocks.0": 256, "blocks.1": 256,
+                                      "head": 256, "pos": 32}
+    s = split(net, 2, est)
+    # per rank: log_softmax 512 / 2 + 68, everything else whole: 324 + 320 + 2 x 256 + 256 + 32
+    assert s["tokens"] == 8 and s["activations_per_rank"] == 1444
+    # 4 regions: forward 4 + embedding, backward 4 + head, 256 B each, + loss_parallel 96
+    assert s["all_reduce_bytes_per_step"] == 10 * 256 + 96
+
+
 def test_all_reduce_bytes_equal_hand_count(tiny):
     net, est = tiny
     s = split(net, 2, est)

@@ -288,16 +288,24 @@ def _weight_cast(mod: nn.Module | None, estimate: Any) -> int:
     return w.numel() * 2
 
 
-def _tokens_from(estimate: Any, regions: list[Region], net: nn.Module) -> int | None:
-    """Tokens (batch x sequence) of the estimate's step, from what a row-parallel projection saved (its input)."""
+def _tokens_from(estimate: Any, regions: list[Region], net: nn.Module, head: str | None, vocab: int) -> int | None:
+    """Tokens (batch x sequence) of the estimate's step: from what a row-parallel projection saved (its input),
+    else (checkpointing keeps only block inputs) the default loss's saved log-softmax, int64 targets and fp32 weight
+    (tokens x (vocab x bytes + 8) + 4) or a checkpointed block's input (tokens x width)."""
     acts = getattr(estimate, "module_activations", None) or {}
     mods = dict(net.named_modules())
     elem = _act_elem(estimate)
-    for r in regions:
-        n = acts.get(r.row, 0) - _weight_cast(mods.get(r.row), estimate)
-        feats = _features(mods[r.row]) if r.row in mods else None
-        if n > 0 and feats and n % (feats[0] * elem) == 0:
-            return n // (feats[0] * elem)
+    candidates = [(acts.get(r.row, 0) - _weight_cast(mods.get(r.row), estimate), feats[0] * elem)
+                  for r in regions if (feats := _features(mods[r.row]) if r.row in mods else None)]
+    if head is not None and vocab:
+        loss_elem = 4 if getattr(estimate, "amp", False) else elem
+        candidates.append((acts.get(OUTSIDE, 0) - 4, vocab * loss_elem + 8))
+    width = regions[0].width_in if regions else 0
+    stream = _ELEM.get(getattr(estimate, "dtype", "fp32"), 4)   # the residual stream keeps the model's dtype
+    candidates += [(acts.get(b, 0), width * stream) for b in getattr(estimate, "checkpointed_blocks", None) or []]
+    for n, per_token in candidates:
+        if n > 0 and per_token and n % per_token == 0:
+            return n // per_token
     return None
 
 
@@ -349,7 +357,7 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
     # ---------------------------------------------------------------- activations and messages
     elem = _act_elem(estimate)
     if tokens is None and estimate is not None:
-        tokens = _tokens_from(estimate, regions, net)
+        tokens = _tokens_from(estimate, regions, net, head, vocab)
     act_rules = _activation_rules(net, regions, head if vocab_parallel else None)
     acts = dict(getattr(estimate, "module_activations", None) or {})
     mods = dict(net.named_modules())
