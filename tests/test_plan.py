@@ -106,6 +106,10 @@ def test_bad_input_is_one_line(capsys):
     assert "global batch 3 is not divisible by any data-parallel degree" in err and len(err.splitlines()) == 1
     assert main(["plan", "transformer", "--devices", "4xh100", "--strategies", "ddp,foo"]) == 2
     assert "unknown strategy 'foo'" in capsys.readouterr().err
+    assert main(["plan", "transformer", "--devices", "8xh100", "--micro-batch", "3", "--no-checkpointing"]) == 2
+    assert "no --micro-batch 3 divides a per-rank batch of global batch 8" in capsys.readouterr().err
+    with pytest.raises(NetdietError, match="micro-batches must be positive integers"):
+        plan_mod.plan("transformer", "2xh100", micro_batch=[0])
     assert main(["plan", "resnet", "--devices", "2xh100", "--seq-len", "100"]) == 2
     assert "resnet does not take token ids: drop --seq-len" in capsys.readouterr().err
 

@@ -306,6 +306,8 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
     if global_batch is not None and (isinstance(global_batch, bool) or int(global_batch) < 1):
         raise NetdietError(f"--global-batch must be a positive integer, got {global_batch}")
     strategies = tuple(strategies or DP_STRATEGIES)
+    if micro_batch is not None and (not micro_batch or any(isinstance(m, bool) or int(m) < 1 for m in micro_batch)):
+        raise NetdietError(f"micro-batches must be positive integers, got {micro_batch}; e.g. --micro-batch 1,2,4")
     dtype = normalise_dtype(dtype) or "fp32"
     unknown = [s for s in strategies if s not in DP_STRATEGIES]
     if unknown:
@@ -349,7 +351,7 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
             raise NetdietError(f"global batch {batch} is not divisible by any data-parallel degree of the layouts "
                                f"on {world} devices ({', '.join(map(str, dps))}); use a multiple of one, "
                                f"e.g. --global-batch {step * max(1, round(batch / step))}")
-        ckpts = _checkpoint_settings(sim, checkpointing, inputs_at, log)
+        ckpts = _checkpoint_settings(sim, checkpointing)
         rows, skipped = [], []
         unavailable: dict[tuple[str, bool], str] = {}
         for lay in candidates:
@@ -387,7 +389,12 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
                                       f"exceeds {format_bytes(device.memory_bytes)} by "
                                       f"{format_bytes(best['peak'] - device.memory_bytes)}"})
     infeasible += skipped
-    if not feasible and rows:
+    if not rows:
+        raise NetdietError(next(iter(unavailable.values())) if unavailable else
+                           f"no --micro-batch {','.join(map(str, micro_batch or []))} divides a per-rank batch of "
+                           f"global batch {batch} over the data-parallel degrees {', '.join(map(str, dps))}; "
+                           "give micro-batches that divide it")
+    if not feasible:
         best = min(rows, key=lambda r: r["peak"])
         raise NetdietError(
             f"no layout of {info.get('spec') or info.get('class')} fits {world}x {device.name} "
@@ -408,7 +415,6 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
         "tp_degrees": tps, "checkpointing": list(ckpts),
         "ranked": feasible, "infeasible": infeasible,
         "unavailable": [{"layout": name, "checkpointing": ckpt, "why": why} for (name, ckpt), why in unavailable.items()],
-        "best": feasible[0] if feasible else None,
         "simulation": {"distinct": len(sim.estimates), "runs": sim.simulations,
                        "method": (f"layer-scaled: {stack_info.length} identical blocks of '{stack_info.prefix}' "
                                   "simulated with 2 and 3 blocks, checked against 4" if stack_info
@@ -422,7 +428,7 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
     return PlanResult(doc)
 
 
-def _checkpoint_settings(sim: Simulator, wanted: tuple[bool, ...], inputs_at, log) -> tuple[bool, ...]:
+def _checkpoint_settings(sim: Simulator, wanted: tuple[bool, ...]) -> tuple[bool, ...]:
     """The checkpointing settings to sweep; `on` is dropped (with a note) for a model it does not apply to."""
     out = []
     for ckpt in dict.fromkeys(bool(c) for c in wanted):
