@@ -87,28 +87,53 @@ def _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
             "device": "cuda"}
 
 
-def _allocator_events(prof) -> list[tuple[int, int]]:
+def _allocator_events(prof, collectives: bool = False) -> list[tuple[int, int]]:
     """(time, +bytes / -bytes) of every CPU allocation made inside the profiling session and of its free.
 
     Frees of blocks allocated before the session (e.g. garbage of earlier work collected now) are left out:
     their allocation is not in the session, so counting their free would lower the running total.
+
+    The profiler sees allocator calls only on the threads it follows. A block whose last reference dies on a
+    thread it does not follow (a gloo worker finishing a collective) has no free event: when its address is handed
+    out again, it was freed before that. With `collectives`, a block allocated inside a collective (a c10d:: or
+    gloo: op: the backend's flat copies) that has no free event is taken as freed when that op ends.
     """
     from torch._C._profiler import _EventType
 
     raw: list[tuple[int, int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    scope_end: dict[int, int] = {}   # index in raw -> end of the enclosing collective op
+    stack = [(node, None) for node in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
+        node, coll_end = stack.pop()
         if node.tag == _EventType.Allocation:
             ef = node.extra_fields
             if ef.device.type == "cpu":
+                if coll_end is not None and ef.alloc_size > 0:
+                    scope_end[len(raw)] = coll_end
                 raw.append((node.start_time_ns, ef.ptr, ef.alloc_size))
-        stack.extend(node.children)
+        elif collectives and coll_end is None and node.name.startswith(("c10d::", "gloo:")):
+            coll_end = node.end_time_ns
+        stack.extend((child, coll_end) for child in node.children)
+    if scope_end:
+        unfreed: dict[int, int] = {}   # address -> index of its allocation not yet freed
+        orphans = []
+        for i in sorted(range(len(raw)), key=lambda k: raw[k][0]):
+            ptr, n = raw[i][1], raw[i][2]
+            if n > 0:
+                if ptr in unfreed:
+                    orphans.append(unfreed[ptr])
+                unfreed[ptr] = i
+            else:
+                unfreed.pop(ptr, None)
+        orphans += unfreed.values()
+        raw += [(scope_end[i], raw[i][1], -raw[i][2]) for i in orphans if i in scope_end]
     raw.sort(key=lambda ev: ev[0])
     live: dict[int, int] = {}
     events = []
     for t, ptr, n in raw:
         if n > 0:
+            if ptr in live:   # reused: its free happened where the profiler does not look
+                events.append((t, -live.pop(ptr)))
             live[ptr] = n
             events.append((t, n))
         elif ptr in live:
@@ -213,11 +238,12 @@ def cpu_allocation_peak():
     out["live"] = sum(n for _, n in events)    # allocated inside the block and still held at its end
 
 
-def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None]) -> dict[str, int]:
+def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None], collectives: bool = False) -> dict[str, int]:
     """Run `run(region)` under the profiler's CPU allocator events; every `with region(name):` block gets the peak
     of the running allocation total inside it, counted from the session's start (so what `run` builds inside the
     session — a model copy, its wrappers — is in the total; allocations made before the session, and their frees,
-    are not). Used by the per-rank measurement of parallel_measure.py."""
+    are not). With `collectives`, a collective's temporaries freed on a backend thread count as freed when the
+    collective ends (see _allocator_events). Used by the per-rank measurement of parallel_measure.py."""
     import gc
 
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -226,5 +252,5 @@ def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None]) -> dict[str, i
     gc.collect()  # garbage of earlier work must not be freed inside the session
     with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run(lambda name: record_function(prefix + name))
-    events = _allocator_events(prof)
+    events = _allocator_events(prof, collectives)
     return {name: _peak_in(events, start, end)[0] for name, (start, end) in _annotations(prof, prefix).items()}

@@ -244,49 +244,47 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
         g_at_b = G
         notes.append("the gradients alive at the single-device backward peak are not recorded (its peak is in "
                      f"{estimate.peak_phase or 'an unknown phase'}); all of them are assumed there (an upper bound)")
+    outputs = int(bd.get("outputs", 0))
     acts = int(estimate.activations)
     act_cut = int(acts * (1.0 - act_scale)) if tp_split is not None else 0
-    # what one device holds in each phase beyond the model states
-    rest_f = pf - W - S - act_cut
+    fixed = int(estimate.buffers) + int(estimate.inputs)
+    # the optimizer's own temporaries (single-tensor Adam: sqrt and div of one parameter at a time) shrink with
+    # the largest parameter each rank updates
+    temps_o = max(0, po - W - S - G - fixed - outputs)
+    if shard_state and n > 1:
+        temps_o = int(temps_o * _largest_shard_ratio(net, n))
+    rest_f = pf - W - S - act_cut       # forward: no gradients exist yet (zero_grad set them to None)
     rest_b = pb - W - S - g_at_b - act_cut
-    rest_o = po - W - S - G
 
-    buffers = {"forward": 0, "backward": 0, "optimizer": 0}
-    buffer_notes: dict[str, int] = {}
-    block_units = [u for u in units if u.name != ROOT]
-    root = next((u for u in units if u.name == ROOT), _UnitBytes(ROOT))
-    biggest = max((u.padded for u in block_units), default=0)
-    biggest_grad = max((u.grad_padded for u in block_units), default=0)
+    buffers: dict[str, int] = {}
     if n > 1 and layout.strategy in ("ddp", "tp"):
-        # DDP's reducer: flat bucket copies of every gradient, allocated once, alive in every phase
-        buckets = full_g
-        for k in buffers:
-            buffers[k] += buckets
-        buffer_notes["gradient_buckets"] = buckets
+        buffers["gradient_buckets"] = full_g   # DDP's reducer: flat copies of every gradient, alive in every phase
     if layout.strategy in ("zero1", "zero2") and n > 1:
         # DeepSpeed stage 1/2: gradients are reduced through one flat bucket of reduce_bucket_size elements
         elt = _elt(next((p for p in net.parameters() if p.is_floating_point()), torch.empty(())), dtype)
-        bucket = min(full_g, ZERO_REDUCE_BUCKET_ELEMENTS * elt)
-        buffers["backward"] += bucket
-        buffer_notes["reduce_bucket"] = bucket
-    if shard_param and n > 1:
-        # root's unsharded parameters live from the first forward to the end of its backward; one block's in
-        # forward, two in backward (the current and the prefetched), plus the block's unsharded gradients
-        buffers["forward"] += root.padded + biggest
-        buffers["backward"] += root.padded + 2 * biggest + biggest_grad
-        buffer_notes.update({"root_unsharded": root.padded, "block_unsharded": biggest,
-                             "block_unsharded_gradients": biggest_grad})
-    g_b_rank = int(g_at_b * (g_rank / full_g)) if full_g else 0
+        buffers["reduce_bucket"] = min(full_g, ZERO_REDUCE_BUCKET_ELEMENTS * elt)
+    always = buffers.get("gradient_buckets", 0)
     phase_rank = {
-        "forward": rest_f + w_rank + s_rank + buffers["forward"],
-        "backward": rest_b + w_rank + s_rank + g_b_rank + buffers["backward"],
-        "optimizer": rest_o + w_rank + s_rank + g_rank + buffers["optimizer"],
+        "forward": rest_f + w_rank + s_rank + always,
+        "backward": rest_b + w_rank + s_rank + g_at_b * (g_rank / full_g if full_g else 0) + always
+        + buffers.get("reduce_bucket", 0),
+        "optimizer": fixed + outputs + w_rank + s_rank + g_rank + temps_o + always,
     }
+    phase_buffers = {k: always + (buffers.get("reduce_bucket", 0) if k == "backward" else 0) for k in phase_rank}
+    if shard_param and n > 1:
+        fsdp = _fsdp_timeline(units, net, estimate, base=fixed + w_rank + s_rank, outputs=outputs,
+                              copies=0 if layout.device not in (None, "cpu") else 1,
+                              single=(phase_rank["forward"], phase_rank["backward"],
+                                      "start" if g_at_b == 0 else "end" if g_at_b >= G else "mid"))
+        for k in ("forward", "backward"):
+            phase_rank[k], phase_buffers[k] = fsdp[k]
+        buffers.update(fsdp["buffers"])
+    phase_rank = {k: int(v) for k, v in phase_rank.items()}
     peak_phase = max(phase_rank, key=lambda k: phase_rank[k])
-    comm_buffers = buffers[peak_phase]
-    temporaries = phase_rank[peak_phase] - w_rank - s_rank - comm_buffers - (acts - act_cut) - \
-        int(estimate.buffers) - int(estimate.inputs) - (g_b_rank if peak_phase == "backward" else
-                                                         g_rank if peak_phase == "optimizer" else 0)
+    comm_buffers = int(phase_buffers[peak_phase])
+    g_held = {"forward": 0, "backward": int(g_at_b * (g_rank / full_g)) if full_g else 0, "optimizer": g_rank}
+    temporaries = (phase_rank[peak_phase] - w_rank - s_rank - comm_buffers - (acts - act_cut) - fixed
+                   - g_held[peak_phase])
 
     collectives = _collectives(layout, units, n, tp, tp_all_reduce, shard_param, shard_state)
     if layout.strategy in ("zero1", "zero2", "zero3"):
@@ -305,12 +303,90 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
         },
         "peak_phase": peak_phase,
         "phase_peaks": {k: int(v) for k, v in phase_rank.items()},
-        "buffers": {k: int(v) for k, v in buffer_notes.items()},
+        "buffers": {k: int(v) for k, v in buffers.items()},
         "single_device": {"weights": W, "gradients": G, "optimizer_state": S, "activations": acts,
                           "communication_buffers": 0, "temporaries": int(estimate.temporaries), "peak_estimated": peak},
         "collectives": collectives,
         "notes": notes,
     }
+
+
+def _largest_shard_ratio(net: nn.Module, n: int) -> float:
+    """Largest trainable parameter shard / largest trainable parameter (elements)."""
+    sizes = [(p.numel(), shard_numel(p.shape, n)) for p in net.parameters() if p.requires_grad]
+    if not sizes:
+        return 1.0
+    return max(s for _, s in sizes) / max(f for f, _ in sizes)
+
+
+def _acts_before(net: nn.Module, module_acts: dict[str, int]) -> dict[str, int]:
+    """Unit name -> activation bytes saved by the modules defined before it (definition order stands in for the
+    forward order), i.e. what is still saved when that unit runs (forward) or finishes (backward)."""
+    order = {name: i for i, (name, _) in enumerate(net.named_modules())}
+    out = {}
+    for name, _ in fsdp_units(net):
+        at = order.get(name, 0)
+        out[name or ROOT] = 0 if not name else sum(
+            v for m, v in module_acts.items() if m in order and order[m] < at and not _inside(m, name))
+    return out
+
+
+def _inside(module: str, unit: str) -> bool:
+    return module == unit or module.startswith(unit + ".")
+
+
+def _fsdp_timeline(units: list[_UnitBytes], net: nn.Module, estimate: Any, *, base: int, outputs: int, copies: int,
+                   single: tuple[int, int, bool]) -> dict[str, Any]:
+    """FSDP2's forward and backward peaks on one rank, walking its units in execution order.
+
+    Forward: the root unshards first and keeps its parameters to the end of backward; each block's all-gather
+    output stays alive until the next unit's copy-out (torch's implicit-prefetch overlap), so unsharding unit u
+    holds the previous unit's flat output, u's flat output and u's unsharded parameters (or, inside gloo, a flat
+    copy of the same size). Backward (reverse order): unit u's pre-backward prefetches the next unit's all-gather;
+    at u's post-backward its parameters are resharded, a flat reduce-scatter input is filled from its unsharded
+    gradients (then freed), the reduce-scatter output (the sharded gradient) is allocated and gloo clones the
+    input (`copies`); the root's gradients stay unsharded until the root reduces last. Each candidate moment adds
+    the sharded states (`base`), the step's outputs, the activations still saved there and the sharded gradients
+    already reduced; `single` is the single-device forward / backward peak rebuilt with sharded states, and where
+    in backward that peak was (start: no gradient yet, mid, end: all gradients)."""
+    blocks = [u for u in units if u.name != ROOT]
+    root = next((u for u in units if u.name == ROOT), _UnitBytes(ROOT))
+    before = _acts_before(net, dict(estimate.module_activations or {}))
+    r, rg = root.padded, root.grad_padded
+    big = max((u.padded for u in blocks), default=0)
+    # forward: the end (only the root unsharded) or the unshard of each unit
+    fwd = [(single[0] + r, r)]
+    order = [root] + blocks
+    for i, u in enumerate(order):
+        prev = order[i - 1].padded if i else 0
+        held = (r if u is not root else 0) + prev + 2 * u.padded
+        fwd.append((base + before.get(u.name, 0) + held, held))
+    # backward: the single-device peak moment (before any gradient: the root's parameters are unsharded; amid
+    # the gradients: a block, its prefetched neighbour and their unsharded gradients too; after the last
+    # gradient: everything is sharded again), then each unit's compute and reduce-scatter
+    big_grad = max((u.grad_padded for u in blocks), default=0)
+    extra = {"start": r, "mid": r + rg + 2 * big + big_grad, "end": 0}[single[2]]
+    bwd = [(single[1] + extra, extra)]
+    done = 0
+    rev = blocks[::-1]
+    for j, u in enumerate(rev):
+        nxt = rev[j + 1].padded if j + 1 < len(rev) else 0
+        own = sum(v for m, v in (estimate.module_activations or {}).items() if _inside(m, u.name))
+        live = base + outputs + before.get(u.name, 0) + done
+        held = r + rg + nxt + u.padded + u.grad_padded
+        bwd.append((live + own + held, held))
+        reduce = r + rg + nxt + u.grad_padded + max(u.grad_padded, u.grad_shard + copies * u.grad_padded)
+        bwd.append((live + reduce, reduce))
+        done += u.grad_shard
+    if rg:
+        reduce = rg + max(rg, root.grad_shard + copies * rg)
+        bwd.append((base + outputs + done + reduce, reduce))
+    f = max(fwd, key=lambda c: c[0])
+    b = max(bwd, key=lambda c: c[0])
+    return {"forward": f, "backward": b,
+            "buffers": {"root_unsharded": r, "largest_block_unsharded": big,
+                        "largest_block_gradients": big_grad,
+                        "collective_copies": copies}}
 
 
 def _collectives(layout: Layout, units: list[_UnitBytes], n: int, tp: int, tp_all_reduce: int, shard_param: bool,

@@ -58,6 +58,7 @@ def measure_layout(layout: Layout, net: nn.Module, x_micro: Any, *, mem_kw: dict
     return {"strategy": layout.strategy, "world_size": layout.world_size, "steps": steps,
             "peaks": [r["peak"] for r in results], "step_peaks": [r["step_peaks"] for r in results],
             "collectives": [r["collectives"] for r in results],
+            "phase_peaks": [r["phase_peaks"] for r in results],
             "method": "each rank: torch.profiler CPU allocator events (profile_memory=True) from before its model copy "
                       "is built to the end of its steps; peak of steps 2+"}
 
@@ -140,11 +141,23 @@ def _rank_step(rank: int, world: int, strategy: str, net: nn.Module, x: tuple, o
         amp_ctx = lambda: real_autocast(opts["amp"], torch.device("cpu"))  # noqa: E731
         for step in range(steps):
             recorder.start_step()
-            with region(str(step)):
-                train_step(wrapped, inputs, opt, amp_ctx, default_loss, lambda _p: None)
+            open_phase: list = []
 
-    peaks = cpu_region_peaks(run)
+            def marks(phase: str, _step: int = step) -> None:
+                if open_phase:
+                    open_phase.pop().__exit__(None, None, None)
+                if phase != "end":
+                    ctx = region(f"{_step}:{phase}")
+                    ctx.__enter__()
+                    open_phase.append(ctx)
+            with region(str(step)):
+                train_step(wrapped, inputs, opt, amp_ctx, default_loss, marks)
+
+    peaks = cpu_region_peaks(run, collectives=True)
     step_peaks = [int(peaks[str(s)]) for s in range(steps)]
+    phase_peaks = {ph: max(int(peaks.get(f"{s}:{ph}", 0)) for s in range(1, steps))
+                   for ph in ("forward", "backward", "optimizer")}
     steady = recorder.per_step[1:]
     collectives = {k: max(s[k] for s in steady) for k in steady[0]} if steady else {}
-    return {"peak": max(step_peaks[1:]), "step_peaks": step_peaks, "collectives": collectives, "rank": rank}
+    return {"peak": max(step_peaks[1:]), "step_peaks": step_peaks, "collectives": collectives, "rank": rank,
+            "phase_peaks": phase_peaks}
