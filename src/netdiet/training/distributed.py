@@ -48,19 +48,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment."""
+def init_from_env(device_type: str = "cpu") -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment: NCCL when training on CUDA, else gloo."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
+        cuda = device_type == "cuda" and torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist_info()
 
 
-def check_parallel(parallel: str, nproc: int, batch_size: int) -> None:
+def check_parallel(parallel: str, nproc: int, batch_size: int, device_type: str = "cpu") -> None:
     """A train run's strategy checked before any work: a known name ("ddp", "fsdp"), two or more processes (--nproc N
-    or torchrun) for fsdp (ddp on one process is the plain loop), a global batch the processes split evenly."""
+    or torchrun) for fsdp (ddp on one process is the plain loop), a global batch the processes split evenly, and
+    FSDP on CUDA under torchrun (NCCL; --nproc's own workers join a gloo group)."""
     if parallel not in STRATEGIES:
         if parallel in NOT_TRAINED:
             hint = ("use --parallel fsdp: FSDP2 shards parameters, gradients and optimizer state, which is ZeRO-3-like"
@@ -73,6 +74,9 @@ def check_parallel(parallel: str, nproc: int, batch_size: int) -> None:
         raise NetdietError(f"--parallel {parallel} needs 2 or more processes: add --nproc N (N >= 2) or launch with "
                            f"torchrun --nproc-per-node N -m netdiet train ...")
     check_batch_split(batch_size, world)
+    if parallel == "fsdp" and device_type == "cuda" and not launched_by_torchrun():
+        raise NetdietError("--parallel fsdp on CUDA runs under torchrun (NCCL): torchrun --nproc-per-node N -m netdiet "
+                           "train ... --parallel fsdp --device cuda (--nproc's workers use gloo, for CPU)")
 
 
 def check_batch_split(batch_size: int, world: int) -> None:
@@ -162,9 +166,11 @@ def gather_state(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> 
 
 
 def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole CPU copies of tensors that may be FSDP shards (a callback's saved weights); collective under FSDP."""
+    """Whole CPU copies of tensors that may be FSDP shards (a callback's saved weights); collective under FSDP, so
+    walked in sorted order (a dict loaded from safetensors has no order every rank shares)."""
     from torch.distributed.tensor import DTensor
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}
+    return {k: (tensors[k].full_tensor() if isinstance(tensors[k], DTensor) else tensors[k]).detach().cpu()
+            for k in sorted(tensors)}
 
 
 def shard_like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,9 +195,11 @@ def load_state(model: nn.Module, opt: torch.optim.Optimizer, model_state: dict, 
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
+    # every rank must walk the tensors in one order (each is scattered from rank 0 in turn), and a safetensors
+    # file's key order is not fixed from process to process: take the model's own order
+    set_model_state_dict(model, {k: model_state[k] for k in model.state_dict()}, options=options)
     names = [name for name, _ in model.named_parameters()]
-    by_name = {"state": {names[int(i)]: v for i, v in opt_state["state"].items()},
+    by_name = {"state": {names[i]: opt_state["state"][i] for i in sorted(opt_state["state"], key=int)},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
     set_optimizer_state_dict(model, opt, by_name, options=options)
 

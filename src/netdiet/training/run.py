@@ -328,7 +328,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     check_train_config(cfg)                          # bad numbers fail before the dataset is even loaded
     if nproc < 1:
         raise NetdietError(f"--nproc must be at least 1, got {nproc}")
-    check_parallel(cfg.parallel, nproc, cfg.batch_size)
+    check_parallel(cfg.parallel, nproc, cfg.batch_size, resolve_device(cfg.device).type)
     if out is None and cfg.resume:
         raise NetdietError("--resume needs --out DIR (the folder of the run to continue)")
     with out_dir_lock(out) if out is not None else contextlib.nullcontext():
@@ -366,7 +366,7 @@ def _train(spec, model_kw, data, data_dir, out, cfg, nproc, memory_budget, val_f
               "val_fraction": val_fraction, "budget": budget, "train_flops_per_sample": flops, "flops_method": flops_method,
               "recompute_effect": recompute, "precision_effect": precision_effect}
     if launched_by_torchrun():
-        init_from_env()
+        init_from_env(resolve_device(cfg.device).type)
         doc = execute(params, dataset)
     elif nproc > 1:
         doc = spawn(_ddp_execute, (params,), nproc)
