@@ -14,7 +14,9 @@ torch._dynamo is not imported yet (when it is, the block does nothing: there is 
 takes away exactly the entries it put there, so afterwards torch behaves as if the block had never run (the next
 wrapped call outside it imports torch._dynamo as usual). Every figure is the same: the functions called are the
 same functions. A wrapper created inside the block (a module first imported there) is not filled and may still
-import torch._dynamo; that costs time, never a number.
+import torch._dynamo; that costs time, never a number. What imports torch._dynamo itself is untouched: an
+optimizer's step (`_use_grad_for_differentiable`), torch.utils.checkpoint (reads torch._dynamo.config: a simulation
+with activation checkpointing imports it) and transformers' modelling code (torch.compiler.disable at import).
 """
 from __future__ import annotations
 
