@@ -114,10 +114,11 @@ def _sequential_mlp(prefix: str, mod: nn.Module) -> Region | None:
     return Region(prefix, [_join(prefix, n0)], _join(prefix, n1), first.in_features, last.out_features)
 
 
-def find_regions(net: nn.Module) -> list[Region]:
-    """Every attention / MLP region of `net` that tensor parallelism splits, in module order."""
+def find_regions(net: nn.Module, mods: dict[str, nn.Module] | None = None) -> list[Region]:
+    """Every attention / MLP region of `net` that tensor parallelism splits, in module order (`mods`:
+    dict(net.named_modules()) when the caller has it)."""
     regions: list[Region] = []
-    for prefix, mod in net.named_modules():
+    for prefix, mod in (mods if mods is not None else dict(net.named_modules())).items():
         if isinstance(mod, nn.MultiheadAttention):
             regions.append(Region(prefix, [prefix], _join(prefix, "out_proj"), mod.embed_dim, mod.embed_dim, mha=True))
             continue
@@ -148,7 +149,7 @@ def _config(net: nn.Module) -> Any:
     return cfg if cfg is not None and hasattr(cfg, "to_dict") else None
 
 
-def tp_heads(net: nn.Module) -> tuple[int, int] | None:
+def tp_heads(net: nn.Module, mods: dict[str, nn.Module] | None = None) -> tuple[int, int] | None:
     """(attention heads, KV heads) that a tensor-parallel degree must divide, or None without attention.
 
     From a transformers config (num_attention_heads, num_key_value_heads), nn.MultiheadAttention and the zoo
@@ -160,7 +161,7 @@ def tp_heads(net: nn.Module) -> tuple[int, int] | None:
         kv = getattr(cfg, "num_key_value_heads", None)
         return heads, int(kv) if kv else heads
     heads = kv = 0
-    for mod in net.modules():
+    for mod in (mods if mods is not None else dict(net.named_modules())).values():
         if isinstance(mod, nn.MultiheadAttention):
             h = g = int(mod.num_heads)
         elif isinstance(getattr(mod, "heads", None), int) and isinstance(getattr(mod, "qkv", None), nn.Module):
@@ -171,11 +172,11 @@ def tp_heads(net: nn.Module) -> tuple[int, int] | None:
     return (heads, kv) if heads else None
 
 
-def check_tp(net: nn.Module, tp: Any) -> tuple[int, int] | None:
+def check_tp(net: nn.Module, tp: Any, mods: dict[str, nn.Module] | None = None) -> tuple[int, int] | None:
     """Refuse (one line) a degree that is not a positive integer or does not divide the heads and KV heads."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise NetdietError(f"--tp must be a positive integer, got {tp!r}")
-    heads = tp_heads(net)
+    heads = tp_heads(net, mods)
     if heads is None or tp == 1:
         return heads
     h, kv = heads
@@ -186,14 +187,15 @@ def check_tp(net: nn.Module, tp: Any) -> tuple[int, int] | None:
     return heads
 
 
-def _vocab_modules(net: nn.Module, regions: list[Region]) -> tuple[str | None, str | None, int]:
+def _vocab_modules(net: nn.Module, regions: list[Region],
+                   mods: dict[str, nn.Module]) -> tuple[str | None, str | None, int]:
     """(token embedding name, LM head name, vocab): the largest nn.Embedding and a Linear outside the regions whose
     output features equal its rows (or that shares its weight)."""
     in_region = {n for r in regions for n in r.cols + [r.row]}
-    embeds = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Embedding)]
+    embeds = [(n, m) for n, m in mods.items() if isinstance(m, nn.Embedding)]
     if not embeds:
         return None, None, 0
-    heads = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear) and n not in in_region]
+    heads = [(n, m) for n, m in mods.items() if isinstance(m, nn.Linear) and n not in in_region]
     for emb_name, emb in embeds:   # the embedding an output Linear shares its weight with or matches in rows
         for n, m in heads:
             if m.weight is emb.weight or m.out_features == emb.num_embeddings:
@@ -223,10 +225,9 @@ def _act_elem(estimate: Any) -> int:
     return 2 if getattr(estimate, "amp", False) else _ELEM.get(getattr(estimate, "dtype", "fp32"), 4)
 
 
-def _param_rules(net: nn.Module, regions: list[Region], emb: str | None, head: str | None,
+def _param_rules(mods: dict[str, nn.Module], regions: list[Region], emb: str | None, head: str | None,
                  vocab_parallel: bool) -> dict[int, tuple[str, str, int | None]]:
     """id(parameter) -> (owning module, rule, the dimension split or None for replicated)."""
-    mods = dict(net.named_modules())
     rules: dict[int, tuple[str, str, int | None]] = {}
 
     def put(owner: str, p: Any, rule: str, dim: int | None) -> None:
@@ -258,19 +259,16 @@ def _param_rules(net: nn.Module, regions: list[Region], emb: str | None, head: s
     return rules
 
 
-def _activation_rules(net: nn.Module, regions: list[Region], head: str | None) -> dict[str, str]:
+def _activation_rules(mods: dict[str, nn.Module], regions: list[Region], head: str | None) -> dict[str, str]:
     """Module name -> "sharded" | "replicated" | "colwise" (input replicated, autocast weight copy split) | "mha"
-    for what the module saved for backward (see the docstring)."""
+    for what the module saved for backward (see the docstring). `mods` is dict(net.named_modules())."""
     rules: dict[str, str] = {}
-    names = [n for n, _ in net.named_modules()]
     for r in regions:
-        inside = [n for n in names if r.name == "" or n == r.name or n.startswith(r.name + ".")]
-        for n in inside:
+        for n, _ in mods[r.name].named_modules(prefix=r.name):
             rules[n] = "sharded"
-        for n in r.cols + r.after:
-            for m in inside:
-                if m == n or m.startswith(n + "."):
-                    rules[m] = "replicated"
+        for c in r.cols + r.after:
+            for n, _ in mods[c].named_modules(prefix=c):
+                rules[n] = "replicated"
         for c in r.cols:
             rules[c] = "colwise"
         if r.mha:
@@ -288,12 +286,12 @@ def _weight_cast(mod: nn.Module | None, estimate: Any) -> int:
     return w.numel() * 2
 
 
-def _tokens_from(estimate: Any, regions: list[Region], net: nn.Module, head: str | None, vocab: int) -> int | None:
+def _tokens_from(estimate: Any, regions: list[Region], mods: dict[str, nn.Module], head: str | None,
+                 vocab: int) -> int | None:
     """Tokens (batch x sequence) of the estimate's step: from what a row-parallel projection saved (its input),
     else (checkpointing keeps only block inputs) the default loss's saved log-softmax, int64 targets and fp32 weight
     (tokens x (vocab x bytes + 8) + 4) or a checkpointed block's input (tokens x width)."""
     acts = getattr(estimate, "module_activations", None) or {}
-    mods = dict(net.named_modules())
     elem = _act_elem(estimate)
     candidates = [(acts.get(r.row, 0) - _weight_cast(mods.get(r.row), estimate), feats[0] * elem)
                   for r in regions if (feats := _features(mods[r.row]) if r.row in mods else None)]
@@ -316,27 +314,27 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
     dtype / amp set the bytes per element, its `module_activations` are split by the rules above. `tokens` (batch x
     sequence of that step) sizes the all-reduce messages; without it, it is read from what a row-parallel
     projection saved. Cheap: no simulation, one walk over the modules."""
-    check_tp(net, tp)
-    regions = find_regions(net)
+    mods = dict(net.named_modules())
+    heads = check_tp(net, tp, mods)
+    regions = find_regions(net, mods)
     if tp > 1 and not regions:
         raise NetdietError(f"{type(net).__name__} has no attention or MLP projections netdiet can split "
                            "(qkv/proj, q_proj..o_proj, gate/up/down_proj, c_attn/c_fc/c_proj, nn.MultiheadAttention, "
                            "Linear-act-Linear); use --tp 1")
-    emb, head, vocab = _vocab_modules(net, regions)
+    emb, head, vocab = _vocab_modules(net, regions, mods)
     vocab_parallel = bool(vocab_parallel and (emb is not None or head is not None))
     notes: list[str] = []
 
     # ---------------------------------------------------------------- parameters
-    rules = _param_rules(net, regions, emb, head, vocab_parallel)
-    owner_of = {id(p): n for n, m in net.named_modules() for p in m.parameters(recurse=False)}
+    rules = _param_rules(mods, regions, emb, head, vocab_parallel)
+    owned: dict[int, tuple[str, nn.Parameter]] = {}   # each parameter once (tied ones), under its first module
+    for n, m in mods.items():
+        for p in m.parameters(recurse=False):
+            owned.setdefault(id(p), (n, p))
     per_module: dict[str, dict[str, Any]] = {}
     sharded = replicated = 0
-    seen: set[int] = set()
-    for p in net.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        owner, rule, dim = rules.get(id(p), (owner_of.get(id(p), ""), "replicated", None))
+    for pid, (owner_of, p) in owned.items():
+        owner, rule, dim = rules.get(pid, (owner_of, "replicated", None))
         elem = _elem(estimate, p)
         if dim is None or tp == 1 or p.dim() <= dim:
             n_s, n_r = 0, p.numel() * elem
@@ -357,10 +355,9 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
     # ---------------------------------------------------------------- activations and messages
     elem = _act_elem(estimate)
     if tokens is None and estimate is not None:
-        tokens = _tokens_from(estimate, regions, net, head, vocab)
-    act_rules = _activation_rules(net, regions, head if vocab_parallel else None)
+        tokens = _tokens_from(estimate, regions, mods, head, vocab)
+    act_rules = _activation_rules(mods, regions, head if vocab_parallel else None)
     acts = dict(getattr(estimate, "module_activations", None) or {})
-    mods = dict(net.named_modules())
     act_sharded = act_replicated = 0
     for name, n in acts.items():
         rule = act_rules.get(name, "replicated")
@@ -411,7 +408,7 @@ def split(net: nn.Module, tp: int, estimate: Any, *, tokens: int | None = None, 
     if regions and tp > 1:
         notes.append("one all-reduce per region each way (Megatron's count with a fused QKV / gate-up projection)")
     return {
-        "tp": tp, "heads": list(tp_heads(net) or []) or None, "regions": len(regions),
+        "tp": tp, "heads": list(heads or []) or None, "regions": len(regions),
         "vocab_parallel": vocab_parallel, "tokens": tokens, "activation_bytes_per_element": elem,
         "sharded_params": sharded, "replicated_params": replicated, "params_per_rank": sharded + replicated,
         "activations_sharded": act_sharded, "activations_replicated": act_replicated,
@@ -436,7 +433,8 @@ def torch_plan(net: nn.Module, *, vocab_parallel: bool = True) -> dict[str, Any]
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    regions = find_regions(net)
+    mods = dict(net.named_modules())
+    regions = find_regions(net, mods)
     if any(r.mha for r in regions):
         raise NetdietError("torch's parallelize_module cannot split nn.MultiheadAttention; the estimate covers it, "
                            "the measured check does not")
@@ -445,7 +443,7 @@ def torch_plan(net: nn.Module, *, vocab_parallel: bool = True) -> dict[str, Any]
         for c in r.cols:
             plan[c] = ColwiseParallel()
         plan[r.row] = RowwiseParallel()
-    emb, head, _ = _vocab_modules(net, regions)
+    emb, head, _ = _vocab_modules(net, regions, mods)
     if vocab_parallel and emb is not None:
         plan[emb] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if vocab_parallel and head is not None:
