@@ -178,3 +178,47 @@ def test_hf_configs_count_their_inference_forward_in_a_pass_of_their_own(tmp_pat
     # its attention takes dropout in train mode: the meta copy cannot stand in, the real tensors are counted
     assert how["device"] == "real tensors"
     assert train.to_dict() == count_ops(model, ids, train=True, meta=False).to_dict()
+
+
+def test_the_meta_copy_keeps_shared_weights_and_hooks_and_leaves_the_model_alone():
+    from netdiet.analysis.step import meta_copy
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.norm = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.b(self.norm(self.a(x)))
+
+    model = Tied()
+    calls = []
+    model.a.register_forward_hook(lambda mod, args, out: calls.append(out.device.type))
+    copy = meta_copy(model)
+    assert copy.b.weight is copy.a.weight and copy.a.weight is not model.a.weight
+    assert all(t.device.type == "meta" for t in list(copy.parameters()) + list(copy.buffers()))
+    assert [type(m) for m in copy.modules()] == [type(m) for m in model.modules()]
+    assert copy.a.weight.requires_grad and isinstance(copy.a.weight, nn.Parameter)
+    copy(torch.empty(3, 4, device="meta"))
+    assert calls == ["meta"]   # the hook came along and ran on the copy
+    assert model.a.weight.device.type == "cpu" and model.norm.num_batches_tracked.item() == 0
+    # tied weights are one parameter: 16 + 4 + 4 (second bias) + 8 (batch norm) = 32, as on the real model
+    assert count_ops(model, torch.randn(3, 4)).module("").params == 32 == sum(p.numel() for p in model.parameters())
+
+
+def test_profile_says_how_it_counted():
+    import netdiet
+
+    doc = netdiet.profile("cnn", batch_size=2, progress=False).to_dict()
+    # cnn: two BatchNorm2d and one Dropout, each called once
+    assert doc["counting"] == {"device": "meta", "inference_forward": "derived", "recounted_calls": 3, "reason": None}
+    model, x = _zoo("cnn")
+    assert doc["totals"]["macs"] == count_ops(model, x, meta=False).macs
+    assert doc["totals"]["train_forward_flops"] == count_ops(model, x, train=True, meta=False).flops
+
+    frozen = nn.Sequential(nn.Linear(4, 3))
+    frozen.requires_grad_(False)
+    doc = netdiet.profile(frozen, torch.randn(2, 4), progress=False).to_dict()
+    assert doc["counting"]["inference_forward"] == "separate pass" and doc["totals"]["macs"] == 2 * 4 * 3

@@ -149,10 +149,12 @@ class RealTensorsNeeded(RuntimeError):
 # Calls whose CPU kernel differs from what the meta device runs in their place, so a meta copy would count other
 # operators than the real model: the recurrent layers (the CPU precomputes the input projection of every step,
 # LSTM runs as mkldnn_rnn_layer) and multi-head attention (the CPU's fused fast paths; its attention is not
-# routed). On a meta copy of a real model they send the count back to the real tensors.
+# routed), and the fused linear + cross-entropy (its chunking and accumulation dtype are chosen by device type).
+# On a meta copy of a real model they send the count back to the real tensors.
 _CPU_PATHS = frozenset(f for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu, F.multi_head_attention_forward,
                                    getattr(torch, "_native_multi_head_attention", None),
-                                   getattr(torch, "_transformer_encoder_layer_fwd", None)) if f is not None)
+                                   getattr(torch, "_transformer_encoder_layer_fwd", None),
+                                   getattr(F, "linear_cross_entropy", None)) if f is not None)
 
 
 _DETACH = (torch.Tensor.detach, torch.detach)
