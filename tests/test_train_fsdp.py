@@ -14,8 +14,10 @@ from netdiet.cli import main
 from netdiet.data import get_dataset
 from netdiet.fileio import load_state_dict
 from netdiet.models import create_model
+from netdiet.reporting.train_tables import train_summary_lines
 from netdiet.training import TrainConfig
 from netdiet.training.distributed import fsdp_units
+from netdiet.units import format_bytes
 
 # digits with a 15 % hold-out: 1,222 training samples, a multiple of 2, so both ranks' shards and last batches are
 # equal and the mean of the two ranks' mean gradients is the one-process mean gradient (as tests/test_train_ddp.py)
@@ -56,6 +58,8 @@ def test_two_fsdp_ranks_equal_one_process_and_each_holds_less_than_it(tmp_path):
     for peak in d["per_rank_peak_measured"]:
         assert 19_884 <= peak < single, (peak, single)
     assert json.loads((tmp_path / "fsdp" / "train.json").read_text())["distributed"] == d
+    line = [ln for ln in train_summary_lines(fsdp.to_dict()) if ln.startswith("fsdp on 2 processes")]
+    assert len(line) == 1 and format_bytes(d["per_rank_peak_measured"][1]) in line[0]
 
 
 def test_the_fsdp_unit_rule_on_the_zoo():
@@ -81,7 +85,8 @@ def test_the_fsdp_unit_rule_on_the_zoo():
     (["--parallel", "fdsp", "--nproc", "2"], "unknown; choose one of: ddp, fsdp"),
     (["--parallel", "fsdp", "--nproc", "2", "--ensemble", "2"], "--ensemble"),
     (["--parallel", "fsdp", "--nproc", "2", "--clip-grad-norm", "-1"], "--clip-grad-norm"),
-], ids=["no-nproc", "nproc-1", "batch-split", "zero3", "zero1", "tp", "unknown", "ensemble", "clip"])
+    (["--parallel", "fsdp", "--nproc", "2", "--precision", "fp16"], "use --precision bf16"),
+], ids=["no-nproc", "nproc-1", "batch-split", "zero3", "zero1", "tp", "unknown", "ensemble", "clip", "fp16"])
 def test_bad_parallel_requests_are_one_line_exit_2_before_any_work(tmp_path, capsys, argv, words):
     out = tmp_path / "run"
     code = main(["train", "mlp", "--data", "digits", "--batch-size", "64", "--out", str(out), *argv])
@@ -147,3 +152,4 @@ def test_torchrun_launch_trains_with_fsdp(tmp_path):
     assert doc["world_size"] == 2 and doc["distributed"]["strategy"] == "fsdp"
     assert doc["history"][0]["loss"] == pytest.approx(spawned.history[0]["loss"], rel=1e-6)
     assert run.stdout.count("test accuracy") == 1                       # only rank 0 reports
+    assert "fsdp on 2 processes: tensor peak of step 2 per rank" in run.stdout

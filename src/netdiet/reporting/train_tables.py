@@ -66,6 +66,11 @@ def train_summary_lines(doc: dict) -> list[str]:
     if doc.get("budget"):
         lines.append(doc["budget"].get("explanation", ""))
     lines.append(f"peak memory is {doc.get('memory_method')}: process peak RSS during the epoch, and that minus RSS at epoch start")
+    dist = doc.get("distributed")
+    if dist and dist.get("per_rank_peak_measured"):
+        peaks = ", ".join(format_bytes(p) if p is not None else "n/a" for p in dist["per_rank_peak_measured"])
+        lines.append(f"{dist['strategy']} on {dist['world_size']} processes: tensor peak of step {dist['measured_step']} "
+                     f"per rank {peaks} (measured; {dist['peak_method']})")
     if doc.get("files"):
         lines.append("wrote " + ", ".join(doc["files"].values()))
     return lines

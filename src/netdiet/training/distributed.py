@@ -58,10 +58,11 @@ def init_from_env(device_type: str = "cpu") -> tuple[int, int]:
     return dist_info()
 
 
-def check_parallel(parallel: str, nproc: int, batch_size: int, device_type: str = "cpu") -> None:
+def check_parallel(parallel: str, nproc: int, batch_size: int, device_type: str = "cpu", precision: str = "fp32") -> None:
     """A train run's strategy checked before any work: a known name ("ddp", "fsdp"), two or more processes (--nproc N
     or torchrun) for fsdp (ddp on one process is the plain loop), a global batch the processes split evenly, and
-    FSDP on CUDA under torchrun (NCCL; --nproc's own workers join a gloo group)."""
+    FSDP on CUDA under torchrun (NCCL; --nproc's own workers join a gloo group), and not with fp16's gradient scaler
+    (it would look for inf/NaN in each rank's shard alone, so ranks could disagree about skipping a step)."""
     if parallel not in STRATEGIES:
         if parallel in NOT_TRAINED:
             hint = ("use --parallel fsdp: FSDP2 shards parameters, gradients and optimizer state, which is ZeRO-3-like"
@@ -77,6 +78,9 @@ def check_parallel(parallel: str, nproc: int, batch_size: int, device_type: str 
     if parallel == "fsdp" and device_type == "cuda" and not launched_by_torchrun():
         raise NetdietError("--parallel fsdp on CUDA runs under torchrun (NCCL): torchrun --nproc-per-node N -m netdiet "
                            "train ... --parallel fsdp --device cuda (--nproc's workers use gloo, for CPU)")
+    if parallel == "fsdp" and precision == "fp16":
+        raise NetdietError("--precision fp16 is not supported with --parallel fsdp (its gradient scaler would check each "
+                           "rank's gradient shard alone); use --precision bf16")
 
 
 def check_batch_split(batch_size: int, world: int) -> None:

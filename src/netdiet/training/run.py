@@ -328,7 +328,7 @@ def train(spec: str, *, model_kw: dict | None = None, data: str = "mnist5k", dat
     check_train_config(cfg)                          # bad numbers fail before the dataset is even loaded
     if nproc < 1:
         raise NetdietError(f"--nproc must be at least 1, got {nproc}")
-    check_parallel(cfg.parallel, nproc, cfg.batch_size, resolve_device(cfg.device).type)
+    check_parallel(cfg.parallel, nproc, cfg.batch_size, resolve_device(cfg.device).type, cfg.precision)
     if out is None and cfg.resume:
         raise NetdietError("--resume needs --out DIR (the folder of the run to continue)")
     with out_dir_lock(out) if out is not None else contextlib.nullcontext():
