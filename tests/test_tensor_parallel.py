@@ -99,6 +99,15 @@ def test_all_reduce_bytes_equal_hand_count(tiny):
     assert split(net, 1, est)["all_reduce_bytes_per_step"] == 0
 
 
+def test_uneven_vocab_is_the_largest_rank():
+    net = transformer(layers=1, d_model=8, heads=4, seq_len=4, vocab=17)
+    s = split(net, 2, None, tokens=8)
+    # DTensor shards like torch.chunk: 17 rows -> 9 on rank 0; embedding and head 9 x 8 elements each instead of
+    # 8 x 8 -> 2160 B (the even case above) + 2 x 8 x 4 B
+    assert s["sharded_params"] == 2160 + 64
+    assert any(n.startswith("tok: dimension 17 does not divide by tp=2; the largest rank holds 9") for n in s["notes"])
+
+
 def test_refuses_a_degree_the_heads_do_not_divide(tiny):
     net, est = tiny
     with pytest.raises(NetdietError, match=r"--tp 3 does not divide the model's 4 attention heads and 4 KV heads; "
