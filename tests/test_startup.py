@@ -68,12 +68,16 @@ def test_netdiet_models_builds_nothing_and_imports_no_engine(tmp_path):
     got = _fresh(
         "import io, json, sys, contextlib\n"
         "from netdiet.cli import main\n"
+        "from netdiet.models import list_models\n"
+        "built = []\n"
+        "for e in list_models():  # every factory notes a call: listing the zoo must make none\n"
+        "    e.factory = (lambda f, n: lambda **kw: (built.append(n), f(**kw))[1])(e.factory, e.name)\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    rc = main(['models', '--json', {str(out)!r}])\n"
         "engines = ['netdiet.api', 'netdiet.analysis.counter', 'netdiet.analysis.memory', 'netdiet.analysis.profile',\n"
         "           'netdiet.compression', 'netdiet.training', 'netdiet.incremental', 'torch._dynamo']\n"
-        "print(json.dumps({'rc': rc, 'imported': [m for m in engines if m in sys.modules]}))\n")
-    assert got == {"rc": 0, "imported": []}
+        "print(json.dumps({'rc': rc, 'built': built, 'imported': [m for m in engines if m in sys.modules]}))\n")
+    assert got == {"rc": 0, "built": [], "imported": []}
     rows = {r["name"]: r for r in json.loads(out.read_text())["models"]}
     # LeNet-5 by hand: conv1 20*1*5*5 + 20 = 520; conv2 50*20*5*5 + 50 = 25,050; fc1 800*500 + 500 = 400,500;
     # fc2 500*10 + 10 = 5,010: 431,080
