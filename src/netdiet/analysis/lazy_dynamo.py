@@ -57,7 +57,9 @@ def _wrapped_functions() -> list:
 @contextlib.contextmanager
 def without_dynamo_import() -> Iterator[None]:
     """Within the block, torch's `_disable_dynamo` wrappers call their function without importing torch._dynamo
-    (see the module docstring); nesting and threads are safe, the outermost block undoes what it did."""
+    (see the module docstring); blocks nest and may overlap across threads, the last to close undoes what the
+    first did. (A torch.compile that another thread starts while a block is open would trace into those functions
+    instead of skipping them: netdiet opens the block only around its own meta-device simulations.)"""
     with _lock:
         _state["depth"] += 1
         if _state["depth"] == 1 and "torch._dynamo" not in sys.modules:
