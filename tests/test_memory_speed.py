@@ -193,3 +193,16 @@ def test_the_ops_the_tracker_asks_for_scratch_are_every_op_a_rule_reads():
             out.sum().backward()
     recognised = {func for func, args in seen if scratch.parse_call(func, args) is not None}
     assert len(recognised) >= 5 and all(id(f) in ids for f in recognised)   # conv fwd/bwd, addmm, mm, flash...
+
+
+def test_repeated_layers_run_their_meta_kernels_once(monkeypatch):
+    # a transformer of 2 and of 6 layers runs the same distinct calls (embedding, one layer, head, loss and their
+    # backward); the 4 extra layers are answered from the memo: the same number of hits each, no extra kernel
+    misses = {}
+    for layers in (2, 6):
+        monkeypatch.setattr(memory, "META_MEMO", MetaMemo())
+        estimate_memory(create_model("transformer", layers=layers), torch.randint(0, 1000, (2, 64)))
+        misses[layers] = (memory.META_MEMO.misses, memory.META_MEMO.hits)
+    assert misses[2][0] == misses[6][0]
+    extra = misses[6][1] - misses[2][1]
+    assert extra > 0 and extra % 4 == 0
