@@ -64,7 +64,7 @@ def check_parallel(parallel: str, nproc: int, batch_size: int, device_type: str 
     FSDP on CUDA under torchrun (NCCL; --nproc's own workers join a gloo group), and not with fp16's gradient scaler
     (it would look for inf/NaN in each rank's shard alone, so ranks could disagree about skipping a step)."""
     if parallel not in STRATEGIES:
-        if parallel in NOT_TRAINED:
+        if isinstance(parallel, str) and parallel in NOT_TRAINED:
             hint = ("use --parallel fsdp: FSDP2 shards parameters, gradients and optimizer state, which is ZeRO-3-like"
                     if parallel.startswith("zero") else "train with --parallel ddp or fsdp")
             raise NetdietError(f"--parallel {parallel} ({NOT_TRAINED[parallel]}) is estimated by `netdiet profile "
