@@ -145,7 +145,13 @@ def _fsdp_no_sync(net: nn.Module):
         net.set_requires_gradient_sync(True)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _is_sharded(model: nn.Module) -> bool:
+    if not _distributed():      # one process: nothing is sharded (and torch's FSDP package is not imported)
+        return False
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
 
@@ -172,6 +178,8 @@ def gather_state(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> 
 def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole CPU copies of tensors that may be FSDP shards (a callback's saved weights); collective under FSDP, so
     walked in sorted order (a dict loaded from safetensors has no order every rank shares)."""
+    if not _distributed():
+        return {k: v.detach().cpu() for k, v in tensors.items()}
     from torch.distributed.tensor import DTensor
     return {k: (tensors[k].full_tensor() if isinstance(tensors[k], DTensor) else tensors[k]).detach().cpu()
             for k in sorted(tensors)}
@@ -180,6 +188,8 @@ def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def shard_like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors named like the model's state laid out as the model holds it (its FSDP shards), e.g. a
     checkpointed early-stopping best state before the callback loads it back into the sharded model."""
+    if not _is_sharded(model):
+        return dict(tensors)
     from torch.distributed.tensor import DTensor, distribute_tensor
     own = model.state_dict()
     out = {}
