@@ -485,6 +485,45 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
     return run(model, args, False)
 
 
+def count_module_calls(model: nn.Module, calls: list[tuple[str, nn.Module, tuple]], strict: bool = False) -> list[Any]:
+    """Each (name, module of `model`, positional args) called alone in eval mode under no_grad and counted, in
+    one session: one tally per call (its ops owned by `name`; see passes.derive_inference). Each module's mode
+    and buffers are left as they were; an error propagates."""
+    tensors = [a for _, _, args in calls for a in args if isinstance(a, torch.Tensor)]
+    on_meta = any(t.device.type == "meta" for t in tensors)
+    counter = _Counter(model, meta_routing=on_meta, strict=strict)
+    tallies = []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            meta_mode = _MetaAttentionMode(strict) if on_meta else None
+            if meta_mode is not None:
+                meta_mode.__enter__()
+            try:
+                with _CountMode(counter, _META_MEMO if on_meta else None):
+                    for _, mod, args in calls:
+                        modes = [(m, m.training) for m in mod.modules()]
+                        saved = {n: b.detach().clone() for n, b in mod.named_buffers() if b.device.type != "meta"}
+                        counter.tally = _Tally()
+                        try:
+                            mod.train(False)
+                            mod(*args)
+                        finally:
+                            for m, mode in modes:
+                                m.training = mode
+                            for n, b in mod.named_buffers():
+                                if n in saved:
+                                    b.copy_(saved[n])
+                        if counter.formula_errors:
+                            raise NetdietError(f"a formula could not read a recounted call of '{counter.names.get(id(mod))}'")
+                        tallies.append(counter.tally)
+            finally:
+                if meta_mode is not None:
+                    meta_mode.__exit__(None, None, None)
+    finally:
+        counter.close()
+    return tallies
+
+
 def count_pass(model: nn.Module, args: tuple, train: bool, opt_key: str, loss: str, strict: bool = False,
                watched: frozenset[str] | None = None, build: bool = True) -> Pass:
     """One counted forward (train=False) or training step, on `model` as given (see count_ops); without

@@ -10,12 +10,13 @@ inference forward, except for the layers whose forward depends on `.training`:
   counted again alone in eval mode on an empty tensor of that layout, in the order the forward made it.
 - unknown: any module class outside torch.nn's layers and netdiet's zoo (a Hugging Face model branches on
   `self.training` in its own code), and the torch.nn layers with eval-only fast paths or train-only dropout
-  inside (MultiheadAttention, the Transformer layers, the recurrent layers, SyncBatchNorm). With one of them in
-  the model, nothing is derived: the inference forward is counted in a pass of its own.
+  inside (MultiheadAttention, the Transformer layers, the recurrent layers, SyncBatchNorm, LinearCrossEntropyLoss,
+  which reads the grad mode). With one of them in the model, nothing is derived: the inference forward is counted
+  in a pass of its own.
 
 `derive_inference` assembles the inference OpCounts (modules, operators in the order an eval pass would list
 them, uncounted, notes) from the training pass and the recounts; tests/test_counter_speed.py checks it equals a
-separate eval-mode count for every zoo model and the Hugging Face configs of tests/test_hf.py.
+separate eval-mode count for every zoo model, and that a Hugging Face model gets its separate pass.
 """
 from __future__ import annotations
 
@@ -25,12 +26,24 @@ import torch
 from torch import nn
 
 from netdiet.analysis.blocks import block_signature
-from netdiet.analysis.counter import LOSS, OpCounts, Pass, build_counts, check_count_args, count_pass, on_meta_copy
+from netdiet.analysis.counter import (
+    LOSS,
+    OpCounts,
+    Pass,
+    build_counts,
+    check_count_args,
+    count_module_calls,
+    count_pass,
+    on_meta_copy,
+)
 
 RECOUNTED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
              nn.RReLU)
-UNKNOWN_TORCH = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
-                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.modules.rnn.RNNBase, nn.SyncBatchNorm)
+# torch.nn layers whose forward reads .training or the grad mode beyond what a recount covers (fast paths,
+# dropout inside, gradient-dependent chunking)
+UNKNOWN_TORCH = tuple(c for c in (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                                  nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.modules.rnn.RNNBase,
+                                  nn.SyncBatchNorm, getattr(nn, "LinearCrossEntropyLoss", None)) if c is not None)
 KNOWN_PACKAGES = ("torch.nn.modules.", "netdiet.models.")
 
 DERIVED_NOTE = ("inference forward derived from the training pass (eval-mode recount of {n} batch-norm/dropout "
@@ -110,7 +123,8 @@ def derive_inference(model: nn.Module, trained: Pass, strict: bool = False, chec
             return None
         rows["aten.detach"] = {**detach, "count": own}
         firsts["aten.detach"] = (first, 0)
-    cache: dict[Any, Pass] = {}
+    # each distinct call (block_signature: same layer configuration, same input layout) is counted once
+    keys, distinct = [], {}
     for call in trained.calls:
         mod = modules.get(call.name)
         if mod is None or len(call.args) != 1 or call.args[0] is None:
@@ -118,21 +132,21 @@ def derive_inference(model: nn.Module, trained: Pass, strict: bool = False, chec
         shape, stride, dtype, device, _ = call.args[0]
         x = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         key = block_signature(mod, (x,))
-        again = cache.get(key) if key is not None else None
-        if again is None:
-            again = count_pass(mod, (x,), False, "none", "auto", strict, build=False)
-            if key is not None:
-                cache[key] = again
-        if again.formula_errors:
-            return None
-        part = again.tally
+        key = ("call", len(keys)) if key is None else key
+        keys.append(key)
+        distinct.setdefault(key, (call.name, mod, (x,)))
+    try:
+        tallies = dict(zip(distinct, count_module_calls(model, list(distinct.values()), strict)))
+    except Exception:   # noqa: BLE001 - a layer that cannot run alone: the inference forward gets its own pass
+        return None
+    for call, key in zip(trained.calls, keys):
+        part, owner = tallies[key], distinct[key][0]
         acc = self_cost.setdefault(call.name, [0, 0, 0, 0])
-        own = part.self_cost.get("", [0, 0, 0, 0])
-        acc[0] += own[0]
-        acc[1] += own[1]
+        got = part.self_cost.get(owner, [0, 0, 0, 0])
+        acc[0] += got[0]
+        acc[1] += got[1]
         for j, (op, row) in enumerate(part.operators.items()):
-            firsts.setdefault(op, (call.position + 0.5, j))
-            firsts[op] = min(firsts[op], (call.position + 0.5, j))
+            firsts[op] = min(firsts.get(op, (call.position + 0.5, j)), (call.position + 0.5, j))
             into = rows.setdefault(op, dict.fromkeys(row, 0))
             for k, v in row.items():
                 into[k] += v
