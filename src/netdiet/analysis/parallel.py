@@ -274,8 +274,7 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
     if shard_param and n > 1:
         fsdp = _fsdp_timeline(units, net, estimate, base=fixed + w_rank + s_rank, outputs=outputs,
                               copies=0 if layout.device not in (None, "cpu") else 1,
-                              single=(phase_rank["forward"], phase_rank["backward"],
-                                      "start" if g_at_b == 0 else "end" if g_at_b >= G else "mid"))
+                              single=(phase_rank["forward"], rest_b + w_rank + s_rank, g_at_b, G))
         for k in ("forward", "backward"):
             phase_rank[k], phase_buffers[k] = fsdp[k]
         buffers.update(fsdp["buffers"])
@@ -335,8 +334,57 @@ def _inside(module: str, unit: str) -> bool:
     return module == unit or module.startswith(unit + ".")
 
 
+def _root_tail_gradients(net: nn.Module, n_units: int, rg: int, root: _UnitBytes) -> int:
+    """Unsharded gradient bytes of the root's parameters used after the first block (final norm, LM head, a tied
+    embedding): they exist while the blocks differentiate; the rest (input embeddings) only at the very end."""
+    if n_units < 2 or not rg:
+        return rg
+    units = fsdp_units(net)
+    first = units[0][0]
+    order = {name: i for i, (name, _) in enumerate(net.named_modules())}
+    start = order.get(first, 0)
+    in_blocks = {id(p) for name, mod in units[:-1] for p in mod.parameters()}
+    last_use: dict[int, int] = {}
+    for name, mod in net.named_modules():
+        for p in mod.parameters(recurse=False):
+            last_use[id(p)] = max(last_use.get(id(p), -1), order[name])
+    tail = [p for p in dict.fromkeys(net.parameters()) if id(p) not in in_blocks and p.requires_grad
+            and last_use.get(id(p), -1) > start]
+    full = sum(p.numel() for p in dict.fromkeys(net.parameters()) if id(p) not in in_blocks and p.requires_grad)
+    return int(rg * sum(p.numel() for p in tail) / full) if full else 0
+
+
+def _single_backward(single: tuple[int, int, int, int], rev: list[_UnitBytes], root: _UnitBytes, r: int,
+                     rg_tail: int) -> tuple[int, int]:
+    """The single-device backward peak moment on one FSDP2 rank: (bytes, of which buffers). `single` = (forward
+    peak, backward peak without gradients and with sharded states, gradients alive at that peak, all gradients).
+    The gradients alive there tell how far backward had come: the root's tail gradients appear first, then each
+    block's, last to first. Blocks whose gradients are complete are reduced (sharded; the last one's reduce-scatter
+    input is still held); the block in progress is unsharded, its neighbour prefetched, its gradients so far
+    unsharded. Before any gradient only the root's unsharded parameters are added; after the last, nothing."""
+    _, rest, g_at, g_all = single
+    if g_at <= 0:
+        return rest + r, r
+    if g_at >= g_all:
+        shards = sum(u.grad_shard for u in rev) + root.grad_shard
+        return rest + shards, 0
+    left = g_at - min(g_at, rg_tail)
+    grads, held = min(g_at, rg_tail), r
+    for j, u in enumerate(rev):
+        if left >= u.grad_full:
+            left -= u.grad_full
+            grads += u.grad_shard
+            continue
+        last_done = rev[j - 1].grad_padded if j else 0
+        nxt = rev[j + 1].padded if j + 1 < len(rev) else 0
+        held += last_done + u.padded + nxt
+        grads += left
+        break
+    return rest + grads + held, held
+
+
 def _fsdp_timeline(units: list[_UnitBytes], net: nn.Module, estimate: Any, *, base: int, outputs: int, copies: int,
-                   single: tuple[int, int, bool]) -> dict[str, Any]:
+                   single: tuple[int, int, int, int]) -> dict[str, Any]:
     """FSDP2's forward and backward peaks on one rank, walking its units in execution order.
 
     Forward: the root unshards first and keeps its parameters to the end of backward; each block's all-gather
@@ -347,12 +395,12 @@ def _fsdp_timeline(units: list[_UnitBytes], net: nn.Module, estimate: Any, *, ba
     gradients (then freed), the reduce-scatter output (the sharded gradient) is allocated and gloo clones the
     input (`copies`); the root's gradients stay unsharded until the root reduces last. Each candidate moment adds
     the sharded states (`base`), the step's outputs, the activations still saved there and the sharded gradients
-    already reduced; `single` is the single-device forward / backward peak rebuilt with sharded states, and where
-    in backward that peak was (start: no gradient yet, mid, end: all gradients)."""
+    already reduced; `single` describes the single-device forward / backward peaks (see _single_backward)."""
     blocks = [u for u in units if u.name != ROOT]
     root = next((u for u in units if u.name == ROOT), _UnitBytes(ROOT))
     before = _acts_before(net, dict(estimate.module_activations or {}))
     r, rg = root.padded, root.grad_padded
+    rg_tail = _root_tail_gradients(net, len(units), rg, root)
     big = max((u.padded for u in blocks), default=0)
     # forward: the end (only the root unsharded) or the unshard of each unit
     fwd = [(single[0] + r, r)]
@@ -365,17 +413,17 @@ def _fsdp_timeline(units: list[_UnitBytes], net: nn.Module, estimate: Any, *, ba
     # the gradients: a block, its prefetched neighbour and their unsharded gradients too; after the last
     # gradient: everything is sharded again), then each unit's compute and reduce-scatter
     big_grad = max((u.grad_padded for u in blocks), default=0)
-    extra = {"start": r, "mid": r + rg + 2 * big + big_grad, "end": 0}[single[2]]
-    bwd = [(single[1] + extra, extra)]
-    done = 0
     rev = blocks[::-1]
+    bwd = [_single_backward(single, rev, root, r, rg_tail)]
+    done = 0
     for j, u in enumerate(rev):
         nxt = rev[j + 1].padded if j + 1 < len(rev) else 0
         own = sum(v for m, v in (estimate.module_activations or {}).items() if _inside(m, u.name))
         live = base + outputs + before.get(u.name, 0) + done
-        held = r + rg + nxt + u.padded + u.grad_padded
-        bwd.append((live + own + held, held))
-        reduce = r + rg + nxt + u.grad_padded + max(u.grad_padded, u.grad_shard + copies * u.grad_padded)
+        # while u differentiates, its saved activations are freed as its gradients appear
+        held = r + rg_tail + nxt + u.padded + max(u.grad_padded, own)
+        bwd.append((live + held, held))
+        reduce = r + rg_tail + nxt + u.grad_padded + max(u.grad_padded, u.grad_shard + copies * u.grad_padded)
         bwd.append((live + reduce, reduce))
         done += u.grad_shard
     if rg:

@@ -17,21 +17,22 @@ _KINDS = [("all_reduce", "all-reduce"), ("all_gather", "all-gather"), ("reduce_s
 
 
 def _table(title: str) -> Table:
-    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1), title_justify="left")
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1), title_justify="left",
+                 min_width=72)
 
 
 def _layout_text(sec: dict) -> str:
     tp = f", tp {sec['tp']} x dp {sec['dp']}" if sec.get("tp", 1) > 1 else ""
-    return (f"{sec['strategy']} on {sec['world_size']} ranks{tp}, micro-batch {sec.get('micro_batch')} "
-            f"(global {sec.get('global_batch', '?')})")
+    return (f"{sec['strategy']}, {sec['world_size']} ranks{tp}, micro-batch {sec.get('micro_batch')} of "
+            f"{sec.get('global_batch', '?')}")
 
 
 def memory_table(sec: dict) -> Table:
     pr = sec["per_rank"]
-    t = _table(f"per-rank memory: {_layout_text(sec)}; peak in {sec.get('peak_phase', '?')}")
+    t = _table(f"per-rank memory: {_layout_text(sec)}, peak in {sec.get('peak_phase', '?')}")
     t.add_column("what")
     t.add_column("per rank", justify="right")
-    t.add_column("one device", justify="right")
+    t.add_column("one device, same micro-batch", justify="right")
     single = sec.get("single_device") or {}
     for key, label in _ROWS:
         if pr.get(key) is None:
@@ -40,14 +41,13 @@ def memory_table(sec: dict) -> Table:
         t.add_row(label, format_bytes(pr[key]), format_bytes(one) if one is not None else "")
     measured = pr.get("peak_measured_per_rank")
     if measured:
-        t.caption = ("measured per rank: " + ", ".join(format_bytes(p) for p in measured)
-                     + "; estimate is rank 0's (the largest shard)")
+        t.caption = "measured per rank: " + ", ".join(format_bytes(p) for p in measured) + " (estimate: rank 0)"
     return t
 
 
 def collectives_table(sec: dict) -> Table:
     c = sec["collectives"]
-    t = _table("collectives per step (ring: bytes each rank sends; message = logical size)")
+    t = _table("collectives per step (ring algorithms; sent = bytes each rank sends)")
     t.add_column("kind")
     t.add_column("message", justify="right")
     t.add_column("sent per rank", justify="right")
