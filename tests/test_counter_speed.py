@@ -222,3 +222,21 @@ def test_profile_says_how_it_counted():
     frozen.requires_grad_(False)
     doc = netdiet.profile(frozen, torch.randn(2, 4), progress=False).to_dict()
     assert doc["counting"]["inference_forward"] == "separate pass" and doc["totals"]["macs"] == 2 * 4 * 3
+
+
+def test_a_warning_of_the_forward_is_shown_once_when_the_meta_copy_counts():
+    import warnings
+
+    class Warns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            warnings.warn("from the forward")
+            return self.fc(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count_ops(Warns(), torch.randn(3, 2))
+    assert [str(w.message) for w in caught] == ["from the forward"]

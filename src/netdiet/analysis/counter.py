@@ -477,11 +477,15 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
             copy = None
         if copy is not None:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")   # the real run below repeats any warning that matters
-                    return run(copy, meta_args, True)
+                with warnings.catch_warnings(record=True) as caught:   # shown only if the copy's count stands
+                    warnings.simplefilter("always")
+                    result = run(copy, meta_args, True)
             except Exception:   # noqa: BLE001 - any failure on the copy: the real count decides
                 pass
+            else:
+                for w in caught:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+                return result
     return run(model, args, False)
 
 
