@@ -222,7 +222,6 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-# ==================================================================== compress / evaluate
 # ==================================================================== plan
 @command
 def _plan(sub: argparse._SubParsersAction) -> None:
@@ -265,6 +264,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ==================================================================== compress / evaluate
 @command
 def _compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="run a compression recipe (prune, cluster, quantize, low-rank, distill...) and "
@@ -625,11 +625,11 @@ def demo_steps(out: str, seed: int = 0, threads: int | None = None) -> list[tupl
                                                                       "--setting", "class", "--budget", "256KiB",
                                                                       "--json", str(d / "continual.json"), *s],
                   [str(d / "continual.json")]))
-    return steps
     # past one machine: the zoo's 7B preset on 8 H100s, planned on the meta device (nothing allocated)
     steps.append(("plan the 7B transformer on 8 H100s", ["plan", "transformer", "--model-kw", "preset=7b", "--devices",
                                                           "8xh100", "--json", str(d / "plan.json")],
                   [str(d / "plan.json")]))
+    return steps
 
 
 def _step_done(files: list[str]) -> bool:
