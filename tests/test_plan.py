@@ -13,7 +13,7 @@ from netdiet.analysis import plan as plan_mod
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.devices import get_device
 from netdiet.analysis.memory import estimate_memory
-from netdiet.cli import main
+from netdiet.cli import demo_steps, main
 from netdiet.documents import field_problems, read_result
 from netdiet.errors import NetdietError
 from netdiet.models import create_model
@@ -168,3 +168,9 @@ def test_a_model_that_fits_nowhere_is_one_line_with_by_how_much(capsys):
     err = err[-1]
     assert re.search(r"no layout of transformer fits 1x tpu-v5e \(14.90 GiB each\): the smallest per-rank peak is "
                      r"[\d.]+ GiB \(ddp x1, micro-batch 1\), [\d.]+ GiB over", err), err
+
+
+def test_the_demo_plans_the_7b_preset_on_8_h100s(tmp_path):
+    title, argv, files = next(s for s in demo_steps(str(tmp_path)) if s[1][0] == "plan")
+    assert argv[:5] == ["plan", "transformer", "--model-kw", "preset=7b", "--devices"] and argv[5] == "8xh100"
+    assert files == [str(tmp_path / "plan.json")]
