@@ -13,6 +13,7 @@ from torch import nn
 from netdiet.analysis import counter
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.passes import count_step, separate_pass_reason
+from netdiet.errors import NetdietError
 from netdiet.models import create_model, default_inputs, list_models, make_inputs
 
 torch.set_num_threads(1)
@@ -240,3 +241,17 @@ def test_a_warning_of_the_forward_is_shown_once_when_the_meta_copy_counts():
         warnings.simplefilter("always")
         count_ops(Warns(), torch.randn(3, 2))
     assert [str(w.message) for w in caught] == ["from the forward"]
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.Linear(3, 4), torch.randn(2, 3).bfloat16()),
+    (nn.Conv2d(3, 4, 3, bias=False), torch.randn(1, 3, 8, 8).bfloat16()),
+    (nn.ConvTranspose2d(3, 4, 3), torch.randn(1, 3, 8, 8).bfloat16()),
+])
+def test_a_dtype_the_cpu_kernel_refuses_is_refused_though_the_meta_kernel_takes_it(layer, x):
+    # the meta kernels of matrix products and convolutions accept mixed dtypes; the count must fail as the real
+    # model does, not count a call that cannot run
+    with pytest.raises(NetdietError, match="dtype|type"):
+        count_ops(layer, x)
+    with pytest.raises(NetdietError):
+        count_step(layer, x, "adam")

@@ -124,6 +124,13 @@ class _Tally:
             fwd["bytes_written"] += cost.bytes_written
 
 
+# Matrix products and convolutions take one dtype on the CPU ("mat1 and mat2 must have the same dtype", "Input type
+# and weight type should be the same") while their meta kernels accept any mix: on a meta copy such a call goes to
+# the real tensors, whose kernel says what is wrong.
+_SAME_DTYPE = frozenset(id(getattr(torch.ops.aten, n)) for n in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr", "convolution", "_convolution",
+    "convolution_backward", "_scaled_dot_product_flash_attention_for_cpu"))
+
 # meta kernels run once per distinct call (many of torch's are Python: elementwise type promotion, batch norm,
 # convolution); a count reads only the outputs' metadata, which the memo reproduces exactly (meta_memo.py)
 _META_MEMO = MetaMemo()
@@ -137,6 +144,9 @@ class _CountMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.counter.strict and id(func.overloadpacket) in _SAME_DTYPE and len(
+                {a.dtype for a in args if isinstance(a, torch.Tensor)}) > 1:
+            raise RealTensorsNeeded(f"{func} on mixed dtypes: the CPU kernel refuses them, the meta one does not")
         out = func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
         self.counter.record(func, args, kwargs, out)
         return out
