@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import netdiet
+import netdiet.analysis.tensor_parallel
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.parallel import Layout, analyse, fsdp_units, micro_batch, parse_layout, per_rank, shard_numel
 from netdiet.cli import main
@@ -165,3 +166,21 @@ def test_cli_profile_writes_the_distributed_section(tmp_path, capsys):
     assert sec["strategy"] == "fsdp" and sec["dp"] == 2 and sec["micro_batch"] == 2 and sec["global_batch"] == 4
     # 2,643,968 B of fp32 parameters (the hand count above), halved without padding at N = 2
     assert sec["single_device"]["weights"] == 2_643_968 and sec["per_rank"]["weights"] == 1_321_984
+
+
+def test_device_adds_the_projected_step_and_tp_takes_the_split(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert main(["profile", "transformer", "--batch-size", "4", "--parallel", "fsdp", "--world-size", "2",
+                 "--device", "h100-sxm", "--json", str(out)]) == 0
+    sec = json.loads(out.read_text())["distributed"]
+    assert sec["step_time_s"] > 0 and 0 < sec["mfu"] <= 1 and sec["tokens_or_samples_per_s"] > 0
+    assert "projected step" in capsys.readouterr().out
+    # tensor parallel: each rank's parameters are tensor_parallel.split's (sharded + replicated) bytes
+    net = netdiet.create_model("transformer")
+    x = (torch.randint(0, 1000, (2, 64)),)
+    est = estimate_memory(net, x, **ADAM)
+    split = netdiet.analysis.tensor_parallel.split(net, 2, est)
+    sec = per_rank(parse_layout("tp", 2, None, None), net, x, mem_kw=ADAM, estimate=est)
+    assert abs(sec["per_rank"]["weights"] - (split["sharded_params"] + split["replicated_params"])) <= 3
+    assert sec["per_rank"]["activations"] == split["activations_per_rank"]
+    assert sec["collectives"]["messages"]["all_reduce"] == split["all_reduce_bytes_per_step"]

@@ -209,7 +209,7 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
         notes.append(f"parameter bytes by unit ({counted_w} B) differ from the simulated weights ({W} B)")
 
     # tensor parallel: the local model each tp rank holds (scaled per unit), and its activations
-    tp_split, act_scale, tp_all_reduce = None, 1.0, 0
+    tp_split, tp_all_reduce = None, 0
     if tp > 1 or layout.strategy == "tp":
         tp_split = _tp_split(net, tp, estimate)
         local = int(tp_split["sharded_params"]) + int(tp_split["replicated_params"])
@@ -218,8 +218,6 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
             for f in ("full", "padded", "shard", "grad_full", "grad_padded", "grad_shard"):
                 setattr(u, f, int(getattr(u, f) * scale))
             u.state_full, u.state_shard = int(u.state_full * scale), int(u.state_shard * scale)
-        if estimate.activations:
-            act_scale = int(tp_split["activations_per_rank"]) / estimate.activations
         tp_all_reduce = int(tp_split["all_reduce_bytes_per_step"])
         notes.extend(tp_split.get("notes", []))
         notes.append(f"tensor parallel degree {tp}: parameters, gradients and state scaled to each tp rank's "
@@ -246,7 +244,7 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
                      f"{estimate.peak_phase or 'an unknown phase'}); all of them are assumed there (an upper bound)")
     outputs = int(bd.get("outputs", 0))
     acts = int(estimate.activations)
-    act_cut = int(acts * (1.0 - act_scale)) if tp_split is not None else 0
+    act_cut = acts - int(tp_split["activations_per_rank"]) if tp_split is not None else 0
     fixed = int(estimate.buffers) + int(estimate.inputs)
     # the optimizer's own temporaries (single-tensor Adam: sqrt and div of one parameter at a time) shrink with
     # the largest parameter each rank updates

@@ -66,7 +66,7 @@ def projection_line(sec: dict) -> str | None:
         return None
     rate = sec.get("tokens_or_samples_per_s")
     mfu = sec.get("mfu")
-    parts = [f"projected step {sec['step_time_s'] * 1e3:.2f} ms"]
+    parts = [f"projected step {sec['step_time_s'] * 1e3:.3g} ms on {escape(str(sec.get('device') or 'the device'))}"]
     if rate:
         parts.append(f"{rate:,.0f} /s")
     if mfu is not None:
