@@ -6,6 +6,7 @@ hook, wrappers of torch.distributed's all_gather_single / reduce_scatter_single)
 estimated message bytes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import netdiet
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.parallel import parse_layout, per_rank
 from netdiet.analysis.parallel_measure import measure_layout
+from netdiet.cli import main
 
 ADAM = dict(optimizer="adam")
 TOLERANCE = 0.05
@@ -88,3 +90,15 @@ def test_hf_estimate_within_5_percent_through_profile_measure(hf_folders, name, 
     assert abs(pr["peak_estimated"] - pr["peak_measured"]) <= TOLERANCE * pr["peak_measured"], pr
     for rank_coll in doc["distributed"]["measured"]["collectives"]:
         assert rank_coll == doc["distributed"]["collectives"]["messages"]
+
+
+def test_cli_measure_puts_each_rank_peak_beside_the_estimate(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["profile", "mlp", "--batch-size", "16", "--parallel", "fsdp", "--world-size", "2", "--measure",
+                 "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert "peak (measured)" in capsys.readouterr().out
+    sec = json.loads(out.read_text())["distributed"]
+    pr = sec["per_rank"]
+    assert len(pr["peak_measured_per_rank"]) == 2 and pr["peak_measured"] == max(pr["peak_measured_per_rank"])
+    assert abs(pr["peak_estimated"] - pr["peak_measured"]) <= TOLERANCE * pr["peak_measured"]
+    assert all(c == sec["collectives"]["messages"] for c in sec["measured"]["collectives"])
