@@ -255,3 +255,13 @@ def test_a_dtype_the_cpu_kernel_refuses_is_refused_though_the_meta_kernel_takes_
         count_ops(layer, x)
     with pytest.raises(NetdietError):
         count_step(layer, x, "adam")
+
+
+def test_token_ids_outside_the_embedding_fail_as_on_the_real_tensors(monkeypatch):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    ran = _Ran(monkeypatch)
+    with pytest.raises(NetdietError, match="index out of range|out of range"):
+        count_ops(model, torch.tensor([[1, 2, 10]]))
+    assert ran.devices == ["meta", "cpu"]   # the copy saw the real ids and gave the count back
+    # ids inside the table: counted on the copy; by hand Linear(4, 2) on 3 tokens = 3·4·2 MACs
+    assert count_ops(model, torch.tensor([[1, 2, 9]])).macs == 24 and ran.devices[-1] == "meta"

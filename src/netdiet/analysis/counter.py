@@ -17,7 +17,6 @@ How attribution works:
 """
 from __future__ import annotations
 
-import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from netdiet.analysis.meta_guard import CPU_PATHS, RealTensorsNeeded, check_call, on_meta_copy
 from netdiet.analysis.meta_memo import MetaMemo
 
 # re-exported: the rest of netdiet imports LOSS, ModuleCost, OpCounts and the optimizer table from here
@@ -43,7 +43,6 @@ from netdiet.analysis.opcounts import (  # noqa: F401
     optimizer_step_flops,
 )
 from netdiet.analysis.ops import OpCost, is_free, op_cost
-from netdiet.analysis.step import meta_copy
 from netdiet.errors import NetdietError
 from netdiet.models.inputs import bind_inputs, structured_forward
 
@@ -124,13 +123,6 @@ class _Tally:
             fwd["bytes_written"] += cost.bytes_written
 
 
-# Matrix products and convolutions take one dtype on the CPU ("mat1 and mat2 must have the same dtype", "Input type
-# and weight type should be the same") while their meta kernels accept any mix: on a meta copy such a call goes to
-# the real tensors, whose kernel says what is wrong.
-_SAME_DTYPE = frozenset(id(getattr(torch.ops.aten, n)) for n in (
-    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr", "convolution", "_convolution",
-    "convolution_backward", "_scaled_dot_product_flash_attention_for_cpu"))
-
 # meta kernels run once per distinct call (many of torch's are Python: elementwise type promotion, batch norm,
 # convolution); a count reads only the outputs' metadata, which the memo reproduces exactly (meta_memo.py)
 _META_MEMO = MetaMemo()
@@ -144,27 +136,11 @@ class _CountMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.counter.strict and id(func.overloadpacket) in _SAME_DTYPE and len(
-                {a.dtype for a in args if isinstance(a, torch.Tensor)}) > 1:
-            raise RealTensorsNeeded(f"{func} on mixed dtypes: the CPU kernel refuses them, the meta one does not")
+        if self.counter.strict:
+            check_call(func, args)
         out = func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
         self.counter.record(func, args, kwargs, out)
         return out
-
-
-class RealTensorsNeeded(RuntimeError):
-    """A count on a meta copy of a real model met a call whose CPU path is not its meta path: count for real."""
-
-
-# Calls whose CPU kernel differs from what the meta device runs in their place, so a meta copy would count other
-# operators than the real model: the recurrent layers (the CPU precomputes the input projection of every step,
-# LSTM runs as mkldnn_rnn_layer) and multi-head attention (the CPU's fused fast paths; its attention is not
-# routed), and the fused linear + cross-entropy (its chunking and accumulation dtype are chosen by device type).
-# On a meta copy of a real model they send the count back to the real tensors.
-_CPU_PATHS = frozenset(f for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu, F.multi_head_attention_forward,
-                                   getattr(torch, "_native_multi_head_attention", None),
-                                   getattr(torch, "_transformer_encoder_layer_fwd", None),
-                                   getattr(F, "linear_cross_entropy", None)) if f is not None)
 
 
 _DETACH = (torch.Tensor.detach, torch.detach)
@@ -193,7 +169,7 @@ class _MetaAttentionMode(TorchFunctionMode):
                 return rerouted
             if self.strict:
                 raise RealTensorsNeeded("an attention the CPU may run otherwise than the meta device")
-        elif self.strict and func in _CPU_PATHS:
+        elif self.strict and func in CPU_PATHS:
             raise RealTensorsNeeded(f"{getattr(func, '__name__', func)} runs another path on the CPU")
         return func(*args, **kwargs)
 
@@ -467,36 +443,6 @@ def check_count_args(optimizer: str, loss: str) -> str:
     optimizer_step_flops(opt_key, 0)  # validates the name
     check_autograd_api()
     return opt_key
-
-
-def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) -> Any:
-    """`run(model, args, strict)` on a meta copy of a CPU model and its inputs (strict=True: see
-    _MetaAttentionMode), else, or when that fails, `run(model, args, False)` on the real ones.
-
-    Counting needs shapes only, and every formula reads only shapes, so the copy counts what the real model would
-    without running a kernel; a forward that reads tensor values, an op without a meta kernel, or a call whose
-    CPU path differs (_CPU_PATHS, an attention the flash op cannot stand in for) raises on the copy, and the
-    real count (with its own error, if any) stands."""
-    tensors = list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, torch.Tensor)]
-    if enabled and tensors and all(t.device.type == "cpu" for t in tensors):
-        try:
-            copy = meta_copy(model)
-            meta_args = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
-                              .requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-        except Exception:   # not deep-copyable: count the model itself
-            copy = None
-        if copy is not None:
-            try:
-                with warnings.catch_warnings(record=True) as caught:   # shown only if the copy's count stands
-                    warnings.simplefilter("always")
-                    result = run(copy, meta_args, True)
-            except Exception:   # noqa: BLE001 - any failure on the copy: the real count decides
-                pass
-            else:
-                for w in caught:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-                return result
-    return run(model, args, False)
 
 
 def count_module_calls(model: nn.Module, calls: list[tuple[str, nn.Module, tuple]], strict: bool = False) -> list[Any]:

@@ -34,8 +34,8 @@ from netdiet.analysis.counter import (
     check_count_args,
     count_module_calls,
     count_pass,
-    on_meta_copy,
 )
+from netdiet.analysis.meta_guard import on_meta_copy
 
 RECOUNTED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.dropout._DropoutNd,
              nn.RReLU)
@@ -53,7 +53,7 @@ DERIVED_NOTE = ("inference forward derived from the training pass (eval-mode rec
 def count_step(model: nn.Module, args: tuple, optimizer: str = "adam", loss: str = "auto",
                derive: bool = True) -> tuple[OpCounts, OpCounts | None, dict[str, Any]]:
     """(training-step counts, inference counts or None, how): one training pass (on a meta copy when the forward
-    allows, see counter.on_meta_copy) and, where exact, the inference forward derived from it; None when the
+    allows, see meta_guard.on_meta_copy) and, where exact, the inference forward derived from it; None when the
     inference forward needs a pass of its own (`how["reason"]` says why). Errors as counter.count_ops raises them."""
     opt_key = check_count_args(optimizer, loss)
     watched = recounted_names(model) if derive else frozenset()
