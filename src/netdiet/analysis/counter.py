@@ -14,6 +14,9 @@ How attribution works:
   math path; the counter routes it to the CPU flash operator (it has meta support) so meta and CPU counts agree.
   Function modes are not active inside backward, where torch.utils.checkpoint recomputes a checkpointed forward,
   so the counter re-enters the routing around every module call made during backward (see `_Counter._pre`).
+- A CPU model is counted on a meta copy unless the forward needs its real tensors (meta_guard.py); views and
+  metadata ops are tallied by count only; a training pass can keep its forward per group so that passes.py
+  derives the eval-mode forward from it (`_Tally`, `count_pass(watched=...)`, `count_module_calls`).
 """
 from __future__ import annotations
 
