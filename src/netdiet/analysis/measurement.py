@@ -87,7 +87,8 @@ def _measure_cuda(net, x, opt, amp_ctx, loss_fn, steps, base) -> dict:
             "device": "cuda"}
 
 
-def _allocator_events(prof, collectives: bool = False) -> list[tuple[int, int]]:
+def _allocator_events(prof, collectives: bool = False,
+                      orphan_spans: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """(time, +bytes / -bytes) of every CPU allocation made inside the profiling session and of its free.
 
     Frees of blocks allocated before the session (e.g. garbage of earlier work collected now) are left out:
@@ -96,7 +97,9 @@ def _allocator_events(prof, collectives: bool = False) -> list[tuple[int, int]]:
     The profiler sees allocator calls only on the threads it follows. A block whose last reference dies on a
     thread it does not follow (a gloo worker finishing a collective) has no free event: when its address is handed
     out again, it was freed before that. With `collectives`, a block allocated inside a collective (a c10d:: or
-    gloo: op: the backend's flat copies) that has no free event is taken as freed when that op ends.
+    gloo: op: the backend's flat copies) that has no free event is taken as freed when that op ends. With
+    `orphan_spans` (the caller freed everything it made before the session ended), any other block still unfreed
+    at the end is taken as freed at the end of the span it was allocated in.
     """
     from torch._C._profiler import _EventType
 
@@ -114,7 +117,7 @@ def _allocator_events(prof, collectives: bool = False) -> list[tuple[int, int]]:
         elif collectives and coll_end is None and node.name.startswith(("c10d::", "gloo:")):
             coll_end = node.end_time_ns
         stack.extend((child, coll_end) for child in node.children)
-    if scope_end:
+    if scope_end or orphan_spans:
         unfreed: dict[int, int] = {}   # address -> index of its allocation not yet freed
         orphans = []
         for i in sorted(range(len(raw)), key=lambda k: raw[k][0]):
@@ -125,8 +128,13 @@ def _allocator_events(prof, collectives: bool = False) -> list[tuple[int, int]]:
                 unfreed[ptr] = i
             else:
                 unfreed.pop(ptr, None)
-        orphans += unfreed.values()
-        raw += [(scope_end[i], raw[i][1], -raw[i][2]) for i in orphans if i in scope_end]
+        leftover = list(unfreed.values())
+        closing = [(scope_end[i], raw[i][1], -raw[i][2]) for i in orphans + leftover if i in scope_end]
+        for i in leftover:
+            span = next((sp for sp in orphan_spans or () if sp[0] <= raw[i][0] <= sp[1]), None)
+            if i not in scope_end and span is not None:
+                closing.append((span[1], raw[i][1], -raw[i][2]))
+        raw += closing
     raw.sort(key=lambda ev: ev[0])
     live: dict[int, int] = {}
     events = []
@@ -238,12 +246,15 @@ def cpu_allocation_peak():
     out["live"] = sum(n for _, n in events)    # allocated inside the block and still held at its end
 
 
-def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None], collectives: bool = False) -> dict[str, int]:
+def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None], collectives: bool = False,
+                     close_in: tuple[str, ...] = ()) -> dict[str, int]:
     """Run `run(region)` under the profiler's CPU allocator events; every `with region(name):` block gets the peak
     of the running allocation total inside it, counted from the session's start (so what `run` builds inside the
     session — a model copy, its wrappers — is in the total; allocations made before the session, and their frees,
     are not). With `collectives`, a collective's temporaries freed on a backend thread count as freed when the
-    collective ends (see _allocator_events). Used by the per-rank measurement of parallel_measure.py."""
+    collective ends (see _allocator_events); with `close_in` (region names; `run` must free all it made before it
+    returns), a block never freed is taken as freed at the end of the named region it was allocated in. Used by
+    the per-rank measurement of parallel_measure.py."""
     import gc
 
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -252,5 +263,6 @@ def cpu_region_peaks(run: Callable[[Callable[[str], Any]], None], collectives: b
     gc.collect()  # garbage of earlier work must not be freed inside the session
     with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run(lambda name: record_function(prefix + name))
-    events = _allocator_events(prof, collectives)
-    return {name: _peak_in(events, start, end)[0] for name, (start, end) in _annotations(prof, prefix).items()}
+    spans = _annotations(prof, prefix)
+    events = _allocator_events(prof, collectives, [spans[name] for name in close_in if name in spans])
+    return {name: _peak_in(events, start, end)[0] for name, (start, end) in spans.items()}

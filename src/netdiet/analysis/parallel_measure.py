@@ -13,6 +13,7 @@ reduce_scatter_single), as the independent check on the estimate's message sizes
 """
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -38,12 +39,14 @@ MEASURABLE = ("ddp", "fsdp", "zero3")
 
 
 def measure_layout(layout: Layout, net: nn.Module, x_micro: Any, *, mem_kw: dict, steps: int = 3,
-                   sessions: int = 2) -> dict[str, Any]:
+                   sessions: int = 3) -> dict[str, Any]:
     """Run the layout for real: world_size gloo processes, each at the micro-batch `x_micro`. Returns every rank's
     peak (`peaks`), its per-step peaks, and the collective message bytes it issued per steady-state step.
 
     Each rank runs `sessions` independent sessions (a fresh model copy each) and keeps the smallest: the profiler
-    misses a free now and then (see measurement._allocator_events), and a missed free only adds."""
+    misses a free now and then (see measurement._allocator_events), and gloo's worker thread sometimes drops its
+    reference to a collective's tensor only after the main thread has moved on, holding one unit's flat buffer a
+    little longer (real, but a race); both only ever add."""
     if layout.strategy not in MEASURABLE:
         raise NetdietError(f"--measure runs ddp and fsdp (zero3) layouts with PyTorch's own engine; "
                            f"'{layout.strategy}' is estimated only (drop --measure)")
@@ -167,11 +170,13 @@ def _rank_step(rank: int, world: int, strategy: str, net: nn.Module, x: tuple, o
                     open_phase.append(ctx)
             with region(str(step)):
                 train_step(wrapped, inputs, opt, amp_ctx, default_loss, marks)
+        del wrapped, model, opt, inputs, trainable
+        gc.collect()   # everything this session made is freed inside it: what stays unfreed is a missed free
 
     runs = []
     for _ in range(sessions):
         recorder.per_step.clear()
-        peaks = cpu_region_peaks(run, collectives=True)
+        peaks = cpu_region_peaks(run, collectives=True, close_in=tuple(str(s) for s in range(steps)))
         runs.append(peaks)
     # a free the profiler missed only ever adds to a running total, so the smallest session is the truest
     peaks = min(runs, key=lambda p: max(p[str(s)] for s in range(1, steps)))
