@@ -418,6 +418,10 @@ def _fsdp_timeline(units: list[_UnitBytes], net: nn.Module, estimate: Any, *, ba
         nxt = rev[j + 1].padded if j + 1 < len(rev) else 0
         own = sum(v for m, v in (estimate.module_activations or {}).items() if _inside(m, u.name))
         live = base + outputs + before.get(u.name, 0) + done
+        # u's pre-backward: u unsharded, its saved activations all alive, the next unit's all-gather issued
+        # (its flat output, and gloo's flat copy while it runs)
+        prefetch = r + rg_tail + u.padded + nxt * (1 + copies)
+        bwd.append((live + own + prefetch, prefetch))
         # while u differentiates, its saved activations are freed as its gradients appear
         held = r + rg_tail + nxt + u.padded + max(u.grad_padded, own)
         bwd.append((live + held, held))
