@@ -50,6 +50,29 @@ def test_layer_scaled_estimate_equals_the_full_simulation(ckpt):
         assert full.recompute_flops > 0 and full.checkpointed_blocks == [f"blocks.{i}" for i in range(6)]
 
 
+def test_every_micro_batch_is_checked_and_a_stack_not_affine_from_two_blocks_is_scaled_from_three():
+    # d_model 128, vocab 4000, checkpointing, bf16: at micro-batch 1 the backward peak grows by the same bytes per
+    # block from 2 blocks on; at micro-batch 4 it grows 1,264,432 B from 2 to 3 blocks but 1,586,224 B from 3 to 4
+    # and from 4 to 5 (the peak moves to another place once a third block exists). A check made once at
+    # micro-batch 1 would have extrapolated micro-batch 4 from 2 and 3 blocks: 1.3 MB low at 6 blocks.
+    with torch.device("meta"):
+        net = create_model("transformer", layers=6, d_model=128, heads=4, seq_len=32, vocab=4000)
+    x_at = lambda mb: (torch.empty((mb, 32), dtype=torch.int64, device="meta"),)  # noqa: E731
+    kw = dict(optimizer="adam", dtype="bf16")
+    sim = plan_mod.Simulator(net, x_at, kw, "adam")
+    for mb, base in ((1, 2), (4, 3)):
+        scaled = sim.estimate(mb, True)
+        assert sim.bases[(mb, True)] == base
+        full = estimate_memory(net, x_at(mb), **kw, checkpointing=True)
+        for f in plan_mod._INT_FIELDS + ("phase_peaks", "peak_breakdown", "peak_phase", "module_activations",
+                                         "checkpointed_blocks"):
+            assert getattr(scaled, f) == getattr(full, f), (mb, f)
+    stack = plan_mod.find_stack(net)
+    runs = {k: sim._estimate_with(k, 4, True).phase_peaks["backward"] for k in (2, 3, 4, 5)}
+    assert [runs[3] - runs[2], runs[4] - runs[3], runs[5] - runs[4]] == [1_264_432, 1_586_224, 1_586_224]
+    assert stack.length == 6 and sim.checked == {True: True}
+
+
 def test_layer_scaled_counts_equal_the_full_count():
     net = _meta(6)
     stack = plan_mod.find_stack(net)
