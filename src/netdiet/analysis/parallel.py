@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -209,11 +210,11 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
         notes.append(f"parameter bytes by unit ({counted_w} B) differ from the simulated weights ({W} B)")
 
     # tensor parallel: the local model each tp rank holds (scaled per unit), and its activations
-    tp_split, tp_all_reduce = None, 0
+    tp_split, tp_all_reduce, tp_scale = None, 0, 1.0
     if tp > 1 or layout.strategy == "tp":
         tp_split = _tp_split(net, tp, estimate)
         local = int(tp_split["sharded_params"]) + int(tp_split["replicated_params"])
-        scale = local / W if W else 1.0
+        scale = tp_scale = local / W if W else 1.0
         for u in units:
             for f in ("full", "padded", "shard", "grad_full", "grad_padded", "grad_shard"):
                 setattr(u, f, int(getattr(u, f) * scale))
@@ -262,24 +263,31 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
         elt = _elt(next((p for p in net.parameters() if p.is_floating_point()), torch.empty(())), dtype)
         buffers["reduce_bucket"] = min(full_g, ZERO_REDUCE_BUCKET_ELEMENTS * elt)
     always = buffers.get("gradient_buckets", 0)
+    # the gradients alive at the backward peak, on this rank: a tp rank holds its tp share of each, a sharded
+    # gradient its dp share
+    g_at_rank = g_at_b * tp_scale
     phase_rank = {
         "forward": rest_f + w_rank + s_rank + always,
-        "backward": rest_b + w_rank + s_rank + g_at_b * (g_rank / full_g if full_g else 0) + always
+        "backward": rest_b + w_rank + s_rank + g_at_rank * (g_rank / full_g if full_g else 0) + always
         + buffers.get("reduce_bucket", 0),
         "optimizer": fixed + outputs + w_rank + s_rank + g_rank + temps_o + always,
     }
     phase_buffers = {k: always + (buffers.get("reduce_bucket", 0) if k == "backward" else 0) for k in phase_rank}
     if shard_param and n > 1:
-        fsdp = _fsdp_timeline(units, net, estimate, base=fixed + w_rank + s_rank, outputs=outputs,
+        # under tp the walk sees each tp rank's share: its modules' split activations and gradients
+        walked = estimate if tp_split is None else SimpleNamespace(module_activations={
+            m: int(e["activations"]) for m, e in tp_split["per_module"].items() if "activations" in e})
+        fsdp = _fsdp_timeline(units, net, walked, base=fixed + w_rank + s_rank, outputs=outputs,
                               copies=0 if layout.device not in (None, "cpu") else 1,
-                              single=(phase_rank["forward"], rest_b + w_rank + s_rank, g_at_b, G))
+                              single=(phase_rank["forward"], rest_b + w_rank + s_rank, int(g_at_rank),
+                                      int(G * tp_scale)))
         for k in ("forward", "backward"):
             phase_rank[k], phase_buffers[k] = fsdp[k]
         buffers.update(fsdp["buffers"])
     phase_rank = {k: int(v) for k, v in phase_rank.items()}
     peak_phase = max(phase_rank, key=lambda k: phase_rank[k])
     comm_buffers = int(phase_buffers[peak_phase])
-    g_held = {"forward": 0, "backward": int(g_at_b * (g_rank / full_g)) if full_g else 0, "optimizer": g_rank}
+    g_held = {"forward": 0, "backward": int(g_at_rank * (g_rank / full_g)) if full_g else 0, "optimizer": g_rank}
     temporaries = (phase_rank[peak_phase] - w_rank - s_rank - comm_buffers - (acts - act_cut) - fixed
                    - g_held[peak_phase])
 
