@@ -184,3 +184,28 @@ def test_device_adds_the_projected_step_and_tp_takes_the_split(tmp_path, capsys)
     assert abs(sec["per_rank"]["weights"] - (split["sharded_params"] + split["replicated_params"])) <= 3
     assert sec["per_rank"]["activations"] == split["activations_per_rank"]
     assert sec["collectives"]["messages"]["all_reduce"] == split["all_reduce_bytes_per_step"]
+
+
+def test_under_tp_the_fsdp_walk_sees_each_tp_ranks_share(monkeypatch):
+    # zero3 x 4 . tp 2: the walk of FSDP2's units must place each tp rank's split activations and its tp share of the
+    # gradients (it was handed the whole model's, which put zero3 x tp 4 104 MB above zero2 x tp 4 on a d1024 stack)
+    from netdiet.analysis import parallel
+    with torch.device("meta"):
+        net = netdiet.create_model("transformer", layers=4, d_model=128, heads=4, seq_len=32, vocab=4000)
+    x = (torch.empty((4, 32), dtype=torch.int64, device="meta"),)
+    kw = dict(optimizer="adam", dtype="bf16")
+    est = estimate_memory(net, x, **kw)
+    seen = {}
+    walk = parallel._fsdp_timeline
+
+    def spy(units, model, estimate, **kwargs):
+        seen["acts"], seen["single"] = sum(estimate.module_activations.values()), kwargs["single"]
+        return walk(units, model, estimate, **kwargs)
+
+    monkeypatch.setattr(parallel, "_fsdp_timeline", spy)
+    section = per_rank(Layout("zero3", 8, 2), net, x, mem_kw=kw, estimate=est)
+    split = netdiet.analysis.tensor_parallel.split(net, 2, est)
+    assert seen["acts"] == split["activations_per_rank"] == section["per_rank"]["activations"] < est.activations
+    share = split["params_per_rank"] / est.weights
+    assert 0.5 < share < 0.6                                  # the vocab-parallel embedding/head and the norms
+    assert seen["single"][3] == int(est.gradients * share)
