@@ -489,6 +489,14 @@ def _tp_split(net: nn.Module, tp: int, estimate: Any) -> dict:
 
 
 # ------------------------------------------------------------------ the profile hook
+def check_model(layout: Layout, net: nn.Module, batch: int) -> None:
+    """The checks that need the model and its batch, made before the profile's passes: the data-parallel ranks
+    divide the global batch, the tensor-parallel degree divides the heads and KV heads."""
+    micro_batch(layout, batch)
+    if layout.tp > 1 or layout.strategy == "tp":
+        importlib.import_module("netdiet.analysis.tensor_parallel").check_tp(net, layout.tp)
+
+
 def micro_batch(layout: Layout, batch: int) -> int:
     """Per-rank micro-batch of a global batch; a batch the data-parallel ranks do not divide is refused."""
     n = layout.dp

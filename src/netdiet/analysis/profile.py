@@ -711,6 +711,8 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             bar.advance()
 
     try:
+        if layout is not None:   # a layout the batch or the heads do not divide is refused before any pass runs
+            parallel_engine.check_model(layout, net, batch)
         was_training = net.training
         # Forward figures are reported for inference (eval mode), as papers and peers report them:
         # in training mode batch norm computes batch statistics and dropout draws masks, which costs more.
