@@ -38,7 +38,6 @@ pieces that stand alone are in step.py (the step), scratch.py (CPU kernel rules)
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -60,6 +59,7 @@ from netdiet.analysis.step import (
     cast_input,
     default_loss,
     dtype_label,
+    meta_copy,
     model_device,
     normalise_optimizer,
     parse_dtype,
@@ -497,22 +497,7 @@ def apply_checkpointing(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------ model copies
-def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A copy of `model` on the meta device, made without allocating its weights."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        if id(p) not in memo:
-            dt = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
-            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dt, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        if id(b) not in memo:
-            dt = dtype if (dtype is not None and b.is_floating_point()) else b.dtype
-            memo[id(b)] = torch.empty(b.shape, dtype=dt, device="meta")
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:
-        raise NetdietError(f"cannot copy the model to estimate its memory ({type(exc).__name__}: {exc}); "
-                           "the model must be deep-copyable") from None
+_COPY_PURPOSE = "to estimate its memory"   # the one-line error for a model that cannot be copied
 
 
 def estimate_memory(model: nn.Module, inputs: Any, *, optimizer: str = "adam", dtype: str | torch.dtype | None = None,
@@ -586,7 +571,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     optimizer phase is what is alive when the step starts plus the priced state and transients. Otherwise two
     steps run, the optimizer's own step included: step 1 creates the state, step 2 is the steady state."""
     target = model_device(model)
-    meta = real_copy(model, dt) if real else _meta_copy(model, dt)
+    meta = real_copy(model, dt) if real else meta_copy(model, dt, _COPY_PURPOSE)
     x = tuple(cast_input(t, dt, target if real else "meta") for t in inputs)
     blocks = apply_checkpointing(meta) if checkpointing else []
     policy = _MetaPolicy(target)
@@ -769,7 +754,7 @@ def _recompute_flops(model, inputs, opt_name, dt, amp, loss_fn) -> tuple[int | N
 
     x = tuple(cast_input(t, dt, "meta") for t in inputs)
     try:
-        plain, ckpt = _meta_copy(model, dt), _meta_copy(model, dt)
+        plain, ckpt = meta_copy(model, dt, _COPY_PURPOSE), meta_copy(model, dt, _COPY_PURPOSE)
         apply_checkpointing(ckpt)
         extra = count_ops(ckpt, x, train=True).backward_flops - count_ops(plain, x, train=True).backward_flops
     except NetdietError:   # the figure is an extra; the memory estimate stands without it

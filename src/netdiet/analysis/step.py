@@ -127,9 +127,10 @@ def real_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return m
 
 
-def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_copy(model: nn.Module, dtype: torch.dtype | None = None, purpose: str = "to the meta device") -> nn.Module:
     """A deep copy of `model` on the meta device, made without allocating its weights (parameters and buffers
-    are replaced by meta tensors of their shape, and of `dtype` when given and floating; sharing is kept)."""
+    are replaced by meta tensors of their shape, and of `dtype` when given and floating; sharing is kept).
+    `purpose` completes the one-line error for a model that cannot be copied ("cannot copy the model <purpose>")."""
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in memo:
@@ -139,7 +140,7 @@ def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     try:
         return _deepcopy_module(model, memo)
     except Exception as exc:
-        raise NetdietError(f"cannot copy the model to the meta device ({type(exc).__name__}: {exc}); "
+        raise NetdietError(f"cannot copy the model {purpose} ({type(exc).__name__}: {exc}); "
                            "the model must be deep-copyable") from None
 
 
