@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.analysis import devices, roofline, tensor_parallel
 from netdiet.analysis.scaling import with_batch
 from netdiet.analysis.step import parse_dtype
 from netdiet.errors import NetdietError
@@ -212,7 +213,7 @@ def per_rank(layout: Layout, net: nn.Module, x_micro: tuple, *, mem_kw: dict, es
     # tensor parallel: the local model each tp rank holds (scaled per unit), and its activations
     tp_split, tp_all_reduce, tp_scale = None, 0, 1.0
     if tp > 1 or layout.strategy == "tp":
-        tp_split = _tp_split(net, tp, estimate)
+        tp_split = tensor_parallel.split(net, tp, estimate)
         local = int(tp_split["sharded_params"]) + int(tp_split["replicated_params"])
         scale = tp_scale = local / W if W else 1.0
         for u in units:
@@ -479,22 +480,13 @@ def _collectives(layout: Layout, units: list[_UnitBytes], n: int, tp: int, tp_al
             "algorithm": "ring: all-reduce sends 2(N-1)/N x message, all-gather / reduce-scatter (N-1)/N x message"}
 
 
-def _tp_split(net: nn.Module, tp: int, estimate: Any) -> dict:
-    try:
-        tensor_parallel = importlib.import_module("netdiet.analysis.tensor_parallel")
-    except ImportError:
-        raise NetdietError("tensor parallel figures (--parallel tp / --tp) are not available in this build yet; "
-                           "use --parallel ddp|fsdp|zero1|zero2|zero3 without --tp") from None
-    return tensor_parallel.split(net, tp, estimate)
-
-
 # ------------------------------------------------------------------ the profile hook
 def check_model(layout: Layout, net: nn.Module, batch: int) -> None:
     """The checks that need the model and its batch, made before the profile's passes: the data-parallel ranks
     divide the global batch, the tensor-parallel degree divides the heads and KV heads."""
     micro_batch(layout, batch)
     if layout.tp > 1 or layout.strategy == "tp":
-        importlib.import_module("netdiet.analysis.tensor_parallel").check_tp(net, layout.tp)
+        tensor_parallel.check_tp(net, layout.tp)
 
 
 def micro_batch(layout: Layout, batch: int) -> int:
@@ -507,11 +499,12 @@ def micro_batch(layout: Layout, batch: int) -> int:
     return batch // n
 
 
-def _samples_unit(x: tuple) -> str:
+def samples_unit(x: tuple) -> tuple[str, int | None]:
+    """("tokens", sequence length) for a batch of token ids (batch x sequence, integer), else ("samples", None)."""
     first = x[0] if x else None
     if first is not None and first.dim() == 2 and not first.is_floating_point():
-        return "tokens"
-    return "samples"
+        return "tokens", int(first.shape[1])
+    return "samples", None
 
 
 def analyse(layout: Layout, net: nn.Module, x: tuple, *, counts: Any, estimate: Any, estimate_at: Any,
@@ -530,6 +523,7 @@ def analyse(layout: Layout, net: nn.Module, x: tuple, *, counts: Any, estimate: 
     if layout.device is not None:
         section.update(_projection(layout, counts, section, mem_kw, mb, x))
     if measure:
+        # parallel_measure imports this module (Layout, fsdp_units): looked up here, at the call
         measure_mod = importlib.import_module("netdiet.analysis.parallel_measure")
         section["measured"] = measure_mod.measure_layout(layout, net, x_micro, mem_kw=mem_kw)
         peaks = section["measured"]["peaks"]
@@ -539,15 +533,9 @@ def analyse(layout: Layout, net: nn.Module, x: tuple, *, counts: Any, estimate: 
 
 
 def _projection(layout: Layout, counts: Any, section: dict, mem_kw: dict, mb: int, x: tuple) -> dict[str, Any]:
-    try:
-        devices = importlib.import_module("netdiet.analysis.devices")
-        roofline = importlib.import_module("netdiet.analysis.roofline")
-    except ImportError:
-        return {"projection_unavailable": "the device table and roofline (netdiet.analysis.devices / roofline) are "
-                                          "not in this build yet"}
     device = devices.get_device(layout.device)
     dtype = "bf16" if mem_kw.get("amp") else (mem_kw.get("dtype") or "fp32")
     if counts is None:
         return {"projection_unavailable": "the training step could not be counted"}
     return dict(roofline.project_step(counts, section, device, dtype=dtype, micro_batch=mb,
-                                      samples_unit=_samples_unit(x)))
+                                      samples_unit=samples_unit(x)[0]))

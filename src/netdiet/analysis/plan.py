@@ -306,13 +306,6 @@ def layout_name(strategy: str, tp: int, dp: int) -> str:
     return f"{strategy} x{dp}" + (f" · tp {tp}" if tp > 1 else "")
 
 
-def _samples_unit(x: tuple) -> tuple[str, int | None]:
-    first = x[0] if x else None
-    if first is not None and first.dim() == 2 and not first.is_floating_point():
-        return "tokens", int(first.shape[1])
-    return "samples", None
-
-
 def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: int | None = None,
          seq_len: int | None = None, model_kw: dict | None = None, optimizer: str = "adam", dtype: str = "bf16",
          amp: bool = False, micro_batch: list[int] | None = None, checkpointing: tuple[bool, ...] = (False, True),
@@ -350,7 +343,7 @@ def plan(model: nn.Module | str, devices: str = "64xh100-sxm", *, global_batch: 
 
     with contextlib.ExitStack() as stack:
         x1 = stack.enter_context(structured_forward(net, call.args, call.kwargs))
-        unit, tokens = _samples_unit(x1)
+        unit, tokens = parallel.samples_unit(x1)
         if seq_len is not None and unit != "tokens":
             raise NetdietError(f"--seq-len sets the length of a language model's token ids (batch x tokens); "
                                f"{spec or info.get('class')} does not take token ids: drop --seq-len")
