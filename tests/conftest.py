@@ -20,3 +20,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _CountedOn:
+    """The device each counter.count_pass ran on, in order (a spy: meta for a meta copy, cpu for real tensors)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from netdiet.analysis import counter
+        self.devices: list[str] = []
+        real = counter.count_pass
+
+        def spy(model, args, *rest, **kw):
+            self.devices.append(args[0].device.type)
+            return real(model, args, *rest, **kw)
+
+        monkeypatch.setattr(counter, "count_pass", spy)
+        monkeypatch.setattr("netdiet.analysis.passes.count_pass", spy)
+
+
+@pytest.fixture
+def counted_on(monkeypatch):
+    """`counted_on.devices`: where each count of the test ran (see _CountedOn)."""
+    return _CountedOn(monkeypatch)

@@ -10,8 +10,9 @@ How attribution works:
   inclusive and the root "" holds the model's totals.
 - The loss reduction of a training count runs outside the model: it is the pseudo module "<loss>" (depth 0,
   beside the root), so totals = root + "<loss>".
-- On the meta device PyTorch has no fused attention kernel and would decompose SDPA into the full (non-causal)
-  math path; the counter routes it to the CPU flash operator (it has meta support) so meta and CPU counts agree.
+- On the meta device PyTorch has no fused attention kernel and would decompose SDPA into the math path; where the
+  CPU takes its flash kernel (PyTorch's own chooser says, cpu_attention.py) the counter routes the call to the
+  flash operator (it has meta support), so meta and CPU counts agree.
   Function modes are not active inside backward, where torch.utils.checkpoint recomputes a checkpointed forward,
   so the counter re-enters the routing around every module call made during backward (see `_Counter._pre`).
 - A CPU model is counted on a meta copy unless the forward needs its real tensors (meta_guard.py); views and
@@ -32,8 +33,10 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from netdiet.analysis.meta_guard import CPU_PATHS, RealTensorsNeeded, check_call, on_meta_copy
+from netdiet.analysis import cpu_attention
+from netdiet.analysis.meta_guard import CPU_PATHS, RealTensorsNeeded, check_call, meta_values, on_meta_copy
 from netdiet.analysis.meta_memo import MetaMemo
+from netdiet.analysis.meta_values import MetaValues
 
 # re-exported: the rest of netdiet imports LOSS, ModuleCost, OpCounts and the optimizer table from here
 from netdiet.analysis.opcounts import (  # noqa: F401
@@ -132,63 +135,67 @@ _META_MEMO = MetaMemo()
 
 
 class _CountMode(TorchDispatchMode):
-    def __init__(self, counter: "_Counter", memo: MetaMemo | None = None) -> None:
+    """Counts every dispatched op; on meta, through the memo and with real twins for value questions
+    (meta_values.py: `values`, seeded with the real inputs and buffers a meta copy stands for)."""
+
+    def __init__(self, counter: "_Counter", memo: MetaMemo | None = None, values: MetaValues | None = None) -> None:
         super().__init__()
         self.counter = counter
         self.memo = memo
+        self.values = values
+
+    def _run(self, func, args: tuple, kwargs: dict) -> Any:
+        return func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.counter.strict:
             check_call(func, args)
-        out = func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
+        out = self._run(func, args, kwargs) if self.values is None else self.values(func, args, kwargs, self._run)
         self.counter.record(func, args, kwargs, out)
         return out
 
 
 _DETACH = (torch.Tensor.detach, torch.detach)
+_TOLIST = torch.Tensor.tolist
+# Not operators of the model: torch.tensor(data) marks the fresh CPU tensor it built with aten.lift_fresh (no work,
+# no new storage), and builds a meta tensor without dispatching anything; left out so a count does not depend on
+# the device it ran on (transformers' KV cache makes two per layer in an eval forward).
+NOT_COUNTED = frozenset({"aten.lift_fresh"})
 
 
 class _MetaAttentionMode(TorchFunctionMode):
-    """On meta tensors, run F.scaled_dot_product_attention as the CPU flash op (see module docstring).
+    """On meta tensors, run F.scaled_dot_product_attention as the CPU runs it (see module docstring).
 
-    `strict` (a meta copy of a real CPU model): raise RealTensorsNeeded at an attention the flash op cannot
-    stand in for, and at the calls of _CPU_PATHS. With a `counter`, the forward's own detach calls are tallied
+    `strict` (a meta copy of a real CPU model): raise RealTensorsNeeded at an attention call the CPU's chooser
+    refuses (the real call says why), and at the calls of CPU_PATHS. With a `counter`, the forward's own detach calls are tallied
     (Tensor.detach, torch.detach): in a training pass autograd dispatches aten.detach too, to save an output
     for backward, and an eval-mode forward derived from the pass keeps only the forward's own (passes.py)."""
 
-    def __init__(self, strict: bool = False, counter: "_Counter | None" = None) -> None:
+    def __init__(self, strict: bool = False, counter: "_Counter | None" = None,
+                 values: MetaValues | None = None) -> None:
         super().__init__()
         self.strict = strict
         self.counter = counter
+        self.values = values   # the count's real twins: Tensor.tolist() reads them (it dispatches nothing)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _TOLIST and self.values is not None:
+            listed = self.values.tolist(args[0])
+            if listed is not None:
+                return listed
         if func in _DETACH and self.counter is not None:
             self.counter.own_detach()
         if func is F.scaled_dot_product_attention:
-            rerouted = _flash_on_meta(*args, **kwargs)
+            backend, rerouted = cpu_attention.on_meta(*args, **kwargs)
             if rerouted is not None:
                 return rerouted
-            if self.strict:
-                raise RealTensorsNeeded("an attention the CPU may run otherwise than the meta device")
+            if backend is None and self.strict:
+                raise RealTensorsNeeded("an attention call PyTorch's CPU backend chooser refuses")
         elif self.strict and func in CPU_PATHS:
             raise RealTensorsNeeded(f"{getattr(func, '__name__', func)} runs another path on the CPU")
         return func(*args, **kwargs)
-
-
-def _flash_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    tensors = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dim() == 4 for t in tensors):
-        return None
-    if attn_mask is not None or dropout_p or not query.dtype.is_floating_point:
-        return None
-    if value.shape[-1] != query.shape[-1]:
-        return None  # the CPU kernel takes the math path there, and the flash op's meta output has q's head size
-    if query.shape[1] != key.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
-        return None  # grouped-query attention (fewer key/value heads) only when asked for: the CPU kernel takes it
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal),
-                                                                      scale=scale)[0]
 
 
 # Attributing ops to modules reads two private autograd APIs (present in torch 2.3 - 2.14): the number the next autograd
@@ -344,6 +351,8 @@ class _Counter:
         kind = self.kinds.get(id(func))   # by id: OpOverload's __hash__ is Python; torch keeps overloads alive
         if kind is None:
             kind = self.kinds[id(func)] = (str(func.overloadpacket), is_free(func))
+        if kind[0] in NOT_COUNTED:
+            return
         if kind[1]:   # a view or metadata op: its count only, no owner to find (unless backward must fill one)
             if not backward:
                 self.tally.count_view(self.stack[-1] if self.stack else self.outside, kind[0], False)
@@ -458,11 +467,12 @@ def count_module_calls(model: nn.Module, calls: list[tuple[str, nn.Module, tuple
     tallies = []
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            meta_mode = _MetaAttentionMode(strict) if on_meta else None
+            values = meta_values(model, ()) if on_meta else None   # before the modes: seeding clones tensors
+            meta_mode = _MetaAttentionMode(strict, values=values) if on_meta else None
             if meta_mode is not None:
                 meta_mode.__enter__()
             try:
-                with _CountMode(counter, _META_MEMO if on_meta else None):
+                with _CountMode(counter, _META_MEMO if on_meta else None, values):
                     for _, mod, args in calls:
                         modes = [(m, m.training) for m in mod.modules()]
                         saved = {n: b.detach().clone() for n, b in mod.named_buffers() if b.device.type != "meta"}
@@ -503,11 +513,13 @@ def count_pass(model: nn.Module, args: tuple, train: bool, opt_key: str, loss: s
                 if t.device.type == "cuda"] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=sorted(set(cuda))):
             model.train(train)
-            meta_mode = _MetaAttentionMode(strict, counter if watched is not None else None) if on_meta else None
+            values = meta_values(model, args) if on_meta else None   # before the modes: seeding clones tensors
+            meta_mode = (_MetaAttentionMode(strict, counter if watched is not None else None, values) if on_meta
+                         else None)
             if meta_mode is not None:
                 meta_mode.__enter__()
             try:
-                with _CountMode(counter, _META_MEMO if on_meta else None):
+                with _CountMode(counter, _META_MEMO if on_meta else None, values):
                     if not train:
                         with torch.no_grad():
                             model(*args)

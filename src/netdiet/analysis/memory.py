@@ -48,9 +48,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from netdiet.analysis import optimizer_cost, scratch
+from netdiet.analysis import cpu_attention, optimizer_cost, scratch
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.meta_memo import MetaMemo
+from netdiet.analysis.meta_values import MetaValues
 from netdiet.analysis.ram import available_ram
 from netdiet.analysis.step import (
     STEP_ORDER,
@@ -148,6 +149,7 @@ class _StorageTracker(TorchDispatchMode):
         self.phase: str | None = None
         self.origin: dict[int, str] = {}
         self.memo: MetaMemo | None = None       # meta kernels run once per distinct call (meta_memo.py)
+        self.values: MetaValues | None = None   # real twins of small meta tensors, for .item() (meta_values.py)
 
     def register(self, t: torch.Tensor) -> int | None:
         try:
@@ -202,8 +204,12 @@ class _StorageTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.current
 
+    def _run(self, func, args: tuple, kwargs: dict) -> Any:
+        return func(*args, **kwargs) if self.memo is None else self.memo(func, args, kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {})) if self.memo is None else self.memo(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        out = self._run(func, args, kwargs) if self.values is None else self.values(func, args, kwargs, self._run)
         if type(out) is torch.Tensor:
             self.register(out)
         else:
@@ -336,9 +342,8 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
     """What the real device would do that the meta device does not: autocast, and the CPU attention kernel.
 
     On meta, scaled_dot_product_attention falls back to the math path (it materialises the T x T attention
-    matrix); on CPU PyTorch picks its flash kernel, which saves only the output and the log-sum-exp. We call
-    that kernel's op directly under the same conditions PyTorch checks (4-D inputs, no dropout, equal head
-    dims, a supported dtype).
+    matrix); on CPU PyTorch picks its flash kernel where the call qualifies, which saves only the output and the
+    log-sum-exp. cpu_attention.py asks PyTorch's own chooser and runs that kernel's op where it would.
     """
 
     def __init__(self, target: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -347,6 +352,7 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
         self.target = target
         self.dtype = dtype
         self.cache: dict[int, torch.Tensor] = {}
+        self.values: MetaValues | None = None   # the tracker's real twins: Tensor.tolist() reads them
 
     @contextlib.contextmanager
     def amp(self, on: bool):
@@ -380,6 +386,10 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _TOLIST and self.values is not None:   # it reads data without dispatching an operator
+            listed = self.values.tolist(args[0])
+            if listed is not None:
+                return listed
         name = getattr(func, "__name__", "")
         if self.amp_on and name in _LOWP_FUNCS:
             args = self._cast(args, self.dtype, True)
@@ -389,7 +399,7 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
             kwargs = {k: self._cast(v, torch.float32, False) for k, v in kwargs.items()}
         if name == "scaled_dot_product_attention":
             routed = (_cuda_efficient_attention(*args, **kwargs) if self.target.type == "cuda"
-                      else _cpu_flash_attention(*args, **kwargs))
+                      else cpu_attention.on_meta(*args, **kwargs)[1])
             if routed is not None:
                 return routed
         return func(*args, **kwargs)
@@ -397,6 +407,7 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
 
 _ACTIVE_POLICY: list[_MetaPolicy] = []
+_TOLIST = torch.Tensor.tolist
 _RECOMPUTING = [0]   # > 0 while a checkpointed forward is being recomputed inside backward (estimate only)
 
 
@@ -412,24 +423,6 @@ def _cuda_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, 
     need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, need_lse, float(dropout_p), bool(is_causal), **kw)[0]
-
-
-def _cpu_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                         enable_gqa=False):
-    # grouped-query attention (fewer key/value heads, enable_gqa) runs in the same CPU kernel
-    gqa = bool(enable_gqa) and query.dim() == 4 and key.dim() == 4 and key.shape[1] > 0 \
-        and query.shape[1] % key.shape[1] == 0
-    ok = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0
-          and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-          and query.dtype == key.dtype == value.dtype and query.shape[-1] == key.shape[-1] == value.shape[-1]
-          and query.shape[0] == key.shape[0] == value.shape[0] and key.shape[1] == value.shape[1]
-          and (query.shape[1] == key.shape[1] or gqa))
-    if not ok:
-        return None
-    kw = {"attn_mask": attn_mask} if attn_mask is not None else {}
-    if scale is not None:
-        kw["scale"] = scale
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, bool(is_causal), **kw)[0]
 
 
 # ------------------------------------------------------------------ activation checkpointing
@@ -582,6 +575,12 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
     tr = _StorageTracker()
     if not real:
         tr.memo = META_MEMO
+        # the real inputs' and buffers' values, for a forward that asks one (.item() on a mask, position ids)
+        tr.values = MetaValues()
+        tr.values.seed_model(meta, model)
+        for m, t in zip(x, inputs):
+            tr.values.seed(m, t)
+        policy.values = tr.values
     cpu_scratch = None
     if target.type in ("cpu", "meta"):
         cpu_scratch = _CpuScratch(scratch.probe_cpu())

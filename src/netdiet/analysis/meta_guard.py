@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netdiet.analysis.meta_values import MetaValues
 from netdiet.analysis.step import meta_copy
 
 
@@ -44,9 +45,22 @@ _SAME_DTYPE = frozenset(id(getattr(torch.ops.aten, n)) for n in (
     "convolution_backward", "_scaled_dot_product_flash_attention_for_cpu"))
 
 # An embedding's CPU kernel refuses ids outside its table, which the meta kernel cannot see: a meta copy checks the
-# real input tensors it stands for (REAL_INPUTS: id of a meta input -> the real one, set while a copy counts).
+# real input tensors it stands for (REAL_INPUTS: id of a meta input or buffer -> the real one, set while a copy
+# counts; meta_values seeds the copy's real twins from it).
 _EMBEDDING = id(torch.ops.aten.embedding)
 REAL_INPUTS: dict[int, torch.Tensor] = {}
+
+
+def meta_values(model: nn.Module, args: tuple) -> MetaValues:
+    """Real twins for a count on meta (meta_values.py), seeded with the real inputs and buffers that `model` (a
+    meta copy made by on_meta_copy) and `args` stand for; none for a model that is on meta itself."""
+    values = MetaValues()
+    if REAL_INPUTS:
+        for t in list(args) + list(model.buffers()):
+            real = REAL_INPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if real is not None:
+                values.seed(t, real)
+    return values
 
 
 def _ids_fit(ids: Any, rows: int) -> bool:
@@ -87,6 +101,9 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
             copy = None
         if copy is not None:
             REAL_INPUTS.update({id(m): a for m, a in zip(meta_args, args) if isinstance(a, torch.Tensor)})
+            real_buffers = dict(model.named_buffers())
+            copy_buffers = [(b, real_buffers[n]) for n, b in copy.named_buffers() if n in real_buffers]
+            REAL_INPUTS.update({id(b): r for b, r in copy_buffers})
             try:
                 with warnings.catch_warnings(record=True) as caught:   # shown only if the copy's count stands
                     warnings.simplefilter("always")
@@ -98,6 +115,6 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
                 return result
             finally:
-                for m in meta_args:
+                for m in list(meta_args) + [b for b, _ in copy_buffers]:
                     REAL_INPUTS.pop(id(m), None)
     return run(model, args, False)
