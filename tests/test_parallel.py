@@ -174,6 +174,9 @@ def test_device_adds_the_projected_step_and_tp_takes_the_split(tmp_path, capsys)
                  "--device", "h100-sxm", "--json", str(out)]) == 0
     sec = json.loads(out.read_text())["distributed"]
     assert sec["step_time_s"] > 0 and 0 < sec["mfu"] <= 1 and sec["tokens_or_samples_per_s"] > 0
+    # token ids (4 x 64): the rate is in tokens, 4 samples of 64 per step, and the MFU is PaLM's 6 N per token
+    assert sec["throughput_unit"] == "tokens/s" and "PaLM" in sec["mfu_definition"]
+    assert sec["tokens_or_samples_per_s"] == pytest.approx(4 * 64 / sec["step_time_s"])
     assert "projected step" in capsys.readouterr().out
     # tensor parallel: each rank's parameters are tensor_parallel.split's (sharded + replicated) bytes
     net = netdiet.create_model("transformer")

@@ -537,5 +537,6 @@ def _projection(layout: Layout, counts: Any, section: dict, mem_kw: dict, mb: in
     dtype = "bf16" if mem_kw.get("amp") else (mem_kw.get("dtype") or "fp32")
     if counts is None:
         return {"projection_unavailable": "the training step could not be counted"}
+    unit, seq_len = samples_unit(x)   # token ids: tokens/s and the 6N-per-token MFU need the sequence length
     return dict(roofline.project_step(counts, section, device, dtype=dtype, micro_batch=mb,
-                                      samples_unit=samples_unit(x)[0]))
+                                      samples_unit=unit, tokens_per_sample=seq_len))
