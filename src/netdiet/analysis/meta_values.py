@@ -12,23 +12,25 @@ twins too. An operator that reads a value (`_local_scalar_dense`, `equal`), or w
 
 What keeps it exact:
 - a twin is the value the real run has: the same operator on the same values (the real inputs and buffers,
-  cloned, so nothing of the caller's is written);
+  cloned when an operator first reads them, so nothing of the caller's is written and an unread buffer costs
+  nothing);
 - random operators (tagged nondeterministic_seeded) never run on twins: their outputs have none, and an in-place
   one drops the twin of what it writes, as does any write whose other arguments have no twin; a dropped twin takes
   every twin sharing its storage (its views, its base) with it, so no stale value is ever read;
 - a tensor of more than LIMIT elements gets no twin (the values a forward branches on are small): a question on
   it stops the meta run as before, and the caller falls back to real tensors.
 The twins run inside the caller's dispatch mode, with the modes off, so they are neither counted nor tracked.
+The common operator (a meta argument with no twin) costs a loop over its top-level arguments and dict lookups.
 `torch.tensor(data, device="meta")` dispatches nothing, so what it makes has no twin (a question on it still stops
 the meta run).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 LIMIT = 1 << 20   # elements: the largest tensor that gets a real twin
 _META = torch.device("meta")
@@ -50,6 +52,9 @@ class _OpInfo:
                              if a.alias_info is not None and a.alias_info.is_write)
 
 
+_OPS: dict[int, _OpInfo] = {}   # id(operator) -> its _OpInfo, for the process (torch keeps operators alive)
+
+
 class MetaValues:
     """`values(func, args, kwargs, run)` inside a dispatch mode: `run(func, args, kwargs)` (the meta call), with
     real twins kept and value questions answered (see the module docstring). `seed(meta, real)` gives a meta
@@ -57,15 +62,51 @@ class MetaValues:
 
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
-        self.real: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.ops: dict[int, _OpInfo] = {}
-        self.answered = 0   # value questions answered from twins (the profile's `counting` notes read it)
+        # id(meta tensor) -> (a weak reference to it, its twin, the twin's storage); plain dict lookups: this runs
+        # on every operator
+        self.twins: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
+        # seeds not yet read: id(meta tensor) -> (weak reference, the caller's tensor), cloned into a twin at the
+        # first operator that reads them (most buffers, batch-norm statistics, never are)
+        self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._seeded_storages: set[int] = set()
+        self.ops = _OPS
+        self.answered = 0   # value questions answered from twins
+
+    def twin(self, t: torch.Tensor) -> torch.Tensor | None:
+        hit = self.twins.get(id(t))
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        if self.pending:
+            seed = self.pending.pop(id(t), None)
+            if seed is not None and seed[0]() is t:
+                real = seed[1].detach().clone()
+                self._keep(t, real)
+                return real
+        return None
+
+    def _keep(self, meta: torch.Tensor, real: torch.Tensor) -> None:
+        key = id(meta)
+        twins = self.twins
+
+        def gone(ref: weakref.ref, key: int = key) -> None:
+            hit = twins.get(key)
+            if hit is not None and hit[0] is ref:
+                del twins[key]
+
+        twins[key] = (weakref.ref(meta, gone), real, real.untyped_storage()._cdata)
 
     def seed(self, meta: torch.Tensor, real: torch.Tensor) -> None:
-        if (isinstance(meta, torch.Tensor) and isinstance(real, torch.Tensor) and meta.device.type == "meta"
+        """Give `meta` the values of `real` (cloned when first read, so the caller's tensor is never written).
+        A tensor sharing its storage with one already seeded gets none (two clones could not alias as they do)."""
+        if not (isinstance(meta, torch.Tensor) and isinstance(real, torch.Tensor) and meta.is_meta
                 and real.device.type == "cpu" and real.layout == torch.strided and real.numel() <= self.limit
                 and tuple(meta.shape) == tuple(real.shape) and meta.dtype == real.dtype):
-            self.real[meta] = real.detach().clone()
+            return
+        storage = real.untyped_storage()._cdata
+        if storage in self._seeded_storages:
+            return
+        self._seeded_storages.add(storage)
+        self.pending[id(meta)] = (weakref.ref(meta), real)
 
     def seed_model(self, meta_model: torch.nn.Module, model: torch.nn.Module) -> None:
         """The buffers of a meta copy get the values of the real model's buffers of the same name."""
@@ -77,37 +118,58 @@ class MetaValues:
     def tolist(self, t: Any) -> list | None:
         """`t.tolist()` from its twin (Tensor.tolist reads the data without dispatching an operator, so the
         callers' function modes ask here), or None without one."""
-        twin = self.real.get(t) if isinstance(t, torch.Tensor) and t.device.type == "meta" else None
+        twin = self.twin(t) if isinstance(t, torch.Tensor) and t.is_meta else None
         if twin is None:
             return None
         self.answered += 1
         return twin.tolist()
 
     # ------------------------------------------------------------------ the dispatch step
-    def __call__(self, func: Any, args: tuple, kwargs: dict, run: Callable[[Any, tuple, dict], Any]) -> Any:
+    def _info(self, func: Any) -> _OpInfo:
         info = self.ops.get(id(func))
         if info is None:
             info = self.ops[id(func)] = _OpInfo(func)
-        flat, spec = tree_flatten((args, kwargs))
-        real = self.real
-        known = True
-        for a in flat:
-            if isinstance(a, torch.Tensor) and a.device.type == "meta" and a not in real:
-                known = False
-                break
-        if not known or info.random:
-            if info.written and real:
+        return info
+
+    def _untwinned(self, func: Any, args: tuple, kwargs: dict, run: Callable) -> Any:
+        if self.twins or self.pending:
+            info = self._info(func)
+            if info.written:
                 self._drop_written(info, args, kwargs)
-            return run(func, args, kwargs)
-        real_args, real_kwargs = self._twins(flat, spec)
+        return run(func, args, kwargs)
+
+    def __call__(self, func: Any, args: tuple, kwargs: dict, run: Callable[[Any, tuple, dict], Any]) -> Any:
+        # the common case first, without flattening: a meta tensor argument with no twin (most of a model's ops)
+        flat_args = not kwargs
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_meta and self.twin(a) is None:
+                    return self._untwinned(func, args, kwargs, run)
+            elif isinstance(a, (list, tuple)):
+                flat_args = False
+        if flat_args:   # positional arguments, none nested: swapped without pytree
+            spec = None
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.is_meta and self.twin(a) is None:
+                    return self._untwinned(func, args, kwargs, run)
+            real_args, real_kwargs = tuple(self._swap(a) for a in args), {}
+        else:
+            flat, spec = tree_flatten((args, kwargs))
+            for a in flat:
+                if isinstance(a, torch.Tensor) and a.is_meta and self.twin(a) is None:
+                    return self._untwinned(func, args, kwargs, run)
+            real_args, real_kwargs = tree_unflatten([self._swap(a) for a in flat], spec)
+        info = self._info(func)
+        if info.random:
+            return self._untwinned(func, args, kwargs, run)
         if info.reads_values:
             return self._answer(func, real_args, real_kwargs)
         try:
             out = run(func, args, kwargs)
         except NotImplementedError:   # no meta kernel (aten.equal): the twins answer
             return self._answer(func, real_args, real_kwargs)
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if not outs or any(t.device.type != "meta" or t.numel() > self.limit for t in outs):
+        outs = (out,) if type(out) is torch.Tensor else [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs or any(not t.is_meta or t.numel() > self.limit for t in outs):
             if info.written:
                 self._drop_written(info, args, kwargs)
             return out
@@ -117,16 +179,20 @@ class MetaValues:
             if info.written:
                 self._drop_written(info, args, kwargs)
             return out
-        for m, r in zip(outs, [t for t in tree_flatten(real_out)[0] if isinstance(t, torch.Tensor)]):
-            if tuple(m.shape) == tuple(r.shape) and m.dtype == r.dtype:
-                real[m] = r
+        reals = (real_out,) if type(real_out) is torch.Tensor else \
+            [t for t in tree_flatten(real_out)[0] if isinstance(t, torch.Tensor)]
+        for m, r in zip(outs, reals):
+            if m.shape == r.shape and m.dtype == r.dtype:
+                self._keep(m, r)
         return out
 
-    def _twins(self, flat: list, spec: Any) -> tuple[tuple, dict]:
-        real = self.real
-        swapped = [real[a] if isinstance(a, torch.Tensor) and a.device.type == "meta"
-                   else _CPU if isinstance(a, torch.device) and a.type == "meta" else a for a in flat]
-        return tree_unflatten(swapped, spec)
+    def _swap(self, a: Any) -> Any:
+        """An argument as the real call takes it: a meta tensor's twin, the CPU for the meta device."""
+        if isinstance(a, torch.Tensor):
+            return self.twin(a) if a.is_meta else a
+        if isinstance(a, torch.device) and a.type == "meta":
+            return _CPU
+        return a
 
     def _answer(self, func: Any, real_args: tuple, real_kwargs: dict) -> Any:
         """The real result of a value-reading call: plain values as they are, tensors as meta tensors of the same
@@ -139,7 +205,7 @@ class MetaValues:
             if isinstance(r, torch.Tensor):
                 m = torch.empty_strided(r.shape, r.stride(), dtype=r.dtype, device=_META)
                 if r.numel() <= self.limit:
-                    self.real[m] = r
+                    self._keep(m, r)
                 out.append(m)
             else:
                 out.append(r)
@@ -147,13 +213,18 @@ class MetaValues:
 
     def _drop_written(self, info: _OpInfo, args: tuple, kwargs: dict) -> None:
         """Forget the twins of what an operator writes without twins for all it reads, and of every tensor
-        sharing their storage."""
+        sharing their storage (a seed not yet read is just dropped)."""
         storages = set()
         for i, name in info.written:
             t = args[i] if i < len(args) else kwargs.get(name)
             for w in (t if isinstance(t, (list, tuple)) else (t,)):
-                if isinstance(w, torch.Tensor) and w in self.real:
-                    storages.add(self.real[w].untyped_storage()._cdata)
+                if not isinstance(w, torch.Tensor):
+                    continue
+                if self.pending.pop(id(w), None) is not None:
+                    continue
+                hit = self.twins.get(id(w))
+                if hit is not None and hit[0]() is w:
+                    storages.add(hit[2])
         if storages:
-            for m in [m for m, r in self.real.items() if r.untyped_storage()._cdata in storages]:
-                del self.real[m]
+            for key in [k for k, hit in self.twins.items() if hit[2] in storages]:
+                del self.twins[key]

@@ -795,18 +795,18 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             return estimates[b]
 
         def real_inputs_at(b: int, meta_inputs: Any) -> Any:
-            """The profiled inputs at batch `b`, refused (as the meta limit) when a real step there would not fit:
-            memory grows about linearly with the batch, so the profiled batch's peak scaled to `b` is the guard."""
-            known = estimates.get(batch)
+            """The profiled inputs at batch `b` (real: a forward that reads their values needs them; the step
+            itself still runs on meta, with their real twins, see meta_values.py), refused (as the meta limit) when
+            they would not fit in RAM. A forward that needs a real-tensor step is guarded by estimate_memory."""
             avail = available_ram()
-            if known is None or device.type == "meta":
+            if device.type == "meta":
                 raise MetaDeviceLimit("the memory search runs on meta inputs and the forward reads tensor values; "
                                       "no real-tensor step can stand in here")
-            rough = int(known.peak_estimated * max(1.0, b / batch))
-            if avail is not None and rough > avail:
-                raise MetaDeviceLimit(f"a real-tensor step at batch {b} (the forward reads tensor values, so the meta "
-                                      f"simulation cannot run) would need about {format_bytes(rough)} but only "
-                                      f"{format_bytes(avail)} of RAM is available; give a smaller budget")
+            need = -(-sum(t.numel() * t.element_size() for t in x) * b // max(1, batch))
+            if avail is not None and need > avail:
+                raise MetaDeviceLimit(f"the inputs at batch {b} (the forward reads their values, so they must be "
+                                      f"real) would need {format_bytes(need)} but only {format_bytes(avail)} of "
+                                      f"RAM is available; give a smaller budget")
             return with_batch(x, b)
 
         sweep = None
