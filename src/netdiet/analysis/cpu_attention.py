@@ -41,8 +41,8 @@ def cpu_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
         with _disable_current_modes(), torch.enable_grad():
             q, k, v = (_stand_in(t) for t in (query, key, value))
             m = _stand_in(attn_mask) if attn_mask is not None else None
-            choice = torch._fused_sdp_choice(q, k, v, m, float(dropout_p), bool(is_causal), scale=scale,
-                                             enable_gqa=bool(enable_gqa))
+            kw = {"enable_gqa": True} if enable_gqa else {}   # the argument is torch 2.5's; older ones lack it
+            choice = torch._fused_sdp_choice(q, k, v, m, float(dropout_p), bool(is_causal), scale=scale, **kw)
     except (RuntimeError, TypeError, ValueError):
         return None
     return _BACKENDS.get(int(choice))
