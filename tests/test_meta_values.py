@@ -88,6 +88,16 @@ def test_random_values_and_writes_without_twins_drop_every_alias():
                 t.sum().item()
 
 
+def test_a_pass_makes_no_more_twins_than_its_budget():
+    values = MetaValues(budget=4 * 8 + 8)   # an int64 arange of 4 (32 B) and its sum (8 B)
+    with _Values(values):
+        first = torch.arange(4, device="meta")
+        assert first.sum().item() == 6
+        second = torch.arange(4, device="meta")   # the budget is spent: no twin
+        with pytest.raises(RuntimeError, match="meta"):
+            second.sum().item()
+
+
 def test_a_tensor_over_the_limit_gets_no_twin():
     values = MetaValues(limit=4)
     with _Values(values):
@@ -138,6 +148,31 @@ def test_a_forward_reading_its_inputs_values_is_counted_and_simulated_on_meta(co
         assert fast.to_dict() == count_ops(model, x, train=train, meta=False).to_dict()
     # by hand: Linear(4, 3) on the 3 kept rows
     assert count_ops(model, x).macs == 3 * 4 * 3
+    est = estimate_memory(model, x)
+    assert est.simulation == "meta" and _figures(est) == _real_memory(model, x)
+
+
+class _CountsStarts(nn.Module):
+    """Makes a constant with torch.tensor on the inputs' device and reads it: on meta, torch.tensor dispatches
+    nothing, so the constant's twin is made by the function modes (MetaValues.function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        starts = torch.tensor([0, 1, 2, 0, 1], device=x.device)
+        sequences = int((starts == 0).sum().item())              # by hand: 2
+        return self.fc(x[: x.shape[0] - 1 + (sequences == 2)])   # all the rows when it reads 2
+
+
+def test_a_constant_made_with_torch_tensor_answers_on_meta(counted_on):
+    torch.manual_seed(0)
+    model, x = _CountsStarts(), torch.randn(5, 4)
+    for train in (False, True):
+        assert count_ops(model, x, train=train).to_dict() == count_ops(model, x, train=train, meta=False).to_dict()
+        assert counted_on.devices[-2:] == ["meta", "cpu"]
+    assert count_ops(model, x).macs == 5 * 4 * 3   # all 5 rows: the constant was read as the CPU reads it
     est = estimate_memory(model, x)
     assert est.simulation == "meta" and _figures(est) == _real_memory(model, x)
 

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from netdiet.analysis import cpu_attention
 from netdiet.analysis.meta_guard import CPU_PATHS, RealTensorsNeeded, check_call, meta_values, on_meta_copy
 from netdiet.analysis.meta_memo import MetaMemo
-from netdiet.analysis.meta_values import MetaValues
+from netdiet.analysis.meta_values import NOT_HANDLED, MetaValues
 
 # re-exported: the rest of netdiet imports LOSS, ModuleCost, OpCounts and the optimizer table from here
 from netdiet.analysis.opcounts import (  # noqa: F401
@@ -157,7 +157,6 @@ class _CountMode(TorchDispatchMode):
 
 
 _DETACH = (torch.Tensor.detach, torch.detach)
-_TOLIST = torch.Tensor.tolist
 # Not operators of the model: torch.tensor(data) marks the fresh CPU tensor it built with aten.lift_fresh (no work,
 # no new storage), and builds a meta tensor without dispatching anything; left out so a count does not depend on
 # the device it ran on (transformers' KV cache makes two per layer in an eval forward).
@@ -177,14 +176,14 @@ class _MetaAttentionMode(TorchFunctionMode):
         super().__init__()
         self.strict = strict
         self.counter = counter
-        self.values = values   # the count's real twins: Tensor.tolist() reads them (it dispatches nothing)
+        self.values = values   # the count's real twins: tolist() and torch.tensor on meta use them
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _TOLIST and self.values is not None:
-            listed = self.values.tolist(args[0])
-            if listed is not None:
-                return listed
+        if self.values is not None:   # tolist() and torch.tensor(device="meta") dispatch no operator
+            answer = self.values.function(func, args, kwargs)
+            if answer is not NOT_HANDLED:
+                return answer
         if func in _DETACH and self.counter is not None:
             self.counter.own_detach()
         if func is F.scaled_dot_product_attention:

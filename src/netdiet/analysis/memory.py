@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 from netdiet.analysis import cpu_attention, optimizer_cost, scratch
 from netdiet.analysis.counter import count_ops
 from netdiet.analysis.meta_memo import MetaMemo
-from netdiet.analysis.meta_values import MetaValues
+from netdiet.analysis.meta_values import NOT_HANDLED, MetaValues
 from netdiet.analysis.ram import available_ram
 from netdiet.analysis.step import (
     STEP_ORDER,
@@ -352,7 +352,7 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
         self.target = target
         self.dtype = dtype
         self.cache: dict[int, torch.Tensor] = {}
-        self.values: MetaValues | None = None   # the tracker's real twins: Tensor.tolist() reads them
+        self.values: MetaValues | None = None   # the tracker's real twins: tolist() and torch.tensor on meta
 
     @contextlib.contextmanager
     def amp(self, on: bool):
@@ -386,10 +386,10 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _TOLIST and self.values is not None:   # it reads data without dispatching an operator
-            listed = self.values.tolist(args[0])
-            if listed is not None:
-                return listed
+        if self.values is not None:   # tolist() and torch.tensor(device="meta") dispatch no operator
+            answer = self.values.function(func, args, kwargs)
+            if answer is not NOT_HANDLED:
+                return answer
         name = getattr(func, "__name__", "")
         if self.amp_on and name in _LOWP_FUNCS:
             args = self._cast(args, self.dtype, True)
@@ -407,7 +407,6 @@ class _MetaPolicy(torch.overrides.TorchFunctionMode):
 
 
 _ACTIVE_POLICY: list[_MetaPolicy] = []
-_TOLIST = torch.Tensor.tolist
 _RECOMPUTING = [0]   # > 0 while a checkpointed forward is being recomputed inside backward (estimate only)
 
 

@@ -8,7 +8,8 @@ position ids, the model's small buffers. `MetaValues` keeps, for each such meta 
 and runs every operator whose tensor arguments all have one (and factory calls, with no tensor argument) on the
 twins too. An operator that reads a value (`_local_scalar_dense`, `equal`), or whose output shape depends on values
 (`nonzero`), is then answered from the twins: the value itself, or a meta output of the twin's shape.
-`Tensor.tolist()` dispatches no operator: the callers' function modes answer it with `tolist`.
+`Tensor.tolist()` dispatches no operator, and `torch.tensor(data, device="meta")` dispatches nothing: the callers'
+function modes hand both to `function`.
 
 What keeps it exact:
 - a twin is the value the real run has: the same operator on the same values (the real inputs and buffers,
@@ -17,12 +18,11 @@ What keeps it exact:
 - random operators (tagged nondeterministic_seeded) never run on twins: their outputs have none, and an in-place
   one drops the twin of what it writes, as does any write whose other arguments have no twin; a dropped twin takes
   every twin sharing its storage (its views, its base) with it, so no stale value is ever read;
-- a tensor of more than LIMIT elements gets no twin (the values a forward branches on are small): a question on
-  it stops the meta run as before, and the caller falls back to real tensors.
+- a tensor of more than LIMIT elements gets no twin (the values a forward branches on are small), nor does any
+  once a pass has made BUDGET bytes of twins: a question on it stops the meta run as before, and the caller falls
+  back to real tensors (under its own RAM guard).
 The twins run inside the caller's dispatch mode, with the modes off, so they are neither counted nor tracked.
 The common operator (a meta argument with no twin) costs a loop over its top-level arguments and dict lookups.
-`torch.tensor(data, device="meta")` dispatches nothing, so what it makes has no twin (a question on it still stops
-the meta run).
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ import weakref
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 LIMIT = 1 << 20   # elements: the largest tensor that gets a real twin
+BUDGET = 256 << 20   # bytes: all the twins one pass may make (views counted too), so no forward can spend more
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
 _SEEDED = getattr(torch.Tag, "nondeterministic_seeded", None)
@@ -52,7 +54,10 @@ class _OpInfo:
                              if a.alias_info is not None and a.alias_info.is_write)
 
 
-_OPS: dict[int, _OpInfo] = {}   # id(operator) -> its _OpInfo, for the process (torch keeps operators alive)
+_OPS: dict[int, _OpInfo] = {}
+_TOLIST = torch.Tensor.tolist
+_MAKERS = (torch.tensor, torch.as_tensor)
+NOT_HANDLED = object()   # MetaValues.function: the call is the function mode's to run   # id(operator) -> its _OpInfo, for the process (torch keeps operators alive)
 
 
 class MetaValues:
@@ -60,8 +65,9 @@ class MetaValues:
     real twins kept and value questions answered (see the module docstring). `seed(meta, real)` gives a meta
     tensor its real values."""
 
-    def __init__(self, limit: int = LIMIT) -> None:
+    def __init__(self, limit: int = LIMIT, budget: int = BUDGET) -> None:
         self.limit = limit
+        self.budget = budget   # bytes of twins still to be made in this pass
         # id(meta tensor) -> (a weak reference to it, its twin, the twin's storage); plain dict lookups: this runs
         # on every operator
         self.twins: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
@@ -87,6 +93,10 @@ class MetaValues:
     def _keep(self, meta: torch.Tensor, real: torch.Tensor) -> None:
         key = id(meta)
         twins = self.twins
+        if key not in twins:
+            self.budget -= real.numel() * real.element_size()
+            if self.budget < 0:
+                return
 
         def gone(ref: weakref.ref, key: int = key) -> None:
             hit = twins.get(key)
@@ -115,14 +125,37 @@ class MetaValues:
             if name in real:
                 self.seed(b, real[name])
 
-    def tolist(self, t: Any) -> list | None:
-        """`t.tolist()` from its twin (Tensor.tolist reads the data without dispatching an operator, so the
-        callers' function modes ask here), or None without one."""
-        twin = self.twin(t) if isinstance(t, torch.Tensor) and t.is_meta else None
-        if twin is None:
-            return None
-        self.answered += 1
-        return twin.tolist()
+    def function(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """For the callers' function modes: the calls that read or make values without dispatching an operator,
+        answered here, or NOT_HANDLED. `t.tolist()` of a tensor with a twin reads the twin; `torch.tensor(data,
+        device="meta")` (and `as_tensor`, device given by keyword) makes the tensor on the CPU, gives its meta copy
+        that twin, and dispatches aten.lift_fresh on it as the CPU path does (the counter leaves it out; the memory
+        tracker sees the new storage as it does on the CPU)."""
+        if func is _TOLIST:
+            twin = self.twin(args[0]) if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
+            if twin is None:
+                return NOT_HANDLED
+            self.answered += 1
+            return twin.tolist()
+        if func in _MAKERS:
+            device = kwargs.get("device")
+            if device is None or torch.device(device).type != "meta" or (args and isinstance(args[0], torch.Tensor)):
+                return NOT_HANDLED
+            try:
+                with _disable_current_modes():
+                    real = func(*args, **{**kwargs, "device": _CPU}).detach()
+                    meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
+            except Exception:   # noqa: BLE001 - data torch.tensor cannot take on the CPU: the call runs as it is
+                return NOT_HANDLED
+            if real.numel() > self.limit:
+                return NOT_HANDLED
+            self._keep(meta, real)
+            # what the CPU path dispatches on the fresh tensor: the memory tracker sees its storage as it does there
+            meta = torch.ops.aten.lift_fresh(meta)
+            if kwargs.get("requires_grad"):
+                meta.requires_grad_(True)
+            return meta
+        return NOT_HANDLED
 
     # ------------------------------------------------------------------ the dispatch step
     def _info(self, func: Any) -> _OpInfo:
