@@ -578,7 +578,7 @@ def _simulate(model, inputs, opt_name, dt, amp, checkpointing, loss_fn, real: bo
         tr.values = MetaValues()
         tr.values.seed_model(meta, model)
         for m, t in zip(x, inputs):
-            tr.values.seed(m, t)
+            tr.values.seed_input(m, t)
         policy.values = tr.values
     cpu_scratch = None
     if target.type in ("cpu", "meta"):

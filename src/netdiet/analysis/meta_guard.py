@@ -53,8 +53,11 @@ REAL_INPUTS: dict[int, torch.Tensor] = {}
 
 def meta_values(model: nn.Module, args: tuple) -> MetaValues:
     """Real twins for a count on meta (meta_values.py), seeded with the real inputs and buffers that `model` (a
-    meta copy made by on_meta_copy) and `args` stand for; none for a model that is on meta itself."""
+    meta copy made by on_meta_copy) and `args` stand for, and with the known values of meta inputs netdiet made."""
     values = MetaValues()
+    for t in args:   # a meta input netdiet made with known values (models.inputs.KNOWN) seeds itself
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            values.seed_input(t, t)
     if REAL_INPUTS:
         for t in list(args) + list(model.buffers()):
             real = REAL_INPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None

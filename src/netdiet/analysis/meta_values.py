@@ -4,7 +4,8 @@ inputs and constants, as a real run would, without running the model's kernels.
 A meta tensor has a shape and no data, so a forward that asks a value (transformers' masking code asks whether
 the position ids hold one sequence per row, `(packed[:, -1] == 0).all()`, and whether a padding mask is all ones)
 stops there. Those values come from small tensors that never touch a weight: the input ids and masks, `arange`
-position ids, the model's small buffers. `MetaValues` keeps, for each such meta tensor, its real twin on the CPU,
+position ids, the model's small buffers. Inputs netdiet makes on meta itself (default token ids, all-ones masks)
+carry their values too (models.inputs.remember, KNOWN). `MetaValues` keeps, for each such meta tensor, its real twin on the CPU,
 and runs every operator whose tensor arguments all have one (and factory calls, with no tensor argument) on the
 twins too. An operator that reads a value (`_local_scalar_dense`, `equal`), or whose output shape depends on values
 (`nonzero`), is then answered from the twins: the value itself, or a meta output of the twin's shape.
@@ -33,7 +34,9 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-LIMIT = 1 << 20   # elements: the largest tensor that gets a real twin
+from netdiet.models.inputs import KNOWN, VALUES_LIMIT
+
+LIMIT = VALUES_LIMIT   # elements: the largest tensor that gets a real twin (1 << 20)
 BUDGET = 256 << 20   # bytes: all the twins one pass may make (views counted too), so no forward can spend more
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
@@ -117,6 +120,13 @@ class MetaValues:
             return
         self._seeded_storages.add(storage)
         self.pending[id(meta)] = (weakref.ref(meta), real)
+
+    def seed_input(self, meta: torch.Tensor, given: torch.Tensor) -> None:
+        """`meta` stands for the caller's input `given`: its values, or the KNOWN values of a meta input."""
+        if isinstance(given, torch.Tensor):
+            real = KNOWN.get(given) if given.is_meta else given
+            if real is not None:
+                self.seed(meta, real)
 
     def seed_model(self, meta_model: torch.nn.Module, model: torch.nn.Module) -> None:
         """The buffers of a meta copy get the values of the real model's buffers of the same name."""

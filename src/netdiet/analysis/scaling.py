@@ -20,6 +20,7 @@ from netdiet.analysis.measurement import measure_memory
 from netdiet.analysis.memory import estimate_memory
 from netdiet.analysis.ram import available_ram
 from netdiet.errors import NetdietError
+from netdiet.models.inputs import KNOWN, VALUES_LIMIT, remember
 from netdiet.units import format_bytes, parse_size
 
 # The largest batch `largest_batch_within` will consider: beyond it the answer is "the budget is not the limit".
@@ -163,7 +164,12 @@ def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor
             continue
         shape = (batch, *t.shape[1:])
         if t.device.type == "meta":
-            out.append(torch.empty(shape, dtype=t.dtype, device="meta"))
+            meta = torch.empty(shape, dtype=t.dtype, device="meta")
+            known = KNOWN.get(t)   # a meta input with known values: the same rows, repeated
+            if known is not None and math.prod(shape) <= VALUES_LIMIT:
+                reps = math.ceil(batch / known.shape[0])
+                remember(meta, known.repeat(reps, *([1] * (known.dim() - 1)))[:batch].contiguous())
+            out.append(meta)
         else:
             reps = math.ceil(batch / t.shape[0])
             out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous())
@@ -247,8 +253,12 @@ def _as_example_inputs(input_shape_at_batch1: Any, input_dtype: torch.dtype | No
         items = [items]
     out = []
     for item in items:
-        if isinstance(item, torch.Tensor):  # only its shape and dtype matter: the search may reach MAX_BATCH
-            out.append(torch.empty(tuple(item.shape), dtype=item.dtype, device="meta"))
+        if isinstance(item, torch.Tensor):  # its shape and dtype matter: the search may reach MAX_BATCH
+            meta = torch.empty(tuple(item.shape), dtype=item.dtype, device="meta")
+            # and the values of small token ids and masks, for a forward that reads them (meta_values.py)
+            known = KNOWN.get(item) if item.is_meta else (
+                None if item.is_floating_point() else item.detach())
+            out.append(meta if known is None else remember(meta, known))
         else:
             out.append(torch.empty(tuple(int(d) for d in item), dtype=input_dtype or torch.float32, device="meta"))
     return tuple(out)

@@ -256,18 +256,14 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
-MASK_ON_META_NOTE = ("attention_mask left out: the model is on the meta device, where transformers cannot read a "
-                     "mask's values, and without a mask transformers attends every position, as an all-ones mask does")
-
-
-def hf_default_inputs(model: nn.Module, seq_len: int | None,
-                      mask: bool = True) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int | None]]:
+def hf_default_inputs(model: nn.Module, seq_len: int | None) -> dict[str, tuple[tuple[int, ...], torch.dtype, int,
+                                                                            int | None]]:
     """{name: (shape, dtype, low, high)} of batch 1 for a transformers model: input_ids (values in
-    [0, vocab_size)) and attention_mask (ones) where forward takes one and `mask` is on, decoder_input_ids for an
-    encoder-decoder; pixel_values (1, channels, size, size) for a vision config. `seq_len` None means 128.
+    [0, vocab_size)) and attention_mask (ones) where forward takes one, decoder_input_ids for an encoder-decoder;
+    pixel_values (1, channels, size, size) for a vision config. `seq_len` None means 128.
 
-    A model on the meta device gets no mask (`mask=False`, see MASK_ON_META_NOTE): transformers asks `.item()`
-    whether a mask is all ones to drop it, which the meta device cannot answer; no mask is that same call."""
+    A model on the meta device gets the mask too: transformers asks `.item()` whether a mask is all ones, and the
+    values netdiet's meta inputs carry answer it (models.inputs.make_input, analysis/meta_values.py)."""
     config = getattr(model, "config", None)
     if config is None:
         raise NetdietError(f"{type(model).__name__} has no transformers config to make inputs from; give --input")
@@ -287,7 +283,7 @@ def hf_default_inputs(model: nn.Module, seq_len: int | None,
     vocab = getattr(config, "vocab_size", None)
     high = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
     out = {"input_ids": ((1, length), torch.int64, 0, high)}
-    if mask and _forward_takes(model, "attention_mask"):
+    if _forward_takes(model, "attention_mask"):
         out["attention_mask"] = ((1, length), torch.int64, 1, 2)
     if getattr(config, "is_encoder_decoder", False) and _forward_takes(model, "decoder_input_ids"):
         out["decoder_input_ids"] = ((1, length), torch.int64, 0, high)

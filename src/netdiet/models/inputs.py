@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import re
 import types
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from netdiet.errors import NetdietError
-from netdiet.models.hub import HF_PREFIX, MASK_ON_META_NOTE, hf_default_inputs, is_hub_spec
+from netdiet.models.hub import HF_PREFIX, hf_default_inputs, is_hub_spec
 from netdiet.models.registry import default_inputs
 from netdiet.units import parse_shape
 
@@ -115,10 +117,32 @@ def integer_range(model: nn.Module | None) -> int | None:
     return None
 
 
+# The values of meta tensors netdiet makes itself with known contents (default token ids and all-ones masks for a
+# model kept on meta, and those inputs at another batch): meta tensor -> its real values, kept while it lives. The
+# meta-device runs give such an input a real twin (analysis/meta_values.py), so a forward that reads it runs there.
+KNOWN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+VALUES_LIMIT = 1 << 20   # elements: the largest tensor whose values are kept
+
+
+def remember(meta: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Record `real` as the values of the meta tensor `meta` (when small and of its layout); returns `meta`."""
+    if (meta.is_meta and real.device.type == "cpu" and real.layout == torch.strided and real.numel() <= VALUES_LIMIT
+            and tuple(real.shape) == tuple(meta.shape) and real.dtype == meta.dtype):
+        KNOWN[meta] = real
+    return meta
+
+
 def make_input(spec: InputSpec, dtype: torch.dtype, high: int | None, device: torch.device, seed: int) -> torch.Tensor:
-    """A deterministic tensor: floats ~ N(0, 1), integers uniform in [0, high), booleans uniform."""
+    """A deterministic tensor: floats ~ N(0, 1), integers uniform in [0, high), booleans uniform.
+
+    On the meta device nothing is allocated; small integer and boolean inputs (token ids, masks) keep the values
+    they would have on the CPU beside them (remember), so a forward that reads them (whether a mask is all ones)
+    runs on meta as on the CPU."""
     if device.type == "meta":
-        return torch.empty(spec.shape, dtype=dtype, device=device)
+        meta = torch.empty(spec.shape, dtype=dtype, device=device)
+        if not dtype.is_floating_point and not dtype.is_complex and math.prod(spec.shape) <= VALUES_LIMIT:
+            remember(meta, make_input(spec, dtype, high, torch.device("cpu"), seed))
+        return meta
     gen = torch.Generator().manual_seed(seed)
     if dtype.is_floating_point:
         return torch.randn(spec.shape, generator=gen).to(dtype=dtype, device=device)
@@ -133,12 +157,9 @@ def default_call(spec: str | None, model: nn.Module | None, model_kw: dict | Non
     zoo entry's input, or for an hf: model its named inputs (hub.hf_default_inputs) of batch 1 x `seq_len`; the
     note says what was left out and why (None: nothing)."""
     if spec is not None and spec.startswith(HF_PREFIX) and model is not None:
-        on_meta = any(t.device.type == "meta" for t in model.parameters())
-        named = hf_default_inputs(model, seq_len, mask=not on_meta)
-        full = hf_default_inputs(model, seq_len) if on_meta else named
-        note = MASK_ON_META_NOTE if len(full) > len(named) else None
+        named = hf_default_inputs(model, seq_len)   # on meta too: the mask's values travel with it (make_input)
         return ({name: InputSpec(shape, dtype, None, high, low) for name, (shape, dtype, low, high) in named.items()},
-                torch.float32, None, note)
+                torch.float32, None, None)
     if spec is not None and is_hub_spec(spec):  # timm: an image classifier, its pretrained_cfg says the size
         size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
         return [(1, *size)], torch.float32, None, None
