@@ -394,6 +394,31 @@ def test_a_huge_model_whose_tensor_list_fits_it_is_refused_by_the_budget(lenet_a
         archive.read(_seal(header, payload + blob), max_memory=1 << 40)
 
 
+def test_a_structured_archive_whose_dense_model_is_huge_is_refused_before_it_is_built():
+    # found by the long fuzz: the tensor list fits the edited (structured) model, but the rebuild first builds the
+    # factory's dense model whole (mlp widths [2^31]: 2^31 x (40 in + 1 bias + 4 out) fp32, 360 GiB) before the
+    # edits replace its layers; it was refused only by the allocator (a NetdietError wrapping "can't allocate")
+    import resource
+
+    from netdiet.compression.base import CompressionState, StageContext, create_technique
+    from netdiet.models import create_model
+    spec = {"spec": "mlp", "kwargs": {"widths": [24], "in_features": 40, "num_classes": 4}}
+    torch.manual_seed(0)
+    state = CompressionState(spec=spec)
+    model = create_technique("structured", ratio=0.5).apply(create_model("mlp", **spec["kwargs"]), state,
+                                                            StageContext(example_inputs=torch.randn(32, 40)))
+    header, payload = archive.read_header(archive.encode(model, state))
+    header = json.loads(json.dumps(header))
+    header["model"]["kwargs"]["widths"] = [2 ** 31]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(NetdietError, match=r"reading it needs about 360\.00 GiB: the dense model before its "
+                                           r"architecture edits\) but max_memory is 1\.00 GiB") as info:
+        archive.read(_seal(header, payload), max_memory=1 << 30)
+    assert "\n" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+    assert archive.read(archive.encode(model, state), max_memory=1 << 30).model is not None   # the real one reads
+
+
 def test_junk_after_a_valid_huffman_stream_is_refused_without_decoding_it(lenet_archive):
     import resource
     header, payload = _lenet_parts(lenet_archive)

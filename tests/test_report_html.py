@@ -190,6 +190,20 @@ def test_report_renders_a_result_with_missing_optional_parts(tmp_path):
     assert 'data-path="totals.params"' in text and "Operators" not in text
 
 
+def test_a_compress_result_with_hostile_stages_renders_with_a_note(tmp_path):
+    # found by the long fuzz: the ensemble-student plane read `stages` outside the field checks every section
+    # has, so "stages": -1 was a TypeError instead of a skipped section with its note
+    from netdiet.reporting.html import write_report
+    doc = json.loads((Path(__file__).parent / "data" / "results" / "compress.json").read_text())
+    for bad in (-1, "x", [1, 2]):
+        doc["stages"] = bad
+        src = tmp_path / "compress.json"
+        src.write_text(json.dumps(doc))
+        write_report([str(src)], str(tmp_path / "r.html"))
+        text = (tmp_path / "r.html").read_text()
+        assert "compress.json" in text and ("skipped" in text or "wrong type" in text), bad
+
+
 def test_report_renders_listings_and_its_own_receipt(tmp_path):
     """`netdiet report *.json` in a folder that also holds listings or a report receipt must not fail."""
     recipes, receipt = tmp_path / "recipes.json", tmp_path / "receipt.json"

@@ -727,9 +727,9 @@ def read(path_or_bytes: str | Path | bytes, *, model_spec: str | None = None, ma
                                "it may use; free memory or pass a larger max_memory")
         data, source = path.read_bytes(), str(path)
     header, payload = read_header(data, source)
-    skeleton = _build_skeleton(header, model_spec, source)
+    skeleton, dense_bytes = _build_skeleton(header, model_spec, source)
     _check_tensor_list(skeleton, header, source)
-    _check_budget(skeleton, header, max_memory, source)
+    _check_budget(skeleton, header, max_memory, source, dense_bytes)
     _check_streams(skeleton, header, payload, source)
     del skeleton
     model = _rebuild_model(header, model_spec, source)
@@ -796,21 +796,25 @@ def _rebuild_model(header: dict, model_spec: str | None, source: str) -> nn.Modu
     return _replay(_factory_model(header, model_spec, source)[0], header, source)
 
 
-def _build_skeleton(header: dict, model_spec: str | None, source: str) -> nn.Module:
-    """The model the header describes on the meta device. A user's factory that cannot run there (it reads a
-    value, say) is run for real -- the caller named that code -- and its model moved to meta before the
-    header's structure edits are replayed."""
+def _build_skeleton(header: dict, model_spec: str | None, source: str) -> tuple[nn.Module, int]:
+    """The model the header describes on the meta device, and the bytes of the factory's dense model, which the
+    real rebuild holds whole before the header's structure edits replace its layers. A user's factory that cannot
+    run there (it reads a value, say) is run for real -- the caller named that code -- and its model moved to meta
+    before the header's structure edits are replayed."""
     most = 4 * len(header["tensors"]) + 1024
     try:
         with torch.device("meta"), _tensor_count_limit(most, source):
-            return _rebuild_model(header, model_spec, source)
+            dense = _factory_model(header, model_spec, source)[0]
+            dense_bytes = _storage_bytes(dense)
+            return _replay(dense, header, source), dense_bytes
     except NetdietError as exc:
         spec = str((header.get("model") or {}).get("spec"))
         if not (":" in spec or spec.endswith(".py")) or not str(exc).startswith("model factory"):
             raise
     model = _factory_model(header, model_spec, source)[0].to("meta")
+    dense_bytes = _storage_bytes(model)
     with torch.device("meta"), _tensor_count_limit(most, source):
-        return _replay(model, header, source)
+        return _replay(model, header, source), dense_bytes
 
 
 def rebuild_model(spec: Any, structure: Any, *, expect: dict[str, tuple[int, ...]], model_spec: str | None = None,
@@ -825,16 +829,18 @@ def rebuild_model(spec: Any, structure: Any, *, expect: dict[str, tuple[int, ...
     except _Bad as exc:
         raise NetdietError(f"{source}: field {exc}; the file is damaged") from None
     header = {"model": spec, "structure": structure, "tensors": range(len(expect) + 8)}
-    skeleton = _build_skeleton(header, model_spec, source)
+    skeleton, dense_bytes = _build_skeleton(header, model_spec, source)
     own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if own != {k: tuple(v) for k, v in expect.items()}:
         odd = sorted(set(own) ^ set(expect)) or sorted(k for k in own if own[k] != tuple(expect[k]))
         raise NetdietError(f"{source}: its tensors do not fit the model it describes (first difference: {odd[0]!r}); "
                            "the file is damaged or was written for another model")
-    need, limit = 2 * _storage_bytes(skeleton), max_memory if max_memory is not None else available_ram()
+    limit = max_memory if max_memory is not None else available_ram()
+    need = max(2 * _storage_bytes(skeleton), dense_bytes)   # the rebuild holds the dense model before the edits
     if limit is not None and need > limit:
-        raise NetdietError(f"{source} describes a model of {format_bytes(need // 2)} (loading it needs about "
-                           f"{format_bytes(need)}) but only {format_bytes(limit)} may be used; load it on a bigger machine")
+        raise NetdietError(f"{source} describes a model of {format_bytes(_storage_bytes(skeleton))} (loading it needs "
+                           f"about {format_bytes(need)}{_dense_note(dense_bytes, need)}) but only "
+                           f"{format_bytes(limit)} may be used; load it on a bigger machine")
     del skeleton
     return _rebuild_model(header, model_spec, source)
 
@@ -891,14 +897,21 @@ def reading_bytes(skeleton: nn.Module, header: dict) -> int:
     return need
 
 
-def _check_budget(skeleton: nn.Module, header: dict, max_memory: int | None, source: str) -> None:
+def _dense_note(dense_bytes: int, need: int) -> str:
+    return ": the dense model before its architecture edits" if dense_bytes >= need and dense_bytes else ""
+
+
+def _check_budget(skeleton: nn.Module, header: dict, max_memory: int | None, source: str, dense_bytes: int = 0) -> None:
+    """The bytes reading takes (reading_bytes), or the factory's dense model the rebuild holds before the header's
+    structure edits replace its layers when that is more, against `max_memory` or the RAM available."""
     limit = max_memory if max_memory is not None else available_ram()
-    need = reading_bytes(skeleton, header)
+    need = max(reading_bytes(skeleton, header), dense_bytes)
     if limit is not None and need > limit:
         weights = _storage_bytes(skeleton)
         where = f"max_memory is {format_bytes(limit)}" if max_memory is not None else f"only {format_bytes(limit)} of RAM is available"
-        raise NetdietError(f"{source} describes a model of {format_bytes(weights)} (reading it needs about {format_bytes(need)}) "
-                           f"but {where}; read it on a bigger machine or pass a larger max_memory")
+        raise NetdietError(f"{source} describes a model of {format_bytes(weights)} (reading it needs about {format_bytes(need)}"
+                           f"{_dense_note(dense_bytes, need)}) but {where}; read it on a bigger machine or pass a larger "
+                           "max_memory")
 
 
 def _load_tensors(model: nn.Module, header: dict, payload: bytes) -> CompressionState:

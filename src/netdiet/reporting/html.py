@@ -488,16 +488,16 @@ def _skip_note(page: Page, kind: str, src: str, why: str) -> None:
              "regenerate the result with netdiet.</p>")
 
 
-def _render_section(page: Page, kind: str, src: str, doc: dict) -> None:
-    """One section; a field of the wrong type (e.g. `memory: "x"`, `stages: {}`) skips the section with a
-    visible note instead of failing the whole report: the JSON may come from anywhere."""
+def _render_section(page: Page, kind: str, src: str, doc: dict, render: Any = None) -> None:
+    """One section (`render`, default SECTIONS[kind]); a field of the wrong type (e.g. `memory: "x"`, `stages: {}`)
+    skips the section with a visible note instead of failing the whole report: the JSON may come from anywhere."""
     problems = field_problems(doc, kind)        # netdiet.documents.SCHEMAS: every field a section reads, typed
     if problems:
         _skip_note(page, kind, src, problems[0])
         return
     part = Page()
     try:
-        SECTIONS[kind](part, src, doc)
+        (render or SECTIONS[kind])(part, src, doc)
     except (TypeError, AttributeError, ValueError, KeyError, IndexError) as exc:  # a wrong type deeper down
         _skip_note(page, kind, src, f"a field has the wrong type ({type(exc).__name__}: {str(exc)[:200]})")
         return
@@ -537,7 +537,9 @@ def render_html(docs: list[tuple[str, dict]], title: str = "netdiet report") -> 
             if doc["schema"].split("/")[0] == f"netdiet.{kind}":
                 _render_section(page, kind, src, doc)
     for src, doc in docs:       # one model -> K models -> one student: a compress run whose distill teacher was an ensemble
-        ensemble_tables.student_plane(page, src, doc)
+        # under the same guards as every section (a document the field checks refuse was noted by its section)
+        if doc["schema"].split("/")[0] == "netdiet.compress" and not field_problems(doc, "compress"):
+            _render_section(page, "compress", src, doc, ensemble_tables.student_plane)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sources = ", ".join(esc(s) for s, _ in docs)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
