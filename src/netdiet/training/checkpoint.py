@@ -136,8 +136,12 @@ def check_index(meta: dict, path: Path) -> None:
     name = meta["tensors"]
     if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name or name.startswith("."):
         raise _bad(path, "tensors", f"must name a .safetensors file in the checkpoint folder, got {name!r}")
-    if not (path.parent / name).is_file():
-        raise _bad(path, "tensors", f"names {name}, which is not in {path.parent}")
+    try:
+        present = len(name.encode()) <= 255 and (path.parent / name).is_file()
+    except (OSError, ValueError):   # a name the file system refuses (too long, a NUL byte): not a file of the folder
+        present = False
+    if not present:
+        raise _bad(path, "tensors", f"names {name[:80]!r}, which is not in {path.parent}")
     for key in ("epoch", "step"):
         if not _is_int(meta[key]) or meta[key] < 0:
             raise _bad(path, key, f"must be an integer >= 0, got {meta[key]!r}")
