@@ -116,6 +116,7 @@ def test_layers_whose_cpu_path_differs_are_counted_on_the_real_tensors(make, x, 
         assert fast == count_ops(model, x, train=train, meta=False).to_dict()
     _, inference, how = count_step(model, x, "adam")
     assert inference is None and how["device"] == "real tensors"
+    assert "another path on the CPU" in how["fallback"]   # what sent the count back, in the profile's counting
 
 
 class _ReadsValues(nn.Module):
@@ -137,6 +138,9 @@ def test_a_value_dependent_forward_falls_back_to_the_real_tensors(counted_on):
     assert ran.devices == ["meta", "cpu"]
     assert counts.macs == 5 * 4 * 3   # by hand: Linear(4, 3) on 5 rows
     assert counts.to_dict() == count_ops(model, x, meta=False).to_dict()
+    how = count_step(model, (x,), "adam")[2]
+    assert how["device"] == "real tensors"
+    assert how["fallback"] == "RuntimeError: Tensor.item() cannot be called on meta tensors"
 
 
 def test_views_are_tallied_by_their_count_only():
@@ -201,7 +205,8 @@ def test_profile_says_how_it_counted():
 
     doc = netdiet.profile("cnn", batch_size=2, progress=False).to_dict()
     # cnn: two BatchNorm2d and one Dropout, each called once
-    assert doc["counting"] == {"device": "meta", "inference_forward": "derived", "recounted_calls": 3, "reason": None}
+    assert doc["counting"] == {"device": "meta", "fallback": None, "inference_forward": "derived", "recounted_calls": 3,
+                               "reason": None}
     model, x = _zoo("cnn")
     assert doc["totals"]["macs"] == count_ops(model, x, meta=False).macs
     assert doc["totals"]["train_forward_flops"] == count_ops(model, x, train=True, meta=False).flops

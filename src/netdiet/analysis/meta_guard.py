@@ -86,6 +86,21 @@ def check_call(func: Any, args: tuple) -> None:
         raise RealTensorsNeeded("token ids outside the embedding: the CPU kernel refuses them")
 
 
+# why the last meta copy gave up (one line), for the profile's `counting.fallback`; None while a copy stands
+FALLBACK: list[str | None] = [None]
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost error of a failed meta-copy count (what the meta device could not do)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    wrapped = "running the model on the given inputs failed: "   # count_pass's wrapper names the error inside
+    if first.startswith(wrapped):
+        return first[len(wrapped):].removesuffix("; check the input shape and dtype")[:200]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) -> Any:
     """`run(model, args, strict)` on a meta copy of a CPU model and its inputs (strict=True: see
     counter._MetaAttentionMode and check_call), else, or when that fails, `run(model, args, False)` on the real ones.
@@ -95,6 +110,7 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
     CPU path differs (CPU_PATHS, an attention the flash op cannot stand in for) raises on the copy, and the
     real count (with its own error, if any) stands."""
     tensors = list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, torch.Tensor)]
+    FALLBACK[0] = None
     if enabled and tensors and all(t.device.type == "cpu" for t in tensors):
         try:
             copy = meta_copy(model)
@@ -111,8 +127,8 @@ def on_meta_copy(model: nn.Module, args: tuple, run: Any, enabled: bool = True) 
                 with warnings.catch_warnings(record=True) as caught:   # shown only if the copy's count stands
                     warnings.simplefilter("always")
                     result = run(copy, meta_args, True)
-            except Exception:   # noqa: BLE001 - any failure on the copy: the real count decides
-                pass
+            except Exception as exc:   # noqa: BLE001 - any failure on the copy: the real count decides
+                FALLBACK[0] = _reason(exc)
             else:
                 for w in caught:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

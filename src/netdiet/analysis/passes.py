@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netdiet.analysis import meta_guard
 from netdiet.analysis.blocks import block_signature
 from netdiet.analysis.counter import (
     LOSS,
@@ -60,10 +61,12 @@ def count_step(model: nn.Module, args: tuple, optimizer: str = "adam", loss: str
     reason = separate_pass_reason(model) if derive else "not asked to derive it"
 
     def run(m: nn.Module, a: tuple, strict: bool) -> tuple[OpCounts, OpCounts | None, dict[str, Any]]:
+        fallback = None if strict else meta_guard.FALLBACK[0]   # why the meta copy gave up, when it did
         trained = count_pass(m, a, True, opt_key, loss, strict, watched=watched)
         inference = derive_inference(m, trained, strict, checked=True) if reason is None else None
         how = {"device": "meta" if strict or next(iter(m.parameters()), torch.empty(0)).device.type == "meta"
                else "real tensors",
+               "fallback": fallback,
                "inference_forward": "derived" if inference is not None else "separate pass",
                "recounted_calls": len(trained.calls) if inference is not None else 0,
                "reason": None if inference is not None else (reason or "a recounted call could not be recounted "

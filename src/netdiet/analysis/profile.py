@@ -725,7 +725,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
                 inference_counts = count_ops(net, x, train=False)
             if counting is None:
                 counting = {"device": None, "inference_forward": "separate pass", "recounted_calls": 0,
-                            "reason": "no training step to derive it from"}
+                            "reason": "no training step to derive it from", "fallback": None}
             counting["reason"] = counting.get("reason") or "no training step to derive it from"
         for p in net.parameters():
             p.grad = None
