@@ -5,10 +5,11 @@ A meta tensor has a shape and no data, so a forward that asks a value (transform
 the position ids hold one sequence per row, `(packed[:, -1] == 0).all()`, and whether a padding mask is all ones)
 stops there. Those values come from small tensors that never touch a weight: the input ids and masks, `arange`
 position ids, the model's small buffers. Inputs netdiet makes on meta itself (default token ids, all-ones masks)
-carry their values too (models.inputs.remember, KNOWN). `MetaValues` keeps, for each such meta tensor, its real twin on the CPU,
-and runs every operator whose tensor arguments all have one (and factory calls, with no tensor argument) on the
-twins too. An operator that reads a value (`_local_scalar_dense`, `equal`), or whose output shape depends on values
-(`nonzero`), is then answered from the twins: the value itself, or a meta output of the twin's shape.
+carry their values too (models.inputs.remember, KNOWN). `MetaValues` keeps, for each such meta tensor, its real
+twin on the CPU, and runs every operator whose tensor arguments all have one (and factory calls, with no tensor
+argument) on the twins too. An operator that reads a value (`_local_scalar_dense`, `equal`), or whose output shape
+depends on values (`nonzero`), is then answered from the twins: the value itself, or a meta output of the twin's
+shape.
 `Tensor.tolist()` dispatches no operator, and `torch.tensor(data, device="meta")` dispatches nothing: the callers'
 function modes hand both to `function`.
 
@@ -41,7 +42,8 @@ BUDGET = 256 << 20   # bytes: all the twins one pass may make (views counted too
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
 _SEEDED = getattr(torch.Tag, "nondeterministic_seeded", None)
-_VALUE_TAGS = {getattr(torch.Tag, n) for n in ("dynamic_output_shape", "data_dependent_output") if hasattr(torch.Tag, n)}
+_VALUE_TAGS = {getattr(torch.Tag, n) for n in ("dynamic_output_shape", "data_dependent_output")
+               if hasattr(torch.Tag, n)}
 
 
 class _OpInfo:
@@ -57,10 +59,10 @@ class _OpInfo:
                              if a.alias_info is not None and a.alias_info.is_write)
 
 
-_OPS: dict[int, _OpInfo] = {}
+_OPS: dict[int, _OpInfo] = {}   # id(operator) -> its _OpInfo, for the process (torch keeps operators alive)
 _TOLIST = torch.Tensor.tolist
 _MAKERS = (torch.tensor, torch.as_tensor)
-NOT_HANDLED = object()   # MetaValues.function: the call is the function mode's to run   # id(operator) -> its _OpInfo, for the process (torch keeps operators alive)
+NOT_HANDLED = object()   # MetaValues.function: the call is the function mode's to run
 
 
 class MetaValues:
