@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from netdiet.models.inputs import KNOWN, VALUES_LIMIT
+from netdiet.models.inputs import KNOWN, VALUES_LIMIT, values_fit
 
 LIMIT = VALUES_LIMIT   # elements: the largest tensor that gets a real twin (1 << 20)
 BUDGET = 256 << 20   # bytes: all the twins one pass may make (views counted too), so no forward can spend more
@@ -80,7 +80,6 @@ class MetaValues:
         # first operator that reads them (most buffers, batch-norm statistics, never are)
         self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._seeded_storages: set[int] = set()
-        self.ops = _OPS
         self.answered = 0   # value questions answered from twins
 
     def twin(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -113,9 +112,7 @@ class MetaValues:
     def seed(self, meta: torch.Tensor, real: torch.Tensor) -> None:
         """Give `meta` the values of `real` (cloned when first read, so the caller's tensor is never written).
         A tensor sharing its storage with one already seeded gets none (two clones could not alias as they do)."""
-        if not (isinstance(meta, torch.Tensor) and isinstance(real, torch.Tensor) and meta.is_meta
-                and real.device.type == "cpu" and real.layout == torch.strided and real.numel() <= self.limit
-                and tuple(meta.shape) == tuple(real.shape) and meta.dtype == real.dtype):
+        if not values_fit(meta, real, self.limit):
             return
         storage = real.untyped_storage()._cdata
         if storage in self._seeded_storages:
@@ -171,9 +168,9 @@ class MetaValues:
 
     # ------------------------------------------------------------------ the dispatch step
     def _info(self, func: Any) -> _OpInfo:
-        info = self.ops.get(id(func))
+        info = _OPS.get(id(func))
         if info is None:
-            info = self.ops[id(func)] = _OpInfo(func)
+            info = _OPS[id(func)] = _OpInfo(func)
         return info
 
     def _untwinned(self, func: Any, args: tuple, kwargs: dict, run: Callable) -> Any:
@@ -192,11 +189,7 @@ class MetaValues:
                     return self._untwinned(func, args, kwargs, run)
             elif isinstance(a, (list, tuple)):
                 flat_args = False
-        if flat_args:   # positional arguments, none nested: swapped without pytree
-            spec = None
-            for a in args:
-                if isinstance(a, torch.Tensor) and a.is_meta and self.twin(a) is None:
-                    return self._untwinned(func, args, kwargs, run)
+        if flat_args:   # positional arguments, none nested (all checked above): swapped without pytree
             real_args, real_kwargs = tuple(self._swap(a) for a in args), {}
         else:
             flat, spec = tree_flatten((args, kwargs))

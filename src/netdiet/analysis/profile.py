@@ -802,7 +802,7 @@ def profile(model: nn.Module | str, inputs: Any = None, *, model_kw: dict | None
             if device.type == "meta":
                 raise MetaDeviceLimit("the memory search runs on meta inputs and the forward reads tensor values; "
                                       "no real-tensor step can stand in here")
-            need = -(-sum(t.numel() * t.element_size() for t in x) * b // max(1, batch))
+            need = scaling.batch_input_bytes(x, b)
             if avail is not None and need > avail:
                 raise MetaDeviceLimit(f"the inputs at batch {b} (the forward reads their values, so they must be "
                                       f"real) would need {format_bytes(need)} but only {format_bytes(avail)} of "

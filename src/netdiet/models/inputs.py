@@ -124,10 +124,17 @@ KNOWN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 VALUES_LIMIT = 1 << 20   # elements: the largest tensor whose values are kept
 
 
+def values_fit(meta: Any, real: Any, limit: int = VALUES_LIMIT) -> bool:
+    """`real` (a strided CPU tensor of at most `limit` elements) can stand for the values of the meta tensor `meta`:
+    the same shape and dtype."""
+    return (isinstance(meta, torch.Tensor) and isinstance(real, torch.Tensor) and meta.is_meta
+            and real.device.type == "cpu" and real.layout == torch.strided and real.numel() <= limit
+            and tuple(meta.shape) == tuple(real.shape) and meta.dtype == real.dtype)
+
+
 def remember(meta: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Record `real` as the values of the meta tensor `meta` (when small and of its layout); returns `meta`."""
-    if (meta.is_meta and real.device.type == "cpu" and real.layout == torch.strided and real.numel() <= VALUES_LIMIT
-            and tuple(real.shape) == tuple(meta.shape) and real.dtype == meta.dtype):
+    """Record `real` as the values of the meta tensor `meta` (when values_fit); returns `meta`."""
+    if values_fit(meta, real):
         KNOWN[meta] = real
     return meta
 
