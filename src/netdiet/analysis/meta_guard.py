@@ -55,14 +55,14 @@ def meta_values(model: nn.Module, args: tuple) -> MetaValues:
     """Real twins for a count on meta (meta_values.py), seeded with the real inputs and buffers that `model` (a
     meta copy made by on_meta_copy) and `args` stand for, and with the known values of meta inputs netdiet made."""
     values = MetaValues()
-    for t in args:   # a meta input netdiet made with known values (models.inputs.KNOWN) seeds itself
-        if isinstance(t, torch.Tensor) and t.is_meta:
-            values.seed_input(t, t)
+    for t in args:   # the real input it stands for, else itself (a meta input netdiet made: models.inputs.KNOWN)
+        if isinstance(t, torch.Tensor):
+            values.seed_input(t, REAL_INPUTS.get(id(t), t))
     if REAL_INPUTS:
-        for t in list(args) + list(model.buffers()):
-            real = REAL_INPUTS.get(id(t)) if isinstance(t, torch.Tensor) else None
+        for b in model.buffers():
+            real = REAL_INPUTS.get(id(b))
             if real is not None:
-                values.seed(t, real)
+                values.seed(b, real)
     return values
 
 
@@ -91,13 +91,11 @@ FALLBACK: list[str | None] = [None]
 
 
 def _reason(exc: BaseException) -> str:
-    """The first line of the innermost error of a failed meta-copy count (what the meta device could not do)."""
-    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+    """The first line of the innermost error of a failed meta-copy count (what the meta device could not do):
+    the chain is walked through suppressed contexts too, past count_pass's one-line wrapper."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    wrapped = "running the model on the given inputs failed: "   # count_pass's wrapper names the error inside
-    if first.startswith(wrapped):
-        return first[len(wrapped):].removesuffix("; check the input shape and dtype")[:200]
     return f"{type(exc).__name__}: {first[:200]}"
 
 
